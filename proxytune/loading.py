@@ -1,0 +1,132 @@
+"""Turning model specs (local dirs, GGUF files, peft adapter dirs, registry names) into logit sources.
+
+A peft adapter whose base is also used plainly for another role (the usual expert = LoRA of the
+anti-expert) is loaded once: that role runs the same weights with the adapter switched off.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import registry
+from .errors import ProxyTuneError
+from .sources.transformers_source import TransformersSource
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ProxyTuneError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def local_path(spec: str) -> Path:
+    path = Path(spec).expanduser()
+    if path.exists():
+        return path
+    registered = registry.resolve_model(spec)
+    if registered is not None:
+        return registered
+    raise ProxyTuneError(f"model {spec!r} is neither an existing path (a model directory, a .gguf file, a peft "
+                         f"adapter directory) nor a registered model name; `proxytune models list` shows the names")
+
+
+def load_plain(spec: str, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from a model directory or a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = local_path(spec)
+    try:
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ProxyTuneError(f"{path} is a file but not a .gguf model")
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        else:
+            if not (path / "config.json").exists():
+                raise ProxyTuneError(f"{path} has no config.json: not a transformers model directory")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except ProxyTuneError:
+        raise
+    except Exception as error:  # corrupt or unsupported files: name the file, keep the cause
+        raise ProxyTuneError(f"could not load model {spec!r} from {path}: {error}") from error
+    return model.to(device).eval(), tokenizer
+
+
+def adapter_base(path: Path) -> str | None:
+    config_file = path / "adapter_config.json"
+    if not config_file.exists():
+        return None
+    base = json.loads(config_file.read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ProxyTuneError(f"{config_file} names no base_model_name_or_path")
+    return base
+
+
+class Loader:
+    """Loads each distinct spec once and hands out one logit source per role."""
+
+    def __init__(self, device=None, dtype=None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.plain: dict[str, tuple] = {}  # spec -> (model, tokenizer)
+        self.adapted: dict[str, object] = {}  # base spec -> peft model built on that base's weights
+        self.sources: dict[tuple, TransformersSource] = {}
+
+    def _plain(self, spec: str):
+        if spec not in self.plain:
+            self.plain[spec] = load_plain(spec, self.device, self.dtype)
+        return self.plain[spec]
+
+    def _adapter(self, spec: str, base_spec: str):
+        from peft import PeftModel
+
+        model, tokenizer = self._plain(base_spec)
+        if base_spec in self.adapted:  # the shared base already carries another adapter: use a copy
+            model, tokenizer = load_plain(base_spec, self.device, self.dtype)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(local_path(spec)))
+        except Exception as error:
+            raise ProxyTuneError(f"could not load adapter {spec!r} onto {base_spec!r}: {error}") from error
+        self.adapted.setdefault(base_spec, peft_model)
+        return peft_model.eval(), tokenizer
+
+    def source(self, spec: str, role: str) -> tuple[TransformersSource, object]:
+        """(source, tokenizer) for one role. Plain specs that carry an adapter elsewhere run adapter-off."""
+        if spec in self.sources:
+            return self.sources[spec]
+        base_spec = adapter_base(local_path(spec))
+        if base_spec is not None:
+            model, tokenizer = self._adapter(spec, base_spec)
+            source = TransformersSource(model, name=role)
+        elif spec in self.adapted:
+            model, tokenizer = self.adapted[spec], self.plain[spec][1]
+            source = TransformersSource(model, name=role, adapter_disabled=True)
+        else:
+            model, tokenizer = self._plain(spec)
+            source = TransformersSource(model, name=role)
+        self.sources[spec] = (source, tokenizer)
+        return source, tokenizer
+
+
+def load_roles(specs: dict[str, str], device=None, dtype=None) -> dict[str, tuple]:
+    """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated."""
+    loader = Loader(device, dtype)
+    order = sorted(specs, key=lambda role: adapter_base(local_path(specs[role])) is None)
+    loaded = {role: loader.source(specs[role], role) for role in order}
+    return {role: loaded[role] for role in specs}

@@ -1,0 +1,52 @@
+"""What the decoder needs from a model: next-token logits for a batch of token sequences.
+
+A *logit source* is a model (local transformers, llama.cpp, a remote server). It opens a
+*session* over a batch of prompts and from then on only ever sees token ids. The decoder never
+knows which kind of source it is talking to; roles (base / expert / anti-expert) are data.
+
+Logits are float32 tensors on the CPU or the source's device, with exactly `vocab_size` columns
+(padded embedding rows already cut).
+"""
+from __future__ import annotations
+
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class Session(Protocol):
+    """The decoding state of one source over a batch of rows (its KV caches, masks, positions)."""
+
+    def prefill(self) -> torch.Tensor:
+        """Run the prompts; return the next-token logits of every row, shape [B, V]."""
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append `tokens` [B, k] to every row; return the logits after each of them, [B, k, V].
+
+        k = 1 is one ordinary decoding step; k > 1 scores a speculative draft in one forward.
+        """
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        """Undo the tail of the last `advance`: row i keeps only its first keep[i] appended tokens.
+
+        Exact: later logits equal those of a session that never saw the dropped tokens.
+        """
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only these rows (finished rows leave the batch), in this order."""
+
+
+@runtime_checkable
+class LogitSource(Protocol):
+    """A model that gives next-token logits."""
+
+    name: str
+    vocab_size: int  # logit columns after cutting padded rows
+    max_length: int | None  # context length in tokens, None when unknown
+
+    def open(self, prompts: Sequence[Sequence[int]]) -> Session:
+        """Start a session over a batch of tokenized prompts (nothing is computed yet)."""
+
+    def sequence_logits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """Scoring mode: for each sequence of length L, logits [L, V]; row t predicts token t + 1."""

@@ -1,0 +1,122 @@
+"""A transformers causal LM as a logit source: its own DynamicCache, attention mask and positions.
+
+Rows are left-padded. Tokens dropped by `rewind` stay in the cache but are masked out, and
+position ids are the running count of unmasked tokens, so every row sees exactly its own
+sequence; when all rows drop a common tail, the cache is cropped instead.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+
+from ..errors import ProxyTuneError
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # HF convention for left padding: positions count real tokens; padded slots get a dummy 1.
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(mask == 0, 1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if any(len(s) == 0 for s in sequences):
+        raise ProxyTuneError("cannot run an empty token sequence: every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+class TransformersSource:
+    """Wraps a loaded `PreTrainedModel` (or a peft model).
+
+    `adapter_disabled=True` runs a peft model with its adapters switched off: the anti-expert
+    then shares the expert's base weights instead of holding a second copy.
+    """
+
+    def __init__(self, model, vocab_size: int | None = None, name: str = "model",
+                 adapter_disabled: bool = False, max_batch_tokens: int = 8192):
+        self.model = model.eval()
+        self.name = name
+        self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
+        config = model.config
+        self.max_length = getattr(config, "max_position_embeddings", None)
+        self.adapter_disabled = adapter_disabled
+        self.max_batch_tokens = max_batch_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, **inputs) -> torch.Tensor:
+        context = self.model.disable_adapter() if self.adapter_disabled else contextlib.nullcontext()
+        with torch.inference_mode(), context:
+            out = self.model(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        return out.logits[..., : self.vocab_size].float()
+
+    def open(self, prompts: Sequence[Sequence[int]]) -> "TransformersSession":
+        return TransformersSession(self, prompts)
+
+    def sequence_logits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        results: list[torch.Tensor] = []
+        start = 0
+        while start < len(sequences):
+            # Group rows so that one forward never materialises more than max_batch_tokens logit rows.
+            end = start + 1
+            while end < len(sequences) and (end - start + 1) * max(map(len, sequences[start:end + 1])) <= self.max_batch_tokens:
+                end += 1
+            group = sequences[start:end]
+            ids, mask = left_pad(group, pad_id=0)
+            logits = self.forward(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+            for row, seq in enumerate(group):
+                results.append(logits[row, ids.shape[1] - len(seq):].cpu())
+            start = end
+        return results
+
+
+class TransformersSession:
+    def __init__(self, source: TransformersSource, prompts: Sequence[Sequence[int]]):
+        self.source = source
+        self.prompts = [list(p) for p in prompts]
+        self.cache = DynamicCache()
+        self.mask: torch.Tensor | None = None
+        self._last_width = 0
+
+    def prefill(self) -> torch.Tensor:
+        ids, self.mask = left_pad(self.prompts, pad_id=0)
+        logits = self.source.forward(input_ids=ids, attention_mask=self.mask, position_ids=_positions(self.mask),
+                                     cache=self.cache, use_cache=True, logits_to_keep=1)
+        return logits[:, -1]
+
+    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.reshape(tokens.shape[0], -1).long().cpu()
+        width = tokens.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        positions = _positions(self.mask)[:, -width:]
+        self._last_width = width
+        return self.source.forward(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                                   cache=self.cache, use_cache=True, logits_to_keep=width)
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        width = self._last_width
+        if any(k < 0 or k > width for k in keep):
+            raise ValueError(f"rewind keeps 0..{width} of the last tokens, got {list(keep)}")
+        for row, kept in enumerate(keep):
+            self.mask[row, self.mask.shape[1] - width + kept:] = 0
+        droppable = width - max(keep, default=width)
+        if droppable:
+            self.cache.crop(-droppable)  # transformers >= 5.24: a negative count removes tokens
+            self.mask = self.mask[:, :-droppable]
+        self._last_width = 0
+
+    def select(self, rows: Sequence[int]) -> None:
+        index = torch.tensor(list(rows), dtype=torch.long)
+        self.cache.batch_select_indices(index.to(self.source.device))
+        self.mask = self.mask[index]
+        self.prompts = [self.prompts[r] for r in rows]

@@ -1,0 +1,263 @@
+"""ProxyTuner: the public face of the engine (generate, stream, score, chat)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+
+from .decode import Decoding, Event, GenerationOutput, Request
+from .errors import ProxyTuneError
+from .prompts import ALL_ROLES, chat_prompt_ids, validate_messages
+from .proxy import ExpertPair, combined_logits, role_names
+from .sampling import SamplingParams
+from .sources.protocol import LogitSource
+from .sources.transformers_source import TransformersSource
+from .vocab import shared_vocab_size, token_table
+
+
+@dataclass
+class Score:
+    token_ids: list[int]  # continuation tokens
+    logprobs: list[float]  # log p̃ of each continuation token given everything before it
+    is_greedy: bool  # every continuation token was the combined argmax
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.logprobs))
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ProxyTuneError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def eos_ids_of(model_or_source, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    config = getattr(model_or_source, "generation_config", None) or getattr(
+        getattr(model_or_source, "model", None), "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                  getattr(model_or_source, "eos_token_ids", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class ProxyTuner:
+    """z = z_base + Σ αᵢ (z_expertᵢ − z_anti_expertᵢ), sampled from softmax(z).
+
+    Models may be loaded transformers models or any `LogitSource`. `tokenizer` is shared by every
+    role unless `tokenizers` gives one per role (they must agree on token ids; chat templates may differ).
+    """
+
+    def __init__(self, base, expert=None, anti_expert=None, tokenizer=None, alpha: float = 1.0,
+                 experts: Sequence[tuple] | None = None, tokenizers: dict | None = None):
+        if experts is None:
+            if expert is None or anti_expert is None:
+                raise ProxyTuneError("give expert and anti_expert, or experts=[(expert, anti_expert, alpha), ...]")
+            experts = [(expert, anti_expert, alpha)]
+        elif expert is not None or anti_expert is not None:
+            raise ProxyTuneError("give either expert/anti_expert or experts=[...], not both")
+        if not experts:
+            raise ProxyTuneError("experts must name at least one (expert, anti_expert, alpha) triple")
+        self.roles = role_names(len(experts))
+        models = {"base": base}
+        for i, (e, a, pair_alpha) in enumerate(experts):
+            models[self.roles[1 + 2 * i]], models[self.roles[2 + 2 * i]] = e, a
+            check_alpha(pair_alpha)
+        tokenizers = dict(tokenizers or {})
+        for role in self.roles:
+            tokenizers.setdefault(role, tokenizer)
+            if tokenizers[role] is None:
+                raise ProxyTuneError(f"no tokenizer for the {role} model: pass tokenizer=...")
+        self.tokenizers = tokenizers
+        self.tokenizer = tokenizers["base"]
+        self.sources = self._wrap(models)
+        tables: dict[int, list[str]] = {}
+        by_role = {}
+        for role in self.roles:  # one table per distinct tokenizer object
+            by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
+        self.vocab_size = shared_vocab_size(by_role, {r: s.vocab_size for r, s in self.sources.items()})
+        for source in self.sources.values():
+            source.vocab_size = self.vocab_size
+        self.pairs = [ExpertPair(self.sources[self.roles[1 + 2 * i]], self.sources[self.roles[2 + 2 * i]], float(a))
+                      for i, (_, _, a) in enumerate(experts)]
+        self.eos_token_ids = set()
+        for role in self.roles:
+            self.eos_token_ids |= eos_ids_of(models[role], tokenizers[role])
+
+    @staticmethod
+    def _wrap(models: dict) -> dict[str, LogitSource]:
+        wrapped: dict[int, LogitSource] = {}
+        sources = {}
+        for role, model in models.items():
+            if id(model) not in wrapped:
+                wrapped[id(model)] = model if isinstance(model, LogitSource) else TransformersSource(model, name=role)
+            sources[role] = wrapped[id(model)]
+        return sources
+
+    @classmethod
+    def from_pretrained(cls, base: str, expert: str | None = None, anti_expert: str | None = None,
+                        alpha: float = 1.0, device=None, dtype=None,
+                        experts: Sequence[tuple] | None = None) -> "ProxyTuner":
+        """Load by spec: a model directory, a .gguf file, a peft adapter directory, or a registered name.
+        A registered trio name (e.g. "demo") alone gives all three roles."""
+        from . import registry
+        from .loading import load_roles
+
+        if expert is None and anti_expert is None and experts is None:
+            trio = registry.resolve_trio(base)
+            if trio is None:
+                raise ProxyTuneError(f"{base!r} is not a registered trio; give expert= and anti_expert= too")
+            base, expert, anti_expert = trio["base"], trio["expert"], trio["anti_expert"]
+        pair_specs = experts if experts is not None else [(expert, anti_expert, alpha)]
+        specs = {"base": base}
+        names = role_names(len(pair_specs))
+        for i, (e, a, _) in enumerate(pair_specs):
+            specs[names[1 + 2 * i]], specs[names[2 + 2 * i]] = e, a
+        loaded = load_roles(specs, device=device, dtype=dtype)
+        pairs = [(loaded[names[1 + 2 * i]][0], loaded[names[2 + 2 * i]][0], a) for i, (_, _, a) in enumerate(pair_specs)]
+        return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in names})
+
+    # --- building requests -------------------------------------------------------------------------
+
+    @property
+    def alphas(self) -> list[float]:
+        return [p.alpha for p in self.pairs]
+
+    def _alphas(self, alpha) -> list[float]:
+        if alpha is None:
+            return self.alphas
+        if isinstance(alpha, (list, tuple)):
+            if len(alpha) != len(self.pairs):
+                raise ProxyTuneError(f"alpha has {len(alpha)} values for {len(self.pairs)} expert pairs")
+            return [check_alpha(a) for a in alpha]
+        return [check_alpha(alpha)] * len(self.pairs)
+
+    def _check_prompt(self, prompts: dict[str, list[int]], label: str) -> None:
+        for role, ids in prompts.items():
+            if not ids:
+                raise ProxyTuneError(f"{label} is empty: give at least one token of text")
+            limit = self.sources[role].max_length
+            if limit and len(ids) >= limit:
+                raise ProxyTuneError(f"{label} has {len(ids)} tokens for the {role} model, whose context holds "
+                                     f"{limit}; shorten it to leave room for new tokens")
+
+    def encode(self, prompt: str, role: str = "base") -> list[int]:
+        if not isinstance(prompt, str):
+            raise ProxyTuneError(f"prompts must be strings, got {type(prompt).__name__}")
+        return self.tokenizers[role](prompt)["input_ids"]
+
+    def request(self, prompt: str | None = None, messages=None, chat_roles: Sequence[str] = ALL_ROLES,
+                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None, return_details=False,
+                label: str = "prompt") -> Request:
+        """One decoding request: a raw prompt for every role, or a conversation formatted per role."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ProxyTuneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if messages is not None:
+            messages = validate_messages(messages)
+            unknown = set(chat_roles) - set(ALL_ROLES)
+            if unknown:
+                raise ProxyTuneError(f"chat_roles may name {ALL_ROLES}, got {sorted(unknown)}")
+            prompts = {role: chat_prompt_ids(self.tokenizers[role], messages,
+                                             role.rstrip("_0123456789") in chat_roles) for role in self.roles}
+        else:
+            prompts = {role: self.encode(prompt, role) for role in self.roles}
+        self._check_prompt(prompts, label)
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not all(isinstance(s, str) for s in stop):
+            raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
+        details = (5 if return_details is True else int(return_details or 0))
+        return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
+                       max_new_tokens, tuple(stop or ()), seed, details)
+
+    # --- decoding ----------------------------------------------------------------------------------
+
+    def decoding(self, requests: Sequence[Request]) -> Decoding:
+        """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`."""
+        return Decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
+
+    def _requests(self, prompts, seed, **kwargs) -> list[Request]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ProxyTuneError("give at least one prompt (a string or a non-empty list of strings)")
+        return [self.request(p, seed=None if seed is None else seed + i, label=f"prompt {i}", **kwargs)
+                for i, p in enumerate(prompts)]
+
+    def run(self, requests: Sequence[Request], batch_size: int = 16) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput] = []
+        for start in range(0, len(requests), batch_size):
+            decoding = self.decoding(requests[start:start + batch_size])
+            for _ in decoding.steps():
+                pass
+            outputs += decoding.outputs()
+        return outputs
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None,
+                 return_details=False, batch_size: int = 16) -> list[GenerationOutput]:
+        """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only."""
+        requests = self._requests(prompts, seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, min_p=min_p, stop=stop, alpha=alpha, return_details=return_details)
+        return self.run(requests, batch_size)
+
+    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+        """Text of one prompt as it is decided (stop strings and partial characters held back)."""
+        yield from self.stream_request(self.request(prompt, **kwargs))
+
+    def stream_request(self, request: Request) -> Iterator[str]:
+        for events in self.decoding([request]).steps():
+            for event in events:
+                if event.delta:
+                    yield event.delta
+
+    def chat(self, messages, chat_roles: Sequence[str] = ALL_ROLES, **kwargs) -> GenerationOutput:
+        """Reply to one conversation. Each role in `chat_roles` sees its own chat template, the others
+        plain text; chat_roles=("expert",) is the paper's setting."""
+        return self.run([self.request(messages=messages, chat_roles=chat_roles, **kwargs)])[0]
+
+    # --- scoring -----------------------------------------------------------------------------------
+
+    def score(self, prompt: str, continuation: str, alpha=None) -> Score:
+        """log p̃ of each continuation token after the prompt, from one full-sequence forward per model."""
+        return self.score_batch([(prompt, continuation)], alpha=alpha)[0]
+
+    def score_batch(self, pairs: Sequence[tuple[str, str]], alpha=None) -> list[Score]:
+        alphas = self._alphas(alpha)
+        prompt_ids, continuation_ids = [], []
+        for i, (prompt, continuation) in enumerate(pairs):
+            ids = self.encode(prompt) if prompt else []
+            cont = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            if not cont:
+                raise ProxyTuneError(f"continuation {i} is empty: nothing to score")
+            if not ids:  # nothing to condition on: start from BOS when the model has one
+                bos = self.tokenizer.bos_token_id
+                if bos is None:
+                    raise ProxyTuneError(f"prompt {i} is empty and the tokenizer has no BOS token to start from")
+                ids = [bos]
+            self._check_prompt({r: ids + cont for r in self.roles}, f"prompt {i} + continuation")
+            prompt_ids.append(ids)
+            continuation_ids.append(cont)
+        sequences = [p + c for p, c in zip(prompt_ids, continuation_ids)]
+        by_source: dict[int, list[torch.Tensor]] = {}
+        for source in self.sources.values():
+            if id(source) not in by_source:
+                by_source[id(source)] = source.sequence_logits(sequences)
+        scores = []
+        for row, (ids, cont) in enumerate(zip(prompt_ids, continuation_ids)):
+            rows = slice(len(ids) - 1, len(ids) + len(cont) - 1)  # positions predicting the continuation
+            logits = {role: by_source[id(s)][row][rows] for role, s in self.sources.items()}
+            combined = combined_logits(logits["base"][None], [logits[r][None] for r in self.roles[1::2]],
+                                       [logits[r][None] for r in self.roles[2::2]], torch.tensor([alphas]))[0]
+            logprobs = torch.log_softmax(combined, dim=-1)
+            targets = torch.tensor(cont)
+            chosen = logprobs.gather(1, targets[:, None])[:, 0]
+            scores.append(Score(cont, chosen.tolist(), bool((logprobs.argmax(-1) == targets).all())))
+        return scores

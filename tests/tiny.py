@@ -1,0 +1,48 @@
+"""Tiny random models and a local tokenizer: offline, seconds to build."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Answer the following question. Question: what is 3 + 4? Answer: 7 #### 7",
+    "def add(a, b):\n    return a + b\n",
+    "Tuning language models by proxy shifts the logits of a large model.",
+] * 20
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>", "<eot>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_model(seed: int, vocab_size: int | None = None, eos: list[int] | int | None = None,
+               hidden: int = 64, layers: int = 2, max_positions: int = 256) -> LlamaForCausalLM:
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=max_positions, bos_token_id=0,
+                         eos_token_id=1 if eos is None else eos, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # sharper distributions than the default init, so greedy paths are stable
+        model.lm_head.weight.mul_(8.0)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = 1
+    return model
