@@ -1,0 +1,40 @@
+"""`proxytune VERB ...`: one module per verb in this package, each defining `register(subparsers)`.
+
+A verb module's `register` adds its subparser and sets `func=run(args) -> int`. Errors the user can
+fix (ProxyTuneError) print one line and exit 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import pkgutil
+import sys
+
+from ..errors import ProxyTuneError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxytune", description="Proxy-tuning: steer a large language model "
+                                     "with a small tuned expert and its untuned twin, at decoding time.")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
+        importlib.import_module(f"{__name__}.{module}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ProxyTuneError as error:
+        print(f"proxytune {args.verb}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"proxytune {args.verb}: interrupted", file=sys.stderr)
+        return 130

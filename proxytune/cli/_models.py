@@ -1,0 +1,43 @@
+"""Model options shared by every verb that runs models: --model NAME | --base/--expert/--anti-expert."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ProxyTuneError
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--model", help="a registered trio name (e.g. demo) giving all three roles")
+    group.add_argument("--base", help="large untuned model: directory, .gguf file or registered name")
+    group.add_argument("--expert", help="small tuned model (or a peft adapter directory)")
+    group.add_argument("--anti-expert", dest="anti_expert", help="small untuned model")
+    group.add_argument("--alpha", type=float, default=1.0, help="strength of the expert's shift (default 1.0)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+
+
+def model_specs(args: argparse.Namespace) -> dict[str, str]:
+    """role -> spec, from --model or the three role options."""
+    from .. import registry
+
+    if args.model:
+        if args.base or args.expert or args.anti_expert:
+            raise ProxyTuneError("give either --model or --base/--expert/--anti-expert, not both")
+        trio = registry.resolve_trio(args.model)
+        if trio is None:
+            known = ", ".join(sorted(registry.TRIOS)) or "none"
+            raise ProxyTuneError(f"unknown trio {args.model!r}; known trios: {known}")
+        return dict(trio)
+    missing = [f"--{name.replace('_', '-')}" for name in ("base", "expert", "anti_expert") if not getattr(args, name)]
+    if missing:
+        raise ProxyTuneError(f"missing {', '.join(missing)} (or give --model NAME)")
+    return {"base": args.base, "expert": args.expert, "anti_expert": args.anti_expert}
+
+
+def load_tuner(args: argparse.Namespace):
+    from ..tuner import ProxyTuner
+
+    specs = model_specs(args)
+    return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
+                                      device=args.device, dtype=args.dtype)

@@ -1,0 +1,56 @@
+"""`proxytune generate`: proxy-tuned text for a prompt, streamed; --compare shows base and expert alone."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import ProxyTuneError
+from ._models import add_model_options, load_tuner
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("generate", help="generate proxy-tuned text for a prompt",
+                                   description="Generate proxy-tuned text: z = z_base + alpha * (z_expert - z_anti).")
+    add_model_options(parser)
+    parser.add_argument("prompt", nargs="?", help="the prompt ('-' or absent: read standard input)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--chat", action="store_true", help="treat the prompt as a user message: chat-format it")
+    parser.add_argument("--chat-roles", default="base,expert,anti_expert",
+                        help="with --chat: roles that get their chat template, the rest plain text "
+                             "(the paper's setting: expert)")
+    parser.add_argument("--compare", action="store_true", help="also print base alone and expert alone")
+    parser.set_defaults(func=run)
+
+
+def read_prompt(args) -> str:
+    prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    if not prompt.strip():
+        raise ProxyTuneError("the prompt is empty: pass it as an argument or on standard input")
+    return prompt
+
+
+def run(args: argparse.Namespace) -> int:
+    prompt = read_prompt(args)
+    tuner = load_tuner(args)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+    if args.chat:
+        messages = [{"role": "user", "content": prompt}]
+        request = tuner.request(messages=messages, chat_roles=tuple(args.chat_roles.split(",")), **options)
+    else:
+        request = tuner.request(prompt, **options)
+    if not args.compare:
+        for delta in tuner.stream_request(request):
+            print(delta, end="", flush=True)
+        print()
+        return 0
+    from ..compare import compare_roles
+
+    for title, text in compare_roles(tuner, request, stream_to=sys.stdout):
+        pass
+    return 0

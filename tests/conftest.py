@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tok():
+    from tiny import tiny_tokenizer
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def trio():
+    """base, expert, anti_expert: three different tiny random models over one vocabulary."""
+    from tiny import tiny_model
+    return tiny_model(0), tiny_model(1), tiny_model(2)
