@@ -1,0 +1,1 @@
+"""Task data sets (prompts, targets, answer checking) used for tuning and evaluation."""
