@@ -1,0 +1,238 @@
+"""The paper's invariants, as specifications of the engine (tiny random models, offline)."""
+import math
+
+import pytest
+import torch
+
+from proxytune import ProxyTuneError, ProxyTuner
+from proxytune.proxy import combined_logits
+from proxytune.sources.transformers_source import TransformersSource
+from tiny import tiny_model
+
+PROMPTS = ["The quick brown fox", "Answer", "def add(a, b):\n    return"]
+
+
+def hf_greedy(model, tok, prompt, n):
+    ids = tok(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=1)
+    generated = out[0, ids.input_ids.shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos)
+    return [t for t in generated[:next((i for i, t in enumerate(generated) if t in eos), len(generated))]]
+
+
+def test_alpha_zero_reproduces_the_base_models_own_greedy_generate(trio, tok):
+    base, expert, anti = trio
+    tuner = ProxyTuner(base, expert, anti, tokenizer=tok, alpha=0.0)
+    for prompt in PROMPTS:
+        assert tuner.generate(prompt, max_new_tokens=24)[0].token_ids == hf_greedy(base, tok, prompt, 24)
+
+
+def test_expert_equal_to_anti_expert_reproduces_the_base(trio, tok):
+    base, expert, _ = trio
+    twin = tiny_model(1)  # same weights as expert, a distinct object: both really run
+    tuner = ProxyTuner(base, expert, twin, tokenizer=tok, alpha=1.7)
+    for prompt in PROMPTS:
+        assert tuner.generate(prompt, max_new_tokens=24)[0].token_ids == hf_greedy(base, tok, prompt, 24)
+
+
+def test_proxy_tuning_changes_the_output(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    proxied = [o.token_ids for o in tuner.generate(PROMPTS, max_new_tokens=24)]
+    plain = [o.token_ids for o in tuner.generate(PROMPTS, max_new_tokens=24, alpha=0.0)]
+    assert proxied != plain
+
+
+def test_cached_decoding_equals_recomputing_full_sequences(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    request = tuner.request(PROMPTS[0], max_new_tokens=16)
+    decoding = tuner.decoding([request])
+    session = decoding.session
+    cached = [session.prefill().combined[0]]
+    tokens = []
+    for _ in range(12):
+        tokens.append(int(cached[-1].argmax()))
+        cached.append(session.advance(torch.tensor([[tokens[-1]]])).combined[0, -1])
+    prompt = request.prompts["base"]
+    full = {role: s.sequence_logits([prompt + tokens])[0] for role, s in tuner.sources.items()}
+    recomputed = combined_logits(full["base"], [full["expert"]], [full["anti_expert"]], torch.tensor([[1.0]]))
+    recomputed = recomputed[len(prompt) - 1:]
+    for step, logits in enumerate(cached):
+        assert torch.allclose(logits, recomputed[step], atol=1e-4), step
+        assert int(logits.argmax()) == int(recomputed[step].argmax())
+
+
+def test_a_batch_of_different_lengths_equals_one_at_a_time(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    together = tuner.generate(PROMPTS, max_new_tokens=20)
+    alone = [tuner.generate(p, max_new_tokens=20)[0] for p in PROMPTS]
+    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+    for a, b in zip(together, alone):
+        assert all(math.isclose(x, y, abs_tol=1e-4) for x, y in zip(a.logprobs, b.logprobs))
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    kwargs = dict(max_new_tokens=20, temperature=0.9, top_p=0.9, top_k=50)
+    first = tuner.generate(PROMPTS, seed=7, **kwargs)
+    again = tuner.generate(PROMPTS, seed=7, **kwargs)
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]
+    # row i is seeded with seed + i, so each row alone with its own seed gives the same sample
+    alone = [tuner.generate(p, seed=7 + i, **kwargs)[0].token_ids for i, p in enumerate(PROMPTS)]
+    assert alone == [o.token_ids for o in first]
+    other = tuner.generate(PROMPTS, seed=8, **kwargs)
+    assert [o.token_ids for o in other] != [o.token_ids for o in first]
+
+
+def test_score_is_log_softmax_of_the_combined_full_sequence_logits(trio, tok):
+    base, expert, anti = trio
+    tuner = ProxyTuner(base, expert, anti, tokenizer=tok, alpha=0.8)
+    prompt, continuation = "The quick brown", " fox jumps over"
+    score = tuner.score(prompt, continuation)
+    p, c = tok(prompt)["input_ids"], tok(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + c])
+    with torch.no_grad():
+        z = base(ids).logits[0] + 0.8 * (expert(ids).logits[0] - anti(ids).logits[0])
+    expected = torch.log_softmax(z, -1)[len(p) - 1:-1].gather(1, torch.tensor(c)[:, None])[:, 0]
+    assert score.token_ids == c
+    assert torch.allclose(torch.tensor(score.logprobs), expected, atol=1e-4)
+    batch = tuner.score_batch([(prompt, continuation), ("Answer", " the question")])
+    assert batch[0].logprobs == pytest.approx(score.logprobs, abs=1e-4)
+
+
+def test_generated_logprobs_match_score_of_the_generated_text(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    out = tuner.generate("The quick brown", max_new_tokens=8)[0]
+    p = tok("The quick brown")["input_ids"]
+    full = {r: s.sequence_logits([p + out.token_ids])[0] for r, s in tuner.sources.items()}
+    z = combined_logits(full["base"], [full["expert"]], [full["anti_expert"]], torch.tensor([[1.0]]))
+    expected = torch.log_softmax(z, -1)[len(p) - 1:-1].gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+    assert out.logprobs == pytest.approx(expected.tolist(), abs=1e-4)
+
+
+def test_every_eos_id_stops_its_own_row(tok):
+    free = ProxyTuner(tiny_model(0), tiny_model(1), tiny_model(2), tokenizer=tok, alpha=0.0)
+    runs = free.generate(PROMPTS, max_new_tokens=30)
+    second_eos = runs[0].token_ids[3]  # a token row 0 really produces: declare it a second EOS id
+    base = tiny_model(0, eos=[1, second_eos])
+    tuner = ProxyTuner(base, tiny_model(1), tiny_model(2), tokenizer=tok, alpha=0.0)
+    assert {1, second_eos} <= tuner.eos_token_ids
+    outs = tuner.generate(PROMPTS, max_new_tokens=30)
+    for before, after in zip(runs, outs):
+        cut = before.token_ids.index(second_eos) if second_eos in before.token_ids else None
+        if cut is None:
+            assert after.token_ids == before.token_ids and after.finish_reason == before.finish_reason
+        else:
+            assert after.token_ids == before.token_ids[:cut] and after.finish_reason == "stop"
+
+
+def test_stop_strings_end_the_row_and_are_not_returned(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    full = tuner.generate(PROMPTS, max_new_tokens=30)
+    stop = full[0].text[5:8]
+    cut = tuner.generate(PROMPTS, max_new_tokens=30, stop=[stop, "\u0000never"])
+    assert cut[0].finish_reason == "stop" and cut[0].text == full[0].text[: full[0].text.find(stop)]
+    assert stop not in cut[0].text
+    for before, after in zip(full[1:], cut[1:]):  # other rows stop on their own, unaffected
+        assert after.text == before.text[: before.text.find(stop)] if stop in before.text else after.text == before.text
+
+
+def test_max_new_tokens_and_streaming_give_the_same_text(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    out = tuner.generate("Answer", max_new_tokens=7)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 7
+    assert "".join(tuner.stream("Answer", max_new_tokens=7)) == out.text
+    stop = out.text[3:5]
+    streamed = "".join(tuner.stream("Answer", max_new_tokens=7, stop=stop))
+    assert streamed == tuner.generate("Answer", max_new_tokens=7, stop=stop)[0].text and stop not in streamed
+
+
+def test_several_expert_pairs_add_their_shifts(tok):
+    base, e1, a1, e2, a2 = (tiny_model(s) for s in range(5))
+    tuner = ProxyTuner(base, experts=[(e1, a1, 0.5), (e2, a2, -1.25)], tokenizer=tok)
+    ids = tok("The quick")["input_ids"]
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        z = base(t).logits[0, -1] + 0.5 * (e1(t).logits[0, -1] - a1(t).logits[0, -1]) \
+            - 1.25 * (e2(t).logits[0, -1] - a2(t).logits[0, -1])
+    out = tuner.generate("The quick", max_new_tokens=1)[0]
+    assert out.token_ids == [int(z.argmax())]
+    assert out.logprobs[0] == pytest.approx(float(torch.log_softmax(z, -1).max()), abs=1e-4)
+
+
+def test_rewind_then_continue_equals_a_session_that_never_saw_the_dropped_tokens(trio, tok):
+    source = TransformersSource(trio[0])
+    prompts = [tok("The quick brown")["input_ids"], tok("Answer")["input_ids"]]
+    session = source.open(prompts)
+    session.prefill()
+    session.advance(torch.tensor([[5, 6, 7], [8, 9, 10]]))
+    session.rewind([1, 2])  # row 0 keeps 5, row 1 keeps 8 9
+    after = session.advance(torch.tensor([[11], [12]]))[:, -1]
+    fresh = source.sequence_logits([prompts[0] + [5, 11], prompts[1] + [8, 9, 12]])
+    assert torch.allclose(after[0], fresh[0][-1], atol=1e-4)
+    assert torch.allclose(after[1], fresh[1][-1], atol=1e-4)
+
+
+def test_details_report_every_roles_top_tokens(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    out = tuner.generate("Answer", max_new_tokens=3, return_details=4)[0]
+    assert len(out.details) == 3
+    step = out.details[0]
+    assert set(step.top) == {"base", "expert", "anti_expert", "proxy"}
+    assert all(len(top) == 4 for top in step.top.values())
+    assert step.top["proxy"][0][0] == out.token_ids[0]
+    assert step.chosen_prob["proxy"] == pytest.approx(math.exp(out.logprobs[0]), rel=1e-4)
+
+
+def test_chat_formats_each_role_with_its_own_template_and_the_paper_setting(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    messages = [{"role": "user", "content": "what is 3 + 4?"}]
+    everyone = tuner.request(messages=messages)
+    paper = tuner.request(messages=messages, chat_roles=("expert",))
+    templated = tok(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False)["input_ids"]
+    assert everyone.prompts["base"] == everyone.prompts["expert"] == templated
+    assert paper.prompts["expert"] == templated
+    assert paper.prompts["base"] == paper.prompts["anti_expert"] == tok("what is 3 + 4?")["input_ids"]
+    assert tuner.chat(messages, max_new_tokens=5).finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda t: t.generate([]), "at least one prompt"),
+    (lambda t: t.generate("hi", max_new_tokens=0), "max_new_tokens"),
+    (lambda t: t.generate("hi", alpha=float("nan")), "alpha"),
+    (lambda t: t.generate("hi", alpha=float("inf")), "alpha"),
+    (lambda t: t.generate("hi", temperature=-1), "temperature"),
+    (lambda t: t.generate("hi", top_p=0), "top_p"),
+    (lambda t: t.generate("word " * 300), "context"),
+    (lambda t: t.chat([]), "messages"),
+    (lambda t: t.score("hi", ""), "empty"),
+])
+def test_bad_input_is_a_clear_error(trio, tok, call, message):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    with pytest.raises(ProxyTuneError, match=message):
+        call(tuner)
+
+
+def test_mismatched_vocabularies_are_refused_naming_the_tokens(trio, tok):
+    from transformers import AutoTokenizer  # noqa: F401
+    other = tok.__class__(tokenizer_object=tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str()))
+    vocab = other.get_vocab()
+    swapped = {v: k for k, v in vocab.items()}
+    # a tokenizer whose ids 10 and 11 are swapped
+    import json
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    spec["model"]["vocab"][swapped[10]], spec["model"]["vocab"][swapped[11]] = 11, 10
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+    bad = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="</s>")
+    with pytest.raises(ProxyTuneError, match=r"id 10: base .* vs expert"):
+        ProxyTuner(*trio, tokenizers={"base": tok, "expert": bad, "anti_expert": tok})
+
+
+def test_padded_embedding_rows_beyond_the_tokenizer_are_cut(tok):
+    base = tiny_model(0, vocab_size=len(tok) + 64)  # like Qwen: embeddings padded past the tokenizer
+    tuner = ProxyTuner(base, tiny_model(1), tiny_model(2), tokenizer=tok)
+    assert tuner.vocab_size == len(tok)
+    out = tuner.generate("Answer", max_new_tokens=10)[0]
+    assert all(t < len(tok) for t in out.token_ids)
