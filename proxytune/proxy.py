@@ -5,6 +5,7 @@ Logits are combined, then normalised once (not per-model log-probs); sampling wa
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -99,3 +100,30 @@ class ProxySession:
         for session in self.sessions.values():
             session.select(rows)
         self.alphas = self.alphas[list(rows)]
+
+    def join(self, other: "ProxySession") -> None:
+        """Append the rows of `other` (prefilled, same sources) to this batch: dynamic batching.
+
+        Roles share a session only while they share the source and the tokens of every row; a
+        session shared on one side but not on the other is forked so that each role keeps its own.
+        """
+        groups: dict[tuple, list[str]] = {}
+        for role, mine in self.session_of.items():
+            groups.setdefault((mine, other.session_of[role]), []).append(role)
+        uses_mine = Counter(mine for mine, _ in groups)
+        uses_theirs = Counter(theirs for _, theirs in groups)
+        sessions: dict[tuple, Session] = {}
+        session_of: dict[str, tuple] = {}
+        for (mine, theirs), roles in groups.items():
+            left, right = self.sessions[mine], other.sessions[theirs]
+            uses_mine[mine] -= 1
+            uses_theirs[theirs] -= 1
+            if uses_mine[mine]:  # the last user takes the original, the others a copy
+                left = left.fork()
+            if uses_theirs[theirs]:
+                right = right.fork()
+            left.join(right)
+            sessions[(mine, theirs)] = left
+            session_of.update({role: (mine, theirs) for role in roles})
+        self.sessions, self.session_of = sessions, session_of
+        self.alphas = torch.cat([self.alphas, other.alphas.to(self.alphas.device)])

@@ -7,10 +7,12 @@ sequence; when all rows drop a common tail, the cache is cropped instead.
 from __future__ import annotations
 
 import contextlib
+import copy
 from typing import Sequence
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from ..errors import ProxyTuneError
 
@@ -94,12 +96,13 @@ class TransformersSession:
                                      cache=self.cache, use_cache=True, logits_to_keep=1)
         return logits[:, -1]
 
-    def advance(self, tokens: torch.Tensor) -> torch.Tensor:
+    def advance(self, tokens: torch.Tensor, extend: bool = False) -> torch.Tensor:
         tokens = tokens.reshape(tokens.shape[0], -1).long().cpu()
         width = tokens.shape[1]
         self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
         positions = _positions(self.mask)[:, -width:]
-        self._last_width = width
+        # extend: a speculative draft grows one token at a time, and rewind must reach back over all of it.
+        self._last_width = width + (self._last_width if extend else 0)
         return self.source.forward(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
                                    cache=self.cache, use_cache=True, logits_to_keep=width)
 
@@ -120,3 +123,58 @@ class TransformersSession:
         self.cache.batch_select_indices(index.to(self.source.device))
         self.mask = self.mask[index]
         self.prompts = [self.prompts[r] for r in rows]
+        self._drop_leading_padding()
+
+    # --- dynamic batching (the server): rows join a running batch between steps ---------------------
+
+    def join(self, other: "TransformersSession") -> None:
+        """Append the rows of `other` (prefilled, same source) after this batch's rows.
+
+        The narrower side is left-padded with zero keys/values under a 0 mask, so every row still
+        attends to exactly its own tokens at its own positions: joining never changes a row's logits.
+        """
+        if other.source is not self.source:
+            raise ValueError("only sessions of the same source can be joined")
+        if self.mask is None or other.mask is None:
+            raise ValueError("prefill both sessions before joining them")
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
+                raise ValueError(f"cannot join {type(mine).__name__} caches (sliding or static layers)")
+            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=-2), _pad_left(theirs.keys, width, dim=-2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, dim=-2), _pad_left(theirs.values, width, dim=-2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(other.mask, width, dim=1)])
+        self.prompts += other.prompts
+        self._last_width = 0  # a rewind cannot reach back across a join
+        self._drop_leading_padding()
+
+    def fork(self) -> "TransformersSession":
+        """An independent copy (cache included) that can then advance on its own."""
+        twin = TransformersSession(self.source, self.prompts)
+        twin.cache = copy.deepcopy(self.cache)
+        twin.mask = None if self.mask is None else self.mask.clone()
+        twin._last_width = self._last_width
+        return twin
+
+    def _drop_leading_padding(self) -> None:
+        # Columns no row attends to (left by rows that left or by a long row that joined) only cost
+        # compute; positions come from the mask, so cutting them changes nothing.
+        if self.mask is None or self.mask.shape[0] == 0:
+            return
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        layers = self.cache.layers
+        if start == 0 or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+            return
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+        self.mask = self.mask[:, start:]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
