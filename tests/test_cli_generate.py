@@ -1,0 +1,60 @@
+"""`proxytune generate` as a user runs it: a real process over models saved to disk."""
+import subprocess
+import sys
+
+import pytest
+
+from proxytune import ProxyTuner
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def trio_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trio")
+    dirs = []
+    for seed, role in enumerate(("base", "expert", "anti")):
+        path = root / role
+        tiny_model(seed).save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+        dirs.append(str(path))
+    return dirs
+
+
+def cli(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "proxytune", *args], capture_output=True, text=True, input=stdin,
+                          timeout=300)
+
+
+def test_generate_prints_the_proxy_tuned_text(trio_dirs):
+    base, expert, anti = trio_dirs
+    done = cli("generate", "--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "12",
+               "The quick brown")
+    assert done.returncode == 0, done.stderr
+    expected = ProxyTuner.from_pretrained(base, expert, anti).generate("The quick brown", max_new_tokens=12)[0].text
+    assert done.stdout == expected + "\n"
+
+
+def test_compare_shows_base_alone_expert_alone_and_proxy(trio_dirs):
+    base, expert, anti = trio_dirs
+    done = cli("generate", "--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "8",
+               "--compare", "-", stdin="Answer")
+    assert done.returncode == 0, done.stderr
+    tuner = ProxyTuner.from_pretrained(base, expert, anti)
+    expected_base = ProxyTuner.from_pretrained(base, expert, expert).generate("Answer", max_new_tokens=8)[0].text
+    expected_proxy = tuner.generate("Answer", max_new_tokens=8)[0].text
+    assert "=== base alone ===\n" + expected_base + "\n" in done.stdout
+    assert "=== expert alone ===" in done.stdout
+    assert "=== proxy-tuned ===\n" + expected_proxy + "\n" in done.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--base", "/nonexistent/model", "--expert", "x", "--anti-expert", "y", "hi"], "neither an existing path"),
+    (["--base", "BASE", "hi"], "missing --expert, --anti-expert"),
+    (["--base", "BASE", "--expert", "BASE", "--anti-expert", "BASE", "--max-new-tokens", "0", "hi"], "max_new_tokens"),
+    (["--base", "BASE", "--expert", "BASE", "--anti-expert", "BASE", "--alpha", "nan", "hi"], "alpha"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(trio_dirs, args, message):
+    args = [a.replace("BASE", trio_dirs[0]) for a in args]
+    done = cli("generate", *args)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr
