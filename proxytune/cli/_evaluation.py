@@ -1,0 +1,56 @@
+"""Options and setup shared by `proxytune eval` and `proxytune sweep-alpha`."""
+from __future__ import annotations
+
+import argparse
+
+from ..errors import ProxyTuneError
+from ._models import add_model_options, model_specs
+
+
+def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
+    from ..evaluation import TASKS
+
+    parser.add_argument("task", help=f"one of: {', '.join(TASKS)}")
+    add_model_options(parser)
+    parser.add_argument("--tuned", help="a directly tuned large model (directory or peft adapter): the upper anchor "
+                                        "for gap closed")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N examples (gsm default: 200)")
+    parser.add_argument("--output", required=True, help="output directory (rerun the same command to resume)")
+    parser.add_argument("--batch-size", type=int, default=8, help="rows decoded together (default 8)")
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (gsm 512, humaneval 384)")
+    parser.add_argument("--samples", type=int, default=0, help="humaneval: sampled completions per problem for pass@k "
+                                                               "(T=0.8, top-p 0.95), besides the greedy one")
+    parser.add_argument("--seed", type=int, default=0, help="gsm: which held-out problems (default 0)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def prepare(args: argparse.Namespace, command: str, extra_config: dict):
+    """(task, store, specs), checked before any model loads: bad input fails in a second, not after loading."""
+    from ..evaluation import ResultStore, get_task
+    from ..evaluation.runner import check_limit
+
+    check_limit(args.limit)
+    if args.batch_size < 1:
+        raise ProxyTuneError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ProxyTuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    task = get_task(args.task, samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    specs = model_specs(args)
+    config = {"command": command, "task": task.name, "task_settings": task.settings(), "models": specs,
+              "tuned": args.tuned, "dtype": args.dtype or "default", **extra_config}
+    store = ResultStore(args.output, config)
+    return task, store, specs
+
+
+def load_runner(args: argparse.Namespace, specs: dict):
+    from ..evaluation import RoleRunner
+    from ..loading import load_roles
+    from ..tuner import ProxyTuner
+
+    tuner = ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
+                                       device=args.device, dtype=args.dtype)
+    tuned = None
+    if args.tuned:
+        source, tokenizer = load_roles({"tuned": args.tuned}, device=args.device, dtype=args.dtype)["tuned"]
+        tuned = ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0)
+    return RoleRunner(tuner, tuned)

@@ -1,0 +1,41 @@
+"""GSM (reasoning-gym gsm_symbolic, held-out templates only): zero-shot paper prompt, exact match of
+the number after "####" (else the last number), and how often the answer came in that format."""
+from __future__ import annotations
+
+from ..datasets import gsm
+from ..errors import ProxyTuneError
+from .task import Example, GenerationTask
+
+DEFAULT_SIZE = 200
+
+
+class GSMTask(GenerationTask):
+    name = "gsm"
+    max_new_tokens = 512  # the paper's budget
+    stop = ("\nQuestion:",)  # a model that starts the next question has answered this one
+
+    def __init__(self, seed: int = 0, max_new_tokens: int | None = None):
+        self.seed = seed
+        if max_new_tokens is not None:
+            if max_new_tokens < 1:
+                raise ProxyTuneError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+            self.max_new_tokens = max_new_tokens
+
+    def examples(self, limit: int | None) -> list[Example]:
+        # Item i depends only on (seed, i): a larger --limit extends a run, never reshuffles it.
+        items = gsm.heldout_examples(DEFAULT_SIZE if limit is None else limit, seed=self.seed)
+        return [Example(f"gsm-{self.seed}-{i}", item.prompt, item.answer, {"template": item.template})
+                for i, item in enumerate(items)]
+
+    def judge(self, example: Example, output: str) -> dict:
+        return {"answer": gsm.extract_answer(output), "correct": gsm.is_correct(output, example.gold),
+                "format_ok": "####" in output}
+
+    def settings(self) -> dict:
+        return {**super().settings(), "split": "held-out templates", "seed": self.seed,
+                "templates": list(gsm.HELDOUT_TEMPLATES)}
+
+    def summarize(self, records: list[dict]) -> dict:
+        if not records:
+            return {}
+        return {"format_rate": sum(r["format_ok"] for r in records) / len(records)}

@@ -1,0 +1,93 @@
+"""An evaluation's output directory: config.json, results.jsonl (one line per example and role,
+appended as each finishes) and summary.json.
+
+Rerunning the same command resumes: finished (example, role) pairs are never recomputed. A directory
+made with a different configuration is refused, naming the setting that differs, so results of two
+configurations are never mixed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import ProxyTuneError
+
+CONFIG = "config.json"
+RESULTS = "results.jsonl"
+SUMMARY = "summary.json"
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        found = []
+        for key in sorted(set(old) | set(new), key=str):
+            found += _differences(old.get(key), new.get(key), f"{prefix}{key}.")
+        return found
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"]
+
+
+class ResultStore:
+    def __init__(self, directory, config: dict):
+        self.directory = Path(directory)
+        self.config = json.loads(json.dumps(config))  # as it will read back from disk
+        self.results_path = self.directory / RESULTS
+        self._check_or_write_config()
+        self._records = self._read_results()
+
+    def _check_or_write_config(self) -> None:
+        config_path = self.directory / CONFIG
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ProxyTuneError(f"output {self.directory} is a file, not a directory")
+        if config_path.exists():
+            try:
+                old = json.loads(config_path.read_text())
+            except json.JSONDecodeError as error:
+                raise ProxyTuneError(f"{config_path} is not valid JSON ({error}); choose another --output") from error
+            differing = _differences(old, self.config)
+            if differing:
+                raise ProxyTuneError(f"{self.directory} holds results of a different configuration "
+                                     f"({'; '.join(differing)}); choose another --output to keep both")
+            return
+        if self.directory.exists() and any(self.directory.iterdir()):
+            raise ProxyTuneError(f"{self.directory} is not empty and has no {CONFIG}: not an evaluation output "
+                                 f"directory; choose another --output")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        config_path.write_text(json.dumps(self.config, indent=2) + "\n")
+
+    def _read_results(self) -> list[dict]:
+        if not self.results_path.exists():
+            return []
+        raw = self.results_path.read_bytes()
+        records, good_end = [], 0
+        for line in raw.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # a line cut short by a kill mid-write: dropped, recomputed
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_end += len(line)
+        if good_end < len(raw):
+            with open(self.results_path, "r+b") as handle:
+                handle.truncate(good_end)
+        return records
+
+    @property
+    def records(self) -> list[dict]:
+        return list(self._records)
+
+    def done(self) -> set[tuple[str, str]]:
+        return {(r["id"], r["role"]) for r in self._records}
+
+    def append(self, record: dict) -> None:
+        with open(self.results_path, "a") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._records.append(record)
+
+    def write_summary(self, summary: dict) -> Path:
+        path = self.directory / SUMMARY
+        path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
+        return path

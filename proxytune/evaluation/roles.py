@@ -1,0 +1,116 @@
+"""The models an evaluation compares: base alone, expert alone, proxy-tuned (at some α), tuned anchor.
+
+Every role decodes through the same engine (`Decoding`) so that batching, stopping and greedy
+tie-breaking are identical; a model "alone" is a decoding whose base is that model and whose
+expert pairs are that model against itself at α = 0 (its sessions are shared, so it runs once).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..compare import role_alone
+from ..decode import Decoding, Request
+from ..errors import ProxyTuneError
+from ..proxy import ExpertPair, combined_logits
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str  # how results are labelled: "base", "expert", "proxy", "proxy@0.5", "tuned"
+    kind: str  # "base" | "expert" | "proxy" | "tuned"
+    alpha: float | None = None  # proxy roles only
+
+    @property
+    def title(self) -> str:
+        if self.kind == "proxy":
+            return f"proxy-tuned α={self.alpha:g}"
+        return {"base": "base alone", "expert": "expert alone", "tuned": "tuned (anchor)"}[self.kind]
+
+
+def eval_roles(alpha: float, with_tuned: bool) -> list[Role]:
+    roles = [Role("base", "base"), Role("expert", "expert"), Role("proxy", "proxy", alpha)]
+    return roles + ([Role("tuned", "tuned")] if with_tuned else [])
+
+
+def sweep_roles(alphas: Sequence[float], with_tuned: bool) -> list[Role]:
+    """α = 0 is the base model by definition (z = z_base), so it is read from the base role, not re-run."""
+    roles = [Role("base", "base"), Role("expert", "expert")]
+    roles += [Role(f"proxy@{a:g}", "proxy", a) for a in alphas if a != 0]
+    return roles + ([Role("tuned", "tuned")] if with_tuned else [])
+
+
+class RoleRunner:
+    """Builds requests and decodings (or scores) for each role over one loaded trio (+ optional tuned model)."""
+
+    def __init__(self, tuner, tuned=None):
+        if len(tuner.pairs) != 1:
+            raise ProxyTuneError("evaluation compares one expert pair; this tuner has "
+                                 f"{len(tuner.pairs)}")
+        self.tuner = tuner
+        self.tuned = tuned  # a ProxyTuner whose three roles are the tuned model (α = 0), or None
+
+    def _tuner_of(self, role: Role):
+        if role.kind == "tuned":
+            if self.tuned is None:
+                raise ProxyTuneError("the tuned role needs a tuned model (--tuned)")
+            return self.tuned
+        return self.tuner
+
+    def request(self, role: Role, prompt: str, **options) -> Request:
+        if role.kind == "proxy":
+            return self.tuner.request(prompt, alpha=role.alpha, **options)
+        request = self._tuner_of(role).request(prompt, alpha=0.0, **options)
+        return role_alone(self.tuner, request, role.kind) if role.kind in ("base", "expert") else request
+
+    def decoding(self, role: Role, requests: Sequence[Request]) -> Decoding:
+        if role.kind in ("base", "expert"):
+            tuner = self.tuner
+            source = tuner.sources[role.kind]
+            return Decoding(source, [ExpertPair(source, source, 0.0)], requests, tuner.tokenizer, tuner.eos_token_ids)
+        return self._tuner_of(role).decoding(requests)
+
+    def score(self, roles: Sequence[Role], pairs: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
+        """Total log-probability of each continuation after its prompt, for every role.
+
+        One full-sequence forward per model serves all roles: base alone and expert alone read their own
+        logits, each proxy role combines them at its α (what `ProxyTuner.score_batch` computes)."""
+        totals: dict[str, list[float]] = {}
+        trio_roles = [r for r in roles if r.kind != "tuned"]
+        if trio_roles:
+            per_role = self._score_trio(trio_roles, pairs)
+            totals.update(per_role)
+        for role in roles:
+            if role.kind == "tuned":
+                totals[role.name] = [s.total for s in self._tuner_of(role).score_batch(list(pairs))]
+        return totals
+
+    def _score_trio(self, roles: Sequence[Role], pairs: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
+        tuner = self.tuner
+        ids = [tuner.encode(prompt) for prompt, _ in pairs]
+        continuations = [tuner.tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in pairs]
+        if any(not c for c in continuations):
+            raise ProxyTuneError("an option is empty: nothing to score")
+        sequences = [p + c for p, c in zip(ids, continuations)]
+        logits: dict[str, list[torch.Tensor]] = {}
+        computed: dict[int, list[torch.Tensor]] = {}
+        for kind in ("base", "expert", "anti_expert"):
+            source = tuner.sources[kind]
+            if id(source) not in computed:  # keep only the rows that predict continuation tokens
+                full = source.sequence_logits(sequences)
+                computed[id(source)] = [f[len(p) - 1:len(p) + len(c) - 1] for f, p, c in zip(full, ids, continuations)]
+            logits[kind] = computed[id(source)]
+        totals: dict[str, list[float]] = {role.name: [] for role in roles}
+        for row, continuation in enumerate(continuations):
+            targets = torch.tensor(continuation)[:, None]
+            base, expert, anti = (logits[k][row][None] for k in ("base", "expert", "anti_expert"))
+            for role in roles:
+                if role.kind == "proxy":
+                    z = combined_logits(base, [expert], [anti], torch.tensor([[role.alpha]]))[0]
+                else:
+                    z = logits[role.kind][row]
+                chosen = torch.log_softmax(z.float(), dim=-1).gather(1, targets)
+                totals[role.name].append(float(chosen.sum()))
+        return totals

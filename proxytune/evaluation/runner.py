@@ -1,0 +1,165 @@
+"""Running a task for every role, resumably, and summarising the results.
+
+Examples go in chunks; within a chunk every role runs before the next chunk starts, so a run that
+is stopped early still compares the roles on the same examples. Each (example, role) is written to
+results.jsonl the moment its decoding row finishes.
+"""
+from __future__ import annotations
+
+import zlib
+from typing import Callable, Sequence
+
+from ..errors import ProxyTuneError
+from .records import ResultStore
+from .roles import Role, RoleRunner
+from .stats import accuracy, gap_closed
+from .task import Example
+
+
+def check_limit(limit) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ProxyTuneError(f"--limit must be a positive number of examples, got {limit!r}")
+    return limit
+
+
+def sample_seed(example_id: str, sample: int) -> int:
+    # Fixed per example and sample, whatever the chunking: a resumed run draws the same samples.
+    return zlib.crc32(f"{example_id}/{sample}".encode())
+
+
+def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore, limit: int | None = None,
+             batch_size: int = 8, progress: bool = True) -> dict:
+    limit = check_limit(limit)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ProxyTuneError(f"batch size must be >= 1, got {batch_size!r}")
+    examples = task.examples(limit)
+    if not examples:
+        raise ProxyTuneError(f"task {task.name} has no examples")
+    done = store.done()
+    units = [(ex, role) for ex in examples for role in roles]
+    bar = _progress_bar(len(units), sum((ex.id, r.name) in done for ex, r in units), task.name, progress)
+    # Chunks of several batches keep continuous batching busy; every role finishes a chunk before the next.
+    per_chunk = max(1, 4 * batch_size // (1 + getattr(task, "samples", 0)))
+
+    def write(record: dict) -> None:
+        store.append(record)
+        bar.update(1)
+
+    try:
+        for start in range(0, len(examples), per_chunk):
+            chunk = examples[start:start + per_chunk]
+            for role in roles:
+                pending = [ex for ex in chunk if (ex.id, role.name) not in done]
+                if not pending:
+                    continue
+                if task.kind == "choice":
+                    choose_options(runner, task, role, pending, write)
+                else:
+                    generate(runner, task, role, pending, write, batch_size)
+    finally:
+        bar.close()
+    return summarize(task, roles, store.records, [ex.id for ex in examples])
+
+
+def choose_options(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
+                   write: Callable[[dict], None]) -> None:
+    for example in examples:
+        options = task.options(example)
+        scores = runner.score([role], [(example.prompt, option) for option in options])[role.name]
+        picked = max(range(len(options)), key=scores.__getitem__)
+        write({"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
+               "output": options[picked], "answer": picked, "gold": example.gold,
+               "correct": picked == example.gold, "option_logprobs": scores})
+
+
+def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
+             write: Callable[[dict], None], batch_size: int) -> None:
+    """Continuous batching: a row that finishes is replaced by the next request at once, so short answers
+    do not wait for the longest one in their batch."""
+    requests, owners, first_row = [], [], {}
+    for example in examples:
+        first_row[example.id] = len(requests)
+        options = dict(max_new_tokens=task.max_new_tokens, stop=task.stop, label=example.id)
+        requests.append(runner.request(role, example.prompt, **options))
+        owners.append(example)
+        for sample in range(task.samples):
+            requests.append(runner.request(role, example.prompt, temperature=task.temperature, top_p=task.top_p,
+                                           seed=sample_seed(example.id, sample), **options))
+            owners.append(example)
+    decoding = runner.decoding(role, requests[:batch_size])
+    queued = batch_size
+    open_rows = {ex.id: 1 + task.samples for ex in examples}
+    for events in decoding.steps():
+        for event in events:
+            if event.finish_reason is None:
+                continue
+            example = owners[event.row]
+            if event.finish_reason == "error":  # not an answer: leave it unrecorded so a rerun retries it
+                raise ProxyTuneError(f"{role.title} failed on {example.id}: {event.error}")
+            open_rows[example.id] -= 1
+            if open_rows[example.id] == 0:
+                rows = decoding.rows[first_row[example.id]:first_row[example.id] + 1 + task.samples]
+                write(_generation_record(task, role, example, [row.output() for row in rows]))
+        running = sum(row.finish_reason is None for row in decoding.rows)
+        if queued < len(requests) and running < batch_size:
+            decoding.add(requests[queued:queued + batch_size - running])
+            queued += batch_size - running
+
+
+def _generation_record(task, role: Role, example: Example, outputs) -> dict:
+    greedy = outputs[0]
+    record = {"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
+              "output": greedy.text, **task.judge(example, greedy.text), "gold": example.gold,
+              "finish_reason": greedy.finish_reason, "new_tokens": len(greedy.token_ids)}
+    if task.samples:
+        record["samples"] = [{"output": o.text, **task.judge(example, o.text)} for o in outputs[1:]]
+    return record
+
+
+def summarize(task, roles: Sequence[Role], records: list[dict], example_ids: Sequence[str]) -> dict:
+    """Numbers over the examples every role has finished (paired comparison)."""
+    wanted = set(example_ids)
+    by_role: dict[str, dict[str, dict]] = {role.name: {} for role in roles}
+    for record in records:
+        if record["id"] in wanted and record["role"] in by_role:
+            by_role[record["role"]][record["id"]] = record
+    complete = [i for i in example_ids if all(i in by_role[r.name] for r in roles)]
+    summary = {"task": task.name, "examples": len(complete), "examples_requested": len(example_ids), "roles": {}}
+    for role in roles:
+        rows = [by_role[role.name][i] for i in complete]
+        entry = {"title": role.title, "alpha": role.alpha, **accuracy([r["correct"] for r in rows]),
+                 **task.summarize(rows)}
+        if role.kind != "base" and "base" in by_role:
+            base = by_role["base"]
+            entry["fixed_vs_base"] = sum(r["correct"] and not base[r["id"]]["correct"] for r in rows)
+            entry["broken_vs_base"] = sum(base[r["id"]]["correct"] and not r["correct"] for r in rows)
+        summary["roles"][role.name] = entry
+    _add_gap_closed(summary["roles"], roles)
+    return summary
+
+
+def _add_gap_closed(entries: dict, roles: Sequence[Role]) -> None:
+    if "tuned" not in entries or "base" not in entries or entries["base"]["accuracy"] is None:
+        return
+    base, tuned = entries["base"]["accuracy"], entries["tuned"]["accuracy"]
+    for role in roles:
+        if role.kind == "proxy":
+            entries[role.name]["gap_closed"] = gap_closed(entries[role.name]["accuracy"], base, tuned)
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, initial: int, name: str, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, desc=f"{name} (example × role)", unit="run", dynamic_ncols=True)
