@@ -1,0 +1,225 @@
+"""Remote models over OpenAI-compatible servers: a fake server over tiny models (always runs), and a
+real llama.cpp server over SmolLM2 (runs when llama-cpp-python is installed)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from openai_fake import Fault, FakeOpenAI
+from tiny import tiny_model
+
+from proxytune import ProxyTuner
+from proxytune.choice import choose
+from proxytune.errors import ProxyTuneError, SourceFailure
+from proxytune.sources.openai_http import RemoteSourceError
+from proxytune.sources.remote_source import RemoteSource
+from proxytune.sources.remote_spec import parse_spec
+from proxytune.sources.transformers_source import TransformersSource
+
+PROMPTS = ["The quick", "def add"]
+
+
+@pytest.fixture()
+def fake(trio, tok):
+    with FakeOpenAI(trio[0], tok) as server:
+        yield server
+
+
+def remote(server, tok, options: str = "", role: str = "base") -> RemoteSource:
+    return RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=tiny{options}"), tok, name=role)
+
+
+# --- the spec ----------------------------------------------------------------------------------------
+
+def test_spec_reads_url_and_options():
+    options = parse_spec("openai:https://host:8000/v1?model=big&top_k=5&tokenizer=smollm2&tries=2&echo=1")
+    assert (options.base_url, options.model, options.top_k, options.tries, options.echo) == (
+        "https://host:8000/v1", "big", 5, 2, True)
+    assert options.root_url == "https://host:8000"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("openai:http://h/v1?model=m", "tokenizer="),
+    ("openai:http://h/v1?tokenizer=t&api_key=sk-123", "never put an API key"),
+    ("openai:http://user:sk-1@h/v1?tokenizer=t", "no credentials"),
+    ("openai:http://h/v1?tokenizer=t&colour=red", "unknown openai spec option 'colour'"),
+    ("openai:http://h/v1?tokenizer=t&top_k=many", "top_k"),
+    ("openai:h:8080?tokenizer=t", "http(s) URL"),
+])
+def test_bad_specs_are_explained(spec, message):
+    with pytest.raises(ProxyTuneError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        parse_spec(spec)
+
+
+def test_unreachable_server_is_a_clear_error(tok):
+    with pytest.raises(ProxyTuneError, match="cannot reach the base model's server at http://127.0.0.1:9/v1"):
+        RemoteSource(parse_spec("openai:http://127.0.0.1:9/v1?tokenizer=t"), tok)
+
+
+# --- logits through the server -----------------------------------------------------------------------
+
+def test_full_top_k_with_token_ids_reproduces_local_logits(fake, tok, trio):
+    source = remote(fake, tok, "&top_k=320&token_ids=1")
+    local = TransformersSource(trio[0])
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    remote_session, local_session = source.open(prompts), local.open(prompts)
+    torch.testing.assert_close(torch.log_softmax(local_session.prefill(), -1), remote_session.prefill(),
+                               atol=1e-4, rtol=0)
+    draft = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    torch.testing.assert_close(torch.log_softmax(local_session.advance(draft), -1), remote_session.advance(draft),
+                               atol=1e-4, rtol=0)
+
+
+def test_echo_scores_a_draft_in_one_call_per_row(fake, tok):
+    sequential, echoed = remote(fake, tok, "&top_k=320&token_ids=1"), remote(fake, tok, "&top_k=320&token_ids=1&echo=1")
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    draft = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    a, b = sequential.open(prompts), echoed.open(prompts)
+    a.prefill(), b.prefill()
+    before = fake.completions
+    torch.testing.assert_close(a.advance(draft), b.advance(draft))
+    assert fake.completions - before == 2 * 3 + 2  # three calls per row without echo, one with
+    b.rewind([1, 0])
+    assert [len(r) for r in b.rows] == [len(prompts[0]) + 1, len(prompts[1])]
+
+
+def test_outside_the_top_k_is_minus_infinity(fake, tok):
+    source = remote(fake, tok, "&top_k=5&token_ids=1")
+    row = source.open([tok("The quick")["input_ids"]]).prefill()[0]
+    assert 5 <= int(torch.isfinite(row).sum()) <= 6  # the top 5, plus the server's own pick if it differs
+
+
+def test_remote_base_proxy_equals_local_proxy_and_costs_one_call_per_token(fake, tok, trio):
+    source = remote(fake, tok, "&top_k=320&token_ids=1&send_ids=1")
+    through_server = ProxyTuner(source, trio[1], trio[2], tokenizer=tok, alpha=1.0)
+    local = ProxyTuner(trio[0], trio[1], trio[2], tokenizer=tok, alpha=1.0)
+    got = through_server.generate(PROMPTS, max_new_tokens=12)
+    want = local.generate(PROMPTS, max_new_tokens=12)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    steps = sum(len(o.token_ids) + (o.finish_reason == "stop") for o in got)
+    assert source.stats.calls == source.stats.distributions == steps
+    assert all(isinstance(p["prompt"], list) for p in fake.payloads)  # send_ids: ids, never text
+
+
+def test_text_keys_map_to_local_ids_and_drop_fragments(fake, tok):
+    source = remote(fake, tok, "&top_k=320&empty=drop")
+    row = source.open([tok("The quick")["input_ids"]]).prefill()[0]
+    assert source.stats.dropped == 1  # every byte fragment (and </s>) is shown as "": one key, dropped
+    named = {i for i in range(len(tok)) if source.strings.texts[i]}
+    assert {int(i) for i in torch.nonzero(torch.isfinite(row))} <= named
+
+
+def test_re_tokenisation_drift_is_detected(fake, tok):
+    split = [tok.convert_tokens_to_ids(c) for c in ["T", "h", "e"]]  # "The" is one token when re-tokenised
+    assert tok("The", add_special_tokens=False)["input_ids"] != split
+    warned = remote(fake, tok)
+    warned.open([split]).prefill()
+    assert warned.stats.drift == 1
+    strict = remote(fake, tok, "&drift=error")
+    with pytest.raises(RemoteSourceError, match="re-tokenisation drift"):
+        strict.open([split]).prefill()
+
+
+def test_tokenizer_mismatch_is_refused_at_start_up(fake):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.train_from_iterator(["completely different text, other merges"] * 5,
+                              trainers.BpeTrainer(vocab_size=300, special_tokens=["<s>", "</s>"],
+                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    wrong = PreTrainedTokenizerFast(tokenizer_object=other, bos_token="<s>", eos_token="</s>")
+    with pytest.raises(ProxyTuneError, match="does not tokenize like the base model's server"):
+        remote(fake, wrong)
+
+
+def test_api_key_comes_from_the_environment_and_stays_out_of_messages(trio, tok, monkeypatch):
+    monkeypatch.setenv("MY_SERVER_KEY", "sk-secret-123")
+    with FakeOpenAI(trio[0], tok, api_key="sk-secret-123") as server:
+        source = remote(server, tok, "&key_env=MY_SERVER_KEY")
+        source.open([tok("The quick")["input_ids"]]).prefill()
+        assert set(server.auth_headers) == {"Bearer sk-secret-123"}
+        assert "sk-secret" not in repr(source) + repr(source.client)
+        server.fault = Fault(start=server.completions, count=99, status=500)
+        with pytest.raises(RemoteSourceError) as failure:
+            RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=t&tries=1&key_env=MY_SERVER_KEY"), tok,
+                         name="expert").open([[5]]).prefill()
+        assert "sk-secret" not in str(failure.value) and "expert model at" in str(failure.value)
+
+
+# --- faults ------------------------------------------------------------------------------------------
+
+def test_429_is_retried_after_the_servers_retry_after(fake, tok, trio):
+    source = remote(fake, tok, "&backoff=0.01&tries=4")
+    fake.fault = Fault(start=fake.completions, count=2, status=429, retry_after="0.3")
+    start = time.monotonic()
+    out = ProxyTuner(source, trio[1], trio[2], tokenizer=tok).generate("The quick", max_new_tokens=4)[0]
+    assert time.monotonic() - start >= 0.6
+    assert out.finish_reason in ("length", "stop") and source.stats.retries == 2
+
+
+def test_a_server_that_keeps_refusing_ends_the_row_with_its_text_so_far(fake, tok, trio):
+    source = remote(fake, tok, "&backoff=0.01&tries=3&send_ids=1&token_ids=1")
+    tuner = ProxyTuner(source, trio[1], trio[2], tokenizer=tok)
+    full = tuner.generate(PROMPTS, max_new_tokens=10)
+    fake.fault = Fault(start=fake.completions + 2 * 4, count=10**6, status=503, retry_after="0")  # after 4 steps
+    cut = tuner.generate(PROMPTS, max_new_tokens=10)
+    for whole, part in zip(full, cut):
+        assert part.finish_reason == "error"
+        assert f"base model at {fake.url}/completions failed after 3 tries (HTTP 503: slow down)" == part.error
+        assert part.token_ids == whole.token_ids[:len(part.token_ids)] and len(part.token_ids) == 4
+        assert whole.text.startswith(part.text) and part.text
+
+
+def test_streaming_raises_after_yielding_the_text_so_far(fake, tok, trio):
+    source = remote(fake, tok, "&backoff=0.01&tries=2&send_ids=1&token_ids=1")
+    tuner = ProxyTuner(source, trio[1], trio[2], tokenizer=tok)
+    fake.fault = Fault(start=fake.completions + 3, count=10**6, status=0)  # connections dropped from step 4
+    pieces = []
+    with pytest.raises(SourceFailure, match="failed after 2 tries"):
+        for piece in tuner.stream("The quick", max_new_tokens=10):
+            pieces.append(piece)
+    assert len(tuner.tokenizer("".join(pieces), add_special_tokens=False)["input_ids"]) >= 1
+
+
+# --- multiple choice ---------------------------------------------------------------------------------
+
+def test_multiple_choice_picks_what_local_scoring_prefers(fake, tok, trio):
+    options = [" fox", " dog", " brown", " 7"]
+    local = ProxyTuner(trio[0], trio[1], trio[2], tokenizer=tok, alpha=2.0)
+    through_server = ProxyTuner(remote(fake, tok, "&top_k=320&token_ids=1"), trio[1], trio[2], tokenizer=tok,
+                                alpha=2.0)
+    for prompt in ["The quick brown", "Answer:", "def add(a, b):"]:
+        totals = [local.score(prompt, o).total for o in options]
+        want = max(range(len(options)), key=totals.__getitem__)
+        assert choose(local, options, prompt=prompt).index == want
+        picked = choose(through_server, options, prompt=prompt)
+        assert picked.index == want
+        assert picked.scores == pytest.approx(totals, abs=1e-3)
+
+
+def test_multiple_choice_with_a_small_top_k_only_weighs_returned_options(fake, tok, trio):
+    tuner = ProxyTuner(remote(fake, tok, "&top_k=2&token_ids=1"), trio[1], trio[2], tokenizer=tok)
+    top = tuner.sources["base"].open([tok("Answer:")["input_ids"]]).prefill()[0]
+    best = [tok.decode([int(i)]) for i in torch.nonzero(torch.isfinite(top))[:, 0]]
+    outsider = next(t for t in [" fox", " dog", " 7"] if t not in best)
+    choice = choose(tuner, [best[0], outsider], prompt="Answer:")
+    assert choice.index == 0 and choice.scores[1] == float("-inf") and choice.probs[1] == 0.0
+
+
+def test_remote_expert_roles_work_too(fake, tok, trio):
+    expert = remote(fake, tok, "&top_k=320&token_ids=1&send_ids=1", role="expert")
+    out = ProxyTuner(trio[1], expert, trio[2], tokenizer=tok).generate("The quick", max_new_tokens=3)[0]
+    assert out.finish_reason in ("length", "stop") and expert.stats.calls >= 3
+
+
+def test_loading_dispatches_openai_specs(fake, tok, tmp_path):
+    tok.save_pretrained(tmp_path / "tok")
+    from proxytune.loading import load_roles
+
+    spec = f"openai:{fake.url}?tokenizer={tmp_path / 'tok'}&top_k=3"
+    loaded = load_roles({"base": spec})
+    source, tokenizer = loaded["base"]
+    assert isinstance(source, RemoteSource) and source.max_length == 256 and len(tokenizer) == len(tok)
