@@ -12,6 +12,7 @@ import torch
 
 from . import registry
 from .errors import ProxyTuneError
+from .sources.remote_spec import is_remote_spec
 from .sources.transformers_source import TransformersSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -110,6 +111,12 @@ class Loader:
         """(source, tokenizer) for one role. Plain specs that carry an adapter elsewhere run adapter-off."""
         if spec in self.sources:
             return self.sources[spec]
+        if is_remote_spec(spec):  # openai:URL?tokenizer=... : a model behind an OpenAI-compatible server
+            from .sources.remote_source import RemoteSource
+
+            source = RemoteSource.from_spec(spec, name=role)
+            self.sources[spec] = (source, source.tokenizer)
+            return self.sources[spec]
         base_spec = adapter_base(local_path(spec))
         if base_spec is not None:
             model, tokenizer = self._adapter(spec, base_spec)
@@ -127,6 +134,6 @@ class Loader:
 def load_roles(specs: dict[str, str], device=None, dtype=None) -> dict[str, tuple]:
     """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated."""
     loader = Loader(device, dtype)
-    order = sorted(specs, key=lambda role: adapter_base(local_path(specs[role])) is None)
+    order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or adapter_base(local_path(specs[role])) is None)
     loaded = {role: loader.source(specs[role], role) for role in order}
     return {role: loaded[role] for role in specs}

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .decode import Decoding, Event, GenerationOutput, Request
-from .errors import ProxyTuneError
+from .errors import ProxyTuneError, SourceFailure
 from .prompts import ALL_ROLES, chat_prompt_ids, validate_messages
 from .proxy import ExpertPair, combined_logits, role_names
 from .sampling import SamplingParams
@@ -217,6 +217,8 @@ class ProxyTuner:
             for event in events:
                 if event.delta:
                     yield event.delta
+                if event.error:  # the text so far is out; now say why it ends here
+                    raise SourceFailure(event.error)
 
     def chat(self, messages, chat_roles: Sequence[str] = ALL_ROLES, **kwargs) -> GenerationOutput:
         """Reply to one conversation. Each role in `chat_roles` sees its own chat template, the others
