@@ -230,6 +230,7 @@ def gguf_path(name: str, progress: bool = True) -> Path:
         with open(temp, "wb") as sink, _progress(sum(p.stat().st_size for p in paths), f"assembling {name}",
                                                  progress) as bar:
             _copy_verified(entry, paths, sink, bar)
+        temp.chmod(0o644)  # mkstemp's private 0600 would hide a shared cache from other users
         os.replace(temp, target)
     finally:
         temp.unlink(missing_ok=True)
@@ -261,6 +262,8 @@ def prepare(name: str, progress: bool = True, convert: Converter | None = None) 
             raise
         except Exception as error:
             raise ProxyTuneError(f"converting model {name!r} from {gguf} failed: {error}") from error
+        for path in (temp, *temp.iterdir()):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         try:
             os.rename(temp, target)
         except OSError:

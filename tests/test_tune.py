@@ -1,0 +1,130 @@
+"""`proxytune tune`: completion-only loss, a lower held-out loss, an adapter that loads as an expert."""
+import json
+
+import pytest
+import torch
+
+from proxytune.errors import ProxyTuneError
+from proxytune.tune_data import IGNORE, read_jsonl, tokenize
+from proxytune.tuning import TuneConfig, tune
+
+ROWS = [{"prompt": f"Question: what is {a} + {b}? Answer:", "completion": f" {a + b} #### {a + b}"}
+        for a in range(1, 7) for b in range(1, 5)]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from tiny import tiny_model, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tiny_model(3).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def config(tiny_dir, tmp_path, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    options = dict(model=str(tiny_dir), data=str(write_jsonl(tmp_path / "train.jsonl", ROWS)),
+                   output=str(tmp_path / "expert"), heldout_fraction=0.2, epochs=6, batch_size=4,
+                   learning_rate=5e-3, lora_r=8, save_every=0, progress=False, dtype="float32")
+    return TuneConfig(**(options | overrides))
+
+
+def test_loss_covers_completion_tokens_and_eos_only(tok):
+    [example] = tokenize([{"prompt": "Question: what is 3 + 4? Answer:", "completion": " 7"}], tok, 64)
+    prompt_len = len(tok("Question: what is 3 + 4? Answer:")["input_ids"])
+    assert example.labels[:prompt_len] == [IGNORE] * prompt_len
+    assert example.labels[prompt_len:] == tok(" 7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_chat_rows_train_on_the_assistant_reply_only(tok):
+    row = {"messages": [{"role": "user", "content": "what is 3 + 4?"}, {"role": "assistant", "content": "7"}]}
+    [example] = tokenize([row], tok, 64)
+    learned = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
+    assert tok.decode(learned[:-1]) == "7" and learned[-1] == tok.eos_token_id
+
+
+def test_lora_tuning_lowers_heldout_loss_and_the_adapter_loads_as_an_expert(tiny_dir, tmp_path):
+    summary = tune(config(tiny_dir, tmp_path))
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"] - 0.5
+    adapter = tmp_path / "expert"
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
+
+    from proxytune.tuner import ProxyTuner
+
+    tuner = ProxyTuner.from_pretrained(str(tiny_dir), str(adapter), str(tiny_dir), dtype="float32")
+    prompt = "Question: what is 2 + 3? Answer:"
+    request = tuner.request(prompt, max_new_tokens=4)
+    from proxytune.compare import generate_as
+
+    base_text, expert_text = generate_as(tuner, request, "base"), generate_as(tuner, request, "expert")
+    assert expert_text != base_text  # the adapter is live for the expert, off for the anti-expert (= base here)
+    assert tuner.generate(prompt, max_new_tokens=4)[0].text == expert_text  # base == anti-expert: proxy == expert
+
+
+def test_full_tuning_writes_a_model_directory(tiny_dir, tmp_path):
+    summary = tune(config(tiny_dir, tmp_path, full=True, epochs=3, learning_rate=1e-3))
+    assert summary["heldout_loss_after"] < summary["heldout_loss_before"]
+    assert (tmp_path / "expert" / "config.json").exists() and (tmp_path / "expert" / "tokenizer.json").exists()
+
+
+def test_resume_continues_from_the_checkpoint_to_the_same_result(tiny_dir, tmp_path):
+    straight = tune(config(tiny_dir, tmp_path / "a", epochs=2))
+
+    class Stop(Exception):
+        pass
+
+    import proxytune.tuning as tuning
+
+    real_save, calls = tuning.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        calls.append(1)
+        raise Stop
+
+    resumed_config = config(tiny_dir, tmp_path / "b", epochs=2, save_every=3)
+    tuning.save_checkpoint = save_then_die
+    try:
+        with pytest.raises(Stop):
+            tune(resumed_config)
+    finally:
+        tuning.save_checkpoint = real_save
+    assert (tmp_path / "b" / "expert" / "checkpoint").exists()
+    resumed = tune(config(tiny_dir, tmp_path / "b", epochs=2, save_every=3, resume=True))
+    assert resumed["steps_this_run"] == straight["steps"] - 3
+    assert resumed["heldout_loss_after"] == pytest.approx(straight["heldout_loss_after"], abs=1e-4)
+    assert not (tmp_path / "b" / "expert" / "checkpoint").exists()
+
+
+def test_bad_input_is_reported_clearly(tiny_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(ROWS[0]) + "\n{not json\n")
+    with pytest.raises(ProxyTuneError, match=r"bad.jsonl:2: not valid JSON"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps(ROWS[0]) + "\n" + json.dumps({"text": "x"}) + "\n")
+    with pytest.raises(ProxyTuneError, match=r"bad.jsonl:2: expected an object"):
+        read_jsonl(bad)
+    bad.write_text("\n\n")
+    with pytest.raises(ProxyTuneError, match="holds no examples"):
+        read_jsonl(bad)
+    with pytest.raises(ProxyTuneError, match="unknown model 'nope'.*registered: .*qwen2.5-coder-0.5b-instruct"):
+        tune(config(tiny_dir, tmp_path, model="nope"))
+    (tmp_path / "expert").mkdir()
+    (tmp_path / "expert" / "keep.txt").write_text("precious")
+    with pytest.raises(ProxyTuneError, match="exists and is not empty.*--overwrite"):
+        tune(config(tiny_dir, tmp_path))
+    assert (tmp_path / "expert" / "keep.txt").exists()
+
+
+def test_cli_reports_errors_in_one_line(tiny_dir, tmp_path, capsys):
+    from proxytune.cli import main
+
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    assert main(["tune", "--model", "nope", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
