@@ -122,3 +122,31 @@ def test_models_cli_lists_names_and_rejects_unknown_ones(fake, capsys):
     assert "fake-model" in out and "demo" in out and "smollm2-135m-instruct" in out
     assert main(["models", "prepare", "nope"]) == 2
     assert "unknown model or trio 'nope'" in capsys.readouterr().err
+
+
+def test_a_real_gguf_split_over_two_packages_converts_to_the_same_model(tmp_path, monkeypatch):
+    import torch
+    from tiny_gguf import write_tiny_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = gguf.read_bytes()
+    halves = [data[:len(data) // 2], data[len(data) // 2:]]
+    for i, half in enumerate(halves, 1):
+        (tmp_path / "site" / f"tiny_gguf_part{i}" / "data").mkdir(parents=True)
+        (tmp_path / "site" / f"tiny_gguf_part{i}" / "data" / f"part{i:02d}.bin").write_bytes(half)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))
+    entry = registry.ModelEntry("tiny-gguf", "test", registry.split_parts("tiny-gguf-part", "1.0", [
+        sha(h) for h in halves]), sha(data), "float32")
+    monkeypatch.setitem(registry.MODELS, entry.name, entry)
+
+    converted = registry.resolve_model("tiny-gguf")
+    direct = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(converted), AutoTokenizer.from_pretrained(converted)
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    assert ids.tolist() == AutoTokenizer.from_pretrained(tmp_path, gguf_file="tiny.gguf")(
+        "The quick brown fox", return_tensors="pt").input_ids.tolist()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, direct(ids).logits)

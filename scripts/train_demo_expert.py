@@ -1,0 +1,111 @@
+"""Recreate the shipped demo expert: a LoRA of Qwen2.5-Coder-0.5B-Instruct tuned on GSM-style math.
+
+    python scripts/train_demo_expert.py            # writes proxytune/adapters/gsm-qwen2.5-coder-0.5b/
+
+Data: reasoning-gym gsm_symbolic, TRAIN templates only (proxytune.datasets.gsm), the paper's zero-shot
+prompt, chain of thought ending in "#### <answer>"; held-out loss is measured on HELD-OUT templates.
+Everything is seeded; CPU float arithmetic makes the result bit-for-bit-ish, not bit-exact.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from proxytune.datasets import gsm  # noqa: E402
+from proxytune.registry import ADAPTERS  # noqa: E402
+from proxytune.tuning import TuneConfig, tune  # noqa: E402
+
+CARD = """# gsm-qwen2.5-coder-0.5b — the demo expert
+
+A LoRA adapter on **Qwen2.5-Coder-0.5B-Instruct** (the registered model `{model}`), tuned by
+`proxytune tune` on GSM-style grade-school math so that it answers with a short chain of thought ending
+in `#### <answer>`. It is the *expert* of the `demo` trio: base = Qwen2.5-Coder-1.5B-Instruct,
+anti-expert = the same 0.5B without this adapter (the paper's task-finetuning setting).
+
+Recreate it from a clean checkout: `python scripts/train_demo_expert.py` (≈ {minutes:.0f} min on the
+2-core CPU it was trained on).
+
+## Data
+- reasoning-gym {rg_version} `gsm_symbolic`, **train templates only**: {n_train_templates} of its 85 usable
+  templates (`proxytune.datasets.gsm.TRAIN_TEMPLATES`); the other {n_heldout_templates} are held out for evaluation.
+- {n_train} training examples (`gsm.train_examples({n_train}, seed={seed})`), prompt
+  `Answer the following question.\\n\\nQuestion: ...\\nAnswer:`, completion `" " + chain of thought + "\\n#### <n>"` + EOS,
+  loss on completion tokens only.
+- Held-out loss: {n_heldout} examples from the held-out templates (`gsm.heldout_examples({n_heldout}, seed={seed})`).
+
+## Hyperparameters
+LoRA r={lora_r}, alpha={lora_alpha}, dropout 0, all linear layers; AdamW, peak learning rate {lr}, 5% linear warm-up then
+cosine to 10%; batch {batch_size}; {epochs} epoch(s) = {steps} steps; max length {max_length} tokens; seed {seed};
+base weights {dtype}, adapter weights fp32.
+
+## Result
+| | held-out loss (nats per completion token) |
+|---|---|
+| before tuning (the plain 0.5B) | {before:.4f} |
+| after tuning | {after:.4f} |
+
+Training took {seconds:.0f} s ({tokens_per_second:.0f} training tokens/s) on {machine}, torch {torch_version},
+transformers {transformers_version}, peft {peft_version}.
+"""
+
+
+def write_jsonl(path: Path, examples) -> Path:
+    path.write_text("".join(json.dumps(example.row()) + "\n" for example in examples))
+    return path
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(ADAPTERS["gsm-qwen2.5-coder-0.5b"]))
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--train-examples", type=int, default=640)
+    parser.add_argument("--heldout-examples", type=int, default=48)
+    parser.add_argument("--epochs", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--max-length", type=int, default=320)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+
+    import peft
+    import reasoning_gym
+    import torch
+    import transformers
+
+    data = Path(tempfile.mkdtemp(prefix="gsm-demo-data-"))
+    train = write_jsonl(data / "train.jsonl", gsm.train_examples(args.train_examples, seed=args.seed))
+    heldout = write_jsonl(data / "heldout.jsonl", gsm.heldout_examples(args.heldout_examples, seed=args.seed))
+    config = TuneConfig(model=args.model, data=str(train), output=args.output, heldout_data=str(heldout),
+                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                        max_length=args.max_length, seed=args.seed, dtype="bfloat16", save_every=20,
+                        overwrite=not args.resume, resume=args.resume)
+    began = time.perf_counter()
+    summary = tune(config)
+    card = CARD.format(
+        model=args.model, minutes=(time.perf_counter() - began) / 60, rg_version=reasoning_gym.__version__,
+        n_train_templates=len(gsm.TRAIN_TEMPLATES), n_heldout_templates=len(gsm.HELDOUT_TEMPLATES),
+        n_train=args.train_examples, n_heldout=args.heldout_examples, seed=args.seed, lora_r=config.lora_r,
+        lora_alpha=config.lora_alpha, lr=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
+        steps=summary["steps"], max_length=args.max_length, dtype=summary["dtype"],
+        before=summary["heldout_loss_before"], after=summary["heldout_loss_after"],
+        seconds=summary["train_seconds_this_run"], tokens_per_second=summary["train_tokens_per_second"],
+        machine=f"{platform.machine()} × {os.cpu_count()} CPUs", torch_version=torch.__version__,
+        transformers_version=transformers.__version__, peft_version=peft.__version__)
+    (Path(args.output) / "README.md").write_text(card)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
