@@ -103,9 +103,11 @@ class ProxyTuner:
     @classmethod
     def from_pretrained(cls, base: str, expert: str | None = None, anti_expert: str | None = None,
                         alpha: float = 1.0, device=None, dtype=None,
-                        experts: Sequence[tuple] | None = None) -> "ProxyTuner":
+                        experts: Sequence[tuple] | None = None, backend: str | None = None,
+                        threads: int | None = None, n_ctx: int | None = None) -> "ProxyTuner":
         """Load by spec: a model directory, a .gguf file, a peft adapter directory, or a registered name.
-        A registered trio name (e.g. "demo") alone gives all three roles."""
+        A registered trio name (e.g. "demo") alone gives all three roles. `gguf:SPEC` runs a role in
+        llama.cpp; backend="llama.cpp" runs every role there (threads, n_ctx: its settings)."""
         from . import registry
         from .loading import load_roles
 
@@ -119,7 +121,7 @@ class ProxyTuner:
         names = role_names(len(pair_specs))
         for i, (e, a, _) in enumerate(pair_specs):
             specs[names[1 + 2 * i]], specs[names[2 + 2 * i]] = e, a
-        loaded = load_roles(specs, device=device, dtype=dtype)
+        loaded = load_roles(specs, device=device, dtype=dtype, backend=backend, threads=threads, n_ctx=n_ctx)
         pairs = [(loaded[names[1 + 2 * i]][0], loaded[names[2 + 2 * i]][0], a) for i, (_, _, a) in enumerate(pair_specs)]
         return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in names})
 
@@ -179,8 +181,12 @@ class ProxyTuner:
 
     # --- decoding ----------------------------------------------------------------------------------
 
-    def decoding(self, requests: Sequence[Request]) -> Decoding:
-        """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`."""
+    def decoding(self, requests: Sequence[Request], speculative: bool = False) -> Decoding:
+        """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`.
+        speculative=True: the expert drafts and the base verifies several tokens per forward (same output)."""
+        if speculative:
+            from .speculative import SpeculativeDecoding
+            return SpeculativeDecoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
         return Decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
 
     def _requests(self, prompts, seed, **kwargs) -> list[Request]:
@@ -191,10 +197,10 @@ class ProxyTuner:
         return [self.request(p, seed=None if seed is None else seed + i, label=f"prompt {i}", **kwargs)
                 for i, p in enumerate(prompts)]
 
-    def run(self, requests: Sequence[Request], batch_size: int = 16) -> list[GenerationOutput]:
+    def run(self, requests: Sequence[Request], batch_size: int = 16, speculative: bool = False) -> list[GenerationOutput]:
         outputs: list[GenerationOutput] = []
         for start in range(0, len(requests), batch_size):
-            decoding = self.decoding(requests[start:start + batch_size])
+            decoding = self.decoding(requests[start:start + batch_size], speculative=speculative)
             for _ in decoding.steps():
                 pass
             outputs += decoding.outputs()
@@ -202,18 +208,18 @@ class ProxyTuner:
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None,
-                 return_details=False, batch_size: int = 16) -> list[GenerationOutput]:
+                 return_details=False, batch_size: int = 16, speculative: bool = False) -> list[GenerationOutput]:
         """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only."""
         requests = self._requests(prompts, seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, min_p=min_p, stop=stop, alpha=alpha, return_details=return_details)
-        return self.run(requests, batch_size)
+        return self.run(requests, batch_size, speculative=speculative)
 
-    def stream(self, prompt: str, **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str, speculative: bool = False, **kwargs) -> Iterator[str]:
         """Text of one prompt as it is decided (stop strings and partial characters held back)."""
-        yield from self.stream_request(self.request(prompt, **kwargs))
+        yield from self.stream_request(self.request(prompt, **kwargs), speculative=speculative)
 
-    def stream_request(self, request: Request) -> Iterator[str]:
-        for events in self.decoding([request]).steps():
+    def stream_request(self, request: Request, speculative: bool = False) -> Iterator[str]:
+        for events in self.decoding([request], speculative=speculative).steps():
             for event in events:
                 if event.delta:
                     yield event.delta

@@ -24,6 +24,9 @@ def register(subparsers) -> None:
                         help="with --chat: roles that get their chat template, the rest plain text "
                              "(the paper's setting: expert)")
     parser.add_argument("--compare", action="store_true", help="also print base alone and expert alone")
+    parser.add_argument("--speculative", action="store_true",
+                        help="exact speculative decoding: the expert drafts, base and anti-expert verify a whole "
+                             "draft per forward (same output, fewer large-model steps)")
     parser.set_defaults(func=run)
 
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         request = tuner.request(prompt, **options)
     if not args.compare:
-        for delta in tuner.stream_request(request):
+        for delta in tuner.stream_request(request, speculative=args.speculative):
             print(delta, end="", flush=True)
         print()
         return 0

@@ -25,6 +25,8 @@ class Session(Protocol):
         """Append `tokens` [B, k] to every row; return the logits after each of them, [B, k, V].
 
         k = 1 is one ordinary decoding step; k > 1 scores a speculative draft in one forward.
+        Optional keyword `extend=True` (needed only by speculative decoding): these tokens join the
+        previous advance's span, so one `rewind` can drop tokens appended over several calls.
         """
 
     def rewind(self, keep: Sequence[int]) -> None:
