@@ -96,7 +96,8 @@ class RoleRunner:
         sequences = [p + c for p, c in zip(ids, continuations)]
         logits: dict[str, list[torch.Tensor]] = {}
         computed: dict[int, list[torch.Tensor]] = {}
-        for kind in ("base", "expert", "anti_expert"):
+        needed = {"base", "expert", "anti_expert"} if any(r.kind == "proxy" for r in roles) else {r.kind for r in roles}
+        for kind in sorted(needed):
             source = tuner.sources[kind]
             if id(source) not in computed:  # keep only the rows that predict continuation tokens
                 full = source.sequence_logits(sequences)
@@ -105,9 +106,9 @@ class RoleRunner:
         totals: dict[str, list[float]] = {role.name: [] for role in roles}
         for row, continuation in enumerate(continuations):
             targets = torch.tensor(continuation)[:, None]
-            base, expert, anti = (logits[k][row][None] for k in ("base", "expert", "anti_expert"))
             for role in roles:
                 if role.kind == "proxy":
+                    base, expert, anti = (logits[k][row][None] for k in ("base", "expert", "anti_expert"))
                     z = combined_logits(base, [expert], [anti], torch.tensor([[role.alpha]]))[0]
                 else:
                     z = logits[role.kind][row]

@@ -50,28 +50,31 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
     try:
         for start in range(0, len(examples), per_chunk):
             chunk = examples[start:start + per_chunk]
+            if task.kind == "choice":  # one forward per model serves every role
+                choose_options(runner, task, roles, chunk, done, write)
+                continue
             for role in roles:
                 pending = [ex for ex in chunk if (ex.id, role.name) not in done]
-                if not pending:
-                    continue
-                if task.kind == "choice":
-                    choose_options(runner, task, role, pending, write)
-                else:
+                if pending:
                     generate(runner, task, role, pending, write, batch_size)
     finally:
         bar.close()
     return summarize(task, roles, store.records, [ex.id for ex in examples])
 
 
-def choose_options(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
-                   write: Callable[[dict], None]) -> None:
+def choose_options(runner: RoleRunner, task, roles: Sequence[Role], examples: Sequence[Example],
+                   done: set, write: Callable[[dict], None]) -> None:
     for example in examples:
+        pending = [role for role in roles if (example.id, role.name) not in done]
+        if not pending:
+            continue
         options = task.options(example)
-        scores = runner.score([role], [(example.prompt, option) for option in options])[role.name]
-        picked = max(range(len(options)), key=scores.__getitem__)
-        write({"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
-               "output": options[picked], "answer": picked, "gold": example.gold,
-               "correct": picked == example.gold, "option_logprobs": scores})
+        scores = runner.score(pending, [(example.prompt, option) for option in options])
+        for role in pending:
+            picked = max(range(len(options)), key=scores[role.name].__getitem__)
+            write({"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
+                   "output": options[picked], "answer": picked, "gold": example.gold,
+                   "correct": picked == example.gold, "option_logprobs": scores[role.name]})
 
 
 def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],

