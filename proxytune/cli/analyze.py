@@ -1,0 +1,80 @@
+"""`proxytune analyze PROMPTS_OR_TASK --output DIR`: where and how much proxy-tuning changes the base model."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import ProxyTuneError
+from ._models import add_model_options, load_tuner
+
+GENERATION_TASKS = ("gsm", "humaneval")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("analyze", help="token-level analysis: top-token changes, probability shifts, "
+                                                   "plots and an HTML page",
+                                   description="The paper's section 7 analyses on proxy-tuned greedy generations.")
+    add_model_options(parser)
+    parser.add_argument("source", metavar="PROMPTS_OR_TASK",
+                        help=f"a task ({', '.join(GENERATION_TASKS)}) or a file of prompts (.txt: one per line; "
+                             f".jsonl: a 'prompt' field per line)")
+    parser.add_argument("--output", required=True, help="directory for analysis.json, PNGs and tokens.html")
+    parser.add_argument("--limit", type=int, default=20, help="how many task examples / prompts (default 20)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--top-k", type=int, default=5, help="top tokens per role shown on hover (default 5)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--math", action="store_true", help="also measure equation left- vs right-hand sides "
+                                                            "(automatic for gsm)")
+    parser.set_defaults(func=run)
+
+
+def read_prompts(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        prompts = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ProxyTuneError(f"{path} line {number} is not JSON: {error}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ProxyTuneError(f"{path} line {number} has no string 'prompt' field")
+            prompts.append(row["prompt"])
+    else:
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ProxyTuneError(f"{path} holds no prompts")
+    return prompts
+
+
+def prompts_of(source: str, limit: int) -> tuple[list[str], list[str], tuple, bool]:
+    """(prompts, labels, stop strings, math?) from a task name or a prompts file."""
+    if source in GENERATION_TASKS:
+        from ..evaluation import get_task
+
+        task = get_task(source)
+        examples = task.examples(limit)
+        return [e.prompt for e in examples], [e.id for e in examples], task.stop, source == "gsm"
+    path = Path(source)
+    if not path.is_file():
+        raise ProxyTuneError(f"{source!r} is neither a task ({', '.join(GENERATION_TASKS)}) nor a prompts file")
+    prompts = read_prompts(path)[:limit]
+    return prompts, [f"{path.name}:{i + 1}" for i in range(len(prompts))], (), False
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..analysis import run_analysis
+
+    for name in ("limit", "max_new_tokens", "top_k", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ProxyTuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    prompts, labels, stop, math = prompts_of(args.source, args.limit)
+    tuner = load_tuner(args)
+    result = run_analysis(tuner, prompts, args.output, labels, math or args.math, args.max_new_tokens, stop,
+                          args.top_k, batch_size=args.batch_size)
+    print("\n".join(result["summary"]))
+    for name, path in result["files"].items():
+        print(f"{name}: {path}")
+    return 0
