@@ -12,6 +12,7 @@ import torch
 
 from . import registry
 from .errors import ProxyTuneError
+from .llama_cpp_roles import is_llama_cpp, with_backend
 from .sources.remote_spec import is_remote_spec
 from .sources.transformers_source import TransformersSource
 
@@ -82,9 +83,11 @@ def adapter_base(path: Path) -> str | None:
 class Loader:
     """Loads each distinct spec once and hands out one logit source per role."""
 
-    def __init__(self, device=None, dtype=None):
+    def __init__(self, device=None, dtype=None, threads: int | None = None, n_ctx: int | None = None):
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.llama_cpp_options = {"threads": threads, "n_ctx": n_ctx}
+        self.llama_cpp = None  # LlamaCppRoles, made when a gguf: spec first appears
         self.plain: dict[str, tuple] = {}  # spec -> (model, tokenizer)
         self.adapted: dict[str, object] = {}  # base spec -> peft model built on that base's weights
         self.sources: dict[tuple, TransformersSource] = {}
@@ -117,6 +120,12 @@ class Loader:
             source = RemoteSource.from_spec(spec, name=role)
             self.sources[spec] = (source, source.tokenizer)
             return self.sources[spec]
+        if is_llama_cpp(spec):  # gguf:... : a GGUF model (or a LoRA on one) run in-process by llama.cpp
+            from .llama_cpp_roles import LlamaCppRoles
+
+            self.llama_cpp = self.llama_cpp or LlamaCppRoles(**self.llama_cpp_options)
+            self.sources[spec] = self.llama_cpp.source(spec, role)
+            return self.sources[spec]
         base_spec = adapter_base(local_path(spec))
         if base_spec is not None:
             model, tokenizer = self._adapter(spec, base_spec)
@@ -131,9 +140,17 @@ class Loader:
         return source, tokenizer
 
 
-def load_roles(specs: dict[str, str], device=None, dtype=None) -> dict[str, tuple]:
-    """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated."""
-    loader = Loader(device, dtype)
-    order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or adapter_base(local_path(specs[role])) is None)
+def load_roles(specs: dict[str, str], device=None, dtype=None, backend: str | None = None,
+               threads: int | None = None, n_ctx: int | None = None) -> dict[str, tuple]:
+    """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated.
+    backend="llama.cpp" runs every role in llama.cpp (llama_cpp_roles); threads/n_ctx apply to those."""
+    specs = {role: with_backend(spec, backend) for role, spec in specs.items()}
+    loader = Loader(device, dtype, threads=threads, n_ctx=n_ctx)
+    order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or is_llama_cpp(specs[role])
+                   or adapter_base(local_path(specs[role])) is None)
     loaded = {role: loader.source(specs[role], role) for role in order}
-    return {role: loaded[role] for role in specs}
+    # expert = LoRA of the anti-expert: run both roles in one batched forward (sources/lora_pair.py).
+    from .sources.lora_pair import pair_lora_roles
+    pairs = [(role, "anti_" + role) for role in specs if role.startswith("expert") and "anti_" + role in specs]
+    sources = pair_lora_roles({role: source for role, (source, _) in loaded.items()}, pairs)
+    return {role: (sources[role], loaded[role][1]) for role in specs}

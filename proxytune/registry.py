@@ -119,6 +119,9 @@ ADAPTERS: dict[str, Path] = {"gsm-qwen2.5-coder-0.5b": ADAPTERS_DIR / "gsm-qwen2
 TRIOS: dict[str, dict[str, str]] = {
     "demo": {"base": "qwen2.5-coder-1.5b-instruct", "expert": "gsm-qwen2.5-coder-0.5b",
              "anti_expert": "qwen2.5-coder-0.5b-instruct"},
+    # The same trio on llama.cpp: the packaged GGUF files as they are, the LoRA converted once (docs/llama-cpp.md).
+    "demo-gguf": {"base": "gguf:qwen2.5-coder-1.5b-instruct", "expert": "gguf:gsm-qwen2.5-coder-0.5b",
+                  "anti_expert": "gguf:qwen2.5-coder-0.5b-instruct"},
 }
 
 

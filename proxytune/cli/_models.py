@@ -15,6 +15,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=float, default=1.0, help="strength of the expert's shift (default 1.0)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    group.add_argument("--backend", choices=["transformers", "llama.cpp"], default=None,
+                       help="run every role in this backend (default: per spec; gguf:SPEC runs one role in llama.cpp)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="llama.cpp threads per model; models run one after another (default: all cores)")
+    group.add_argument("--ctx", type=int, default=None, dest="n_ctx",
+                       help="llama.cpp KV cells per model, shared by the rows of a batch (default: 8192)")
 
 
 def model_specs(args: argparse.Namespace) -> dict[str, str]:
@@ -40,4 +46,5 @@ def load_tuner(args: argparse.Namespace):
 
     specs = model_specs(args)
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
-                                      device=args.device, dtype=args.dtype)
+                                      device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
+                                      threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None))
