@@ -1,0 +1,213 @@
+"""The HTTP routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+
+Handlers only check, tokenize and format; the engine thread (scheduler.py) does every forward.
+Errors of every kind (bad JSON, bad fields, wrong key, unknown route, a full queue) answer in
+OpenAI's schema and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from contextlib import asynccontextmanager
+from typing import Sequence
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..prompts import ALL_ROLES
+from . import openai_format as fmt
+from .api_errors import APIError
+from .openai_format import Shape, TokenLogprob, TokenStrings
+from .scheduler import Job, Scheduler
+from .schemas import Params, PromptRows, build, check_body_size, context_length, parse, parse_json
+
+DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's legacy default; chat: a reply's worth
+DISCONNECT_POLL_S = 0.5
+
+
+class JobStream(StreamingResponse):
+    """An SSE response that cancels its job however it ends (done, client gone, server stopping)."""
+
+    def __init__(self, job: Job, content):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.job = job
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.job.cancel()
+
+
+def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str | None = None,
+               max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0,
+               chat_roles: Sequence[str] = ALL_ROLES) -> FastAPI:
+    scheduler = Scheduler(tuner, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
+    context = context_length(tuner)
+    text_of = TokenStrings(tuner.tokenizer)
+    created = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.stop()
+
+    app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.scheduler = scheduler
+
+    @app.exception_handler(APIError)
+    async def api_error(request, error: APIError):
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, error: StarletteHTTPException):
+        message = {404: f"unknown route {request.method} {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code, str(error.detail))
+        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code,
+                            headers=getattr(error, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, error: Exception):
+        return JSONResponse(APIError(500, f"internal error: {type(error).__name__}: {error}").body(), status_code=500)
+
+    async def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    def model_card(name: str) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "proxytune",
+                "proxytune": {"roles": {role: getattr(s, "name", role) for role, s in tuner.sources.items()},
+                              "alpha": tuner.alphas, "context_length": context}}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", **scheduler.load}
+
+    @app.get("/v1/models", dependencies=[Depends(authorize)])
+    async def models():
+        return {"object": "list", "data": [model_card(name) for name in served_names]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorize)])
+    async def model(name: str):
+        if name not in served_names:
+            raise APIError(404, f"unknown model {name!r}", "model", "model_not_found")
+        return model_card(name)
+
+    async def handle(request: Request, kind: str):
+        raw = await request.body()
+        check_body_size(raw)
+        params = parse(parse_json(raw), kind, list(served_names), len(tuner.pairs), max_batch, context,
+                       DEFAULT_MAX_TOKENS[kind])
+        rows = build(tuner, params, chat_roles)
+        echo_top = params.top_logprobs if params.echo and params.logprobs else None
+        job = scheduler.submit(rows, echo_top, generates=params.max_tokens > 0)
+        shape = Shape(kind, params.model)
+        if params.stream:
+            return JobStream(job, stream(job, shape, params, rows))
+        try:
+            return await respond(job, request, shape, params, rows)
+        finally:
+            job.cancel()
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)])
+    async def completions(request: Request):
+        return await handle(request, "completion")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorize)])
+    async def chat_completions(request: Request):
+        return await handle(request, "chat")
+
+    # --- answers -----------------------------------------------------------------------------------
+
+    def logprobs_of(positions: list[TokenLogprob], kind: str, offset: int = 0) -> dict:
+        if kind == "chat":
+            return fmt.chat_logprobs(positions, text_of)
+        return fmt.completion_logprobs(positions, text_of, offset)
+
+    def generated_positions(token_ids, logprobs, details) -> list[TokenLogprob]:
+        # details exist when top_logprobs > 0; they may hold one more step (the EOS) than token_ids
+        return [TokenLogprob(t, lp, details[i].top_logprobs if details else [])
+                for i, (t, lp) in enumerate(zip(token_ids, logprobs))]
+
+    async def respond(job: Job, request: Request, shape: Shape, params: Params, rows: list[PromptRows]):
+        prompt_positions, outputs = None, None
+        while outputs is None:
+            try:
+                kind, value = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return Response(status_code=499)  # nobody is listening; the slot is freed
+                continue
+            if kind == "error":
+                raise value
+            if kind == "prompt":
+                prompt_positions = value
+            elif kind == "done":
+                outputs = value
+        choices = []
+        for p, prompt in enumerate(rows):
+            for c in range(params.n):
+                index = p * params.n + c
+                output = outputs[index] if outputs else None
+                text = output.text if output else ""
+                positions = [] if output is None else generated_positions(
+                    output.token_ids, output.logprobs, output.details)
+                if params.echo:
+                    text = prompt.text + text
+                    positions = (prompt_positions[p] if prompt_positions else []) + positions
+                logprobs = logprobs_of(positions, params.kind) if params.logprobs else None
+                reason = fmt.public_finish_reason(output.finish_reason) if output else "length"
+                choices.append(shape.choice(index, text, reason, logprobs))
+        completion_tokens = sum(len(o.token_ids) for o in outputs)
+        return shape.response(choices, fmt.usage(sum(len(r.prompt_ids) for r in rows), completion_tokens))
+
+    async def stream(job: Job, shape: Shape, params: Params, rows: list[PromptRows]):
+        n_choices = len(job.requests)
+        usage_null = params.include_usage
+        if params.kind == "chat":
+            for index in range(n_choices):
+                yield shape.chunk([shape.chunk_choice(index, "", role=True)], usage_null)
+        offsets = [0] * n_choices
+        if params.echo:
+            for index in range(n_choices):
+                offsets[index] = len(rows[index // params.n].text)
+                yield shape.chunk([shape.chunk_choice(index, rows[index // params.n].text)], usage_null)
+        completion_tokens = 0
+        while True:
+            kind, value = await job.queue.get()
+            if kind == "error":
+                yield fmt.sse(value.body())
+                return
+            if kind == "done":
+                break
+            if kind != "events":
+                continue
+            for index, event in value:
+                logprobs = None
+                if event.token_id is not None:
+                    completion_tokens += 1
+                    if params.logprobs:
+                        details = [event.detail] if event.detail else None
+                        positions = generated_positions([event.token_id], [event.logprob], details)
+                        logprobs = logprobs_of(positions, params.kind, offsets[index])
+                        offsets[index] += len(text_of(event.token_id))
+                if event.delta or logprobs:
+                    yield shape.chunk([shape.chunk_choice(index, event.delta, None, logprobs)], usage_null)
+                if event.finish_reason:
+                    empty = None if params.kind == "chat" else ""
+                    reason = fmt.public_finish_reason(event.finish_reason)
+                    yield shape.chunk([shape.chunk_choice(index, empty, reason)], usage_null)
+        if params.include_usage:
+            prompt_tokens = sum(len(r.prompt_ids) for r in rows)
+            yield shape.chunk([], True, fmt.usage(prompt_tokens, completion_tokens))
+        yield fmt.DONE
+
+    return app
