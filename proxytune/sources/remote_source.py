@@ -46,6 +46,8 @@ class RemoteStats:
     dropped: int = 0
     empty_as_eos: int = 0
     drift: int = 0  # calls whose text would re-tokenise differently
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
     @property
     def calls_per_token(self) -> float:
@@ -55,7 +57,9 @@ class RemoteStats:
         return (f"{role}: {self.calls} calls for {self.distributions} token distributions "
                 f"({self.calls_per_token:.2f} per token), {self.retries} retries, "
                 f"{self.candidates / max(1, self.distributions):.1f} candidates per step, "
-                f"{self.dropped} top-k entries dropped, {self.drift} re-tokenisation drifts")
+                f"{self.dropped} top-k entries dropped, {self.drift} re-tokenisation drifts, "
+                f"{self.bytes_sent / max(1, self.distributions):.0f} B sent and "
+                f"{self.bytes_received / max(1, self.distributions):.0f} B received per token")
 
 
 def load_tokenizer(spec: str):
@@ -101,6 +105,7 @@ class RemoteSource:
             if options.verify:
                 self.check_tokenizer()
         self._startup_calls = self.client.calls  # stats count decoding calls only
+        self._startup_bytes = (self.client.bytes_sent, self.client.bytes_received)
 
     @classmethod
     def from_spec(cls, spec: str, name: str = "base", tokenizer=None) -> "RemoteSource":
@@ -113,6 +118,8 @@ class RemoteSource:
     @property
     def stats(self) -> RemoteStats:
         self._stats.calls, self._stats.retries = self.client.calls - self._startup_calls, self.client.retries
+        self._stats.bytes_sent = self.client.bytes_sent - self._startup_bytes[0]
+        self._stats.bytes_received = self.client.bytes_received - self._startup_bytes[1]
         return self._stats
 
     def close(self) -> None:

@@ -82,6 +82,24 @@ class RowStats:
     empty_as_eos: int = 0  # "" entries read as end of sequence
 
 
+def empty_key_value(top: dict[str, float]) -> float:
+    """The logprob to give the "" entry of a llama.cpp top-k dict.
+
+    llama-cpp-python builds the dict from the top-k in descending order, so a key keeps the position
+    of its *best* token while its value is overwritten by its *worst*: with EOS and, say,
+    <|endoftext|> both in the top-k, "" sits at EOS's rank but carries <|endoftext|>'s logprob. The
+    position is the reliable part: EOS's logprob lies between its neighbours' values, so the value
+    is pinned just above the next entry (and never above the previous one). Ranks, and so greedy
+    choices, are then the server's own; the value is exact when nothing collided.
+    """
+    keys = list(top)
+    position = keys.index("")
+    reported = float(top[""])
+    lower = float(top[keys[position + 1]]) if position + 1 < len(keys) else reported
+    upper = float(top[keys[position - 1]]) if position > 0 else float("inf")
+    return min(upper, max(reported, lower + 1e-3))
+
+
 def logit_row(top: dict[str, float], strings: TokenStrings, vocab_size: int, empty_is_eos: bool,
               stats: RowStats) -> torch.Tensor:
     """[V] logits: the returned logprobs on their ids, −inf elsewhere.
@@ -93,6 +111,9 @@ def logit_row(top: dict[str, float], strings: TokenStrings, vocab_size: int, emp
     base logits up to a constant.
     """
     row = torch.full((vocab_size,), float("-inf"))
+    top = dict(top)
+    if "" in top and empty_is_eos:
+        top[""] = empty_key_value(top)
     for key, logprob in top.items():
         token_id = strings.to_id(key, empty_is_eos)
         if token_id is None or not 0 <= token_id < vocab_size or logprob is None or math.isnan(logprob):
