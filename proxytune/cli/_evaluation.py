@@ -24,6 +24,23 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def add_roles_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--roles", default=None,
+                        help="comma-separated subset of base,expert,proxy,tuned to run now (default: all); later "
+                             "runs with the same --output add the others. --roles base loads only the base model")
+
+
+def parse_roles(text: str | None, with_tuned: bool) -> set[str] | None:
+    if text is None:
+        return None
+    roles = {part.strip() for part in text.split(",") if part.strip()}
+    known = {"base", "expert", "proxy"} | ({"tuned"} if with_tuned else set())
+    if not roles or roles - known:
+        raise ProxyTuneError(f"--roles takes a comma-separated subset of {', '.join(sorted(known))}, got {text!r}"
+                             + ("" if with_tuned or "tuned" not in roles else " (tuned needs --tuned)"))
+    return roles
+
+
 def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     """(task, store, specs), checked before any model loads: bad input fails in a second, not after loading."""
     from ..evaluation import ResultStore, get_task
@@ -42,13 +59,18 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     return task, store, specs
 
 
-def load_runner(args: argparse.Namespace, specs: dict):
+def load_runner(args: argparse.Namespace, specs: dict, base_only: bool = False):
+    """The trio (or, with base_only, the base model standing in for all three roles) and the tuned model."""
     from ..evaluation import RoleRunner
     from ..loading import load_roles
     from ..tuner import ProxyTuner
 
-    tuner = ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
-                                       device=args.device, dtype=args.dtype)
+    if base_only:
+        source, tokenizer = load_roles({"base": specs["base"]}, device=args.device, dtype=args.dtype)["base"]
+        tuner = ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0)
+    else:
+        tuner = ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
+                                           device=args.device, dtype=args.dtype)
     tuned = None
     if args.tuned:
         source, tokenizer = load_roles({"tuned": args.tuned}, device=args.device, dtype=args.dtype)["tuned"]
