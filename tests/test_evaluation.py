@@ -114,6 +114,18 @@ def test_sweep_alpha_writes_a_table_and_a_plot(trio_dirs, tmp_path, capsys):
     assert roles == {"base", "expert", "proxy@0.5", "proxy@1"}  # α = 0 is read from the base role
 
 
+def test_sweep_reuses_an_eval_run_instead_of_recomputing(trio_dirs, tmp_path, capsys):
+    common = [*model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "4", "--no-progress"]
+    assert main(["eval", "gsm", *common, "--output", str(tmp_path / "eval")]) == 0
+    assert main(["sweep-alpha", "gsm", *common, "--alphas", "0,1", "--output", str(tmp_path / "sweep"),
+                 "--reuse", str(tmp_path / "eval")]) == 0
+    assert "reused 3 results" in capsys.readouterr().out
+    assert {r["role"] for r in read_results(tmp_path / "sweep")} == {"base", "expert", "proxy@1"}
+    assert main(["sweep-alpha", "gsm", *common[:-3], "--max-new-tokens", "5", "--no-progress", "--alphas", "1",
+                 "--output", str(tmp_path / "other"), "--reuse", str(tmp_path / "eval")]) == 2
+    assert "max_new_tokens: 4 there, 5 now" in capsys.readouterr().err
+
+
 # --- what each role is ---------------------------------------------------------------------------------
 
 def test_roles_alone_are_each_models_own_greedy_decoding(tuner, tmp_path):

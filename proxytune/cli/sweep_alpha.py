@@ -14,6 +14,8 @@ def register(subparsers) -> None:
                                                "resumable, and more alphas can be added to the same --output.")
     add_evaluation_options(parser)
     parser.add_argument("--alphas", default="0,0.25,0.5,1,1.5,2", help="comma-separated (default 0,0.25,0.5,1,1.5,2)")
+    parser.add_argument("--reuse", metavar="EVAL_DIR", help="an `eval` output with the same task, models and dtype: "
+                                                            "its base/expert/proxy results are copied, not recomputed")
     parser.set_defaults(func=run)
 
 
@@ -33,6 +35,10 @@ def run(args: argparse.Namespace) -> int:
 
     alphas = parse_alphas(args.alphas)
     task, store, specs = prepare(args, "sweep-alpha", {})
+    if args.reuse:
+        from ..evaluation.records import import_eval_results
+
+        print(f"reused {import_eval_results(store, args.reuse)} results from {args.reuse}")
     runner = load_runner(args, specs)
     summary = evaluate(runner, task, sweep_roles(alphas, bool(args.tuned)), store, args.limit, args.batch_size,
                        progress=not args.no_progress)

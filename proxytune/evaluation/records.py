@@ -91,3 +91,31 @@ class ResultStore:
         path = self.directory / SUMMARY
         path.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
         return path
+
+
+SHARED_SETTINGS = ("task", "task_settings", "models", "tuned", "dtype")
+
+
+def import_eval_results(store: ResultStore, eval_dir) -> int:
+    """Copy an `eval` run's results into a sweep's store: its base, expert and tuned rows as they are, its
+    proxy rows as proxy@α. Only when every setting that changes those results agrees; returns rows added."""
+    source = Path(eval_dir)
+    config_path = source / CONFIG
+    if not config_path.exists():
+        raise ProxyTuneError(f"{source} has no {CONFIG}: not an evaluation output directory")
+    config = json.loads(config_path.read_text())
+    if config.get("command") != "eval":
+        raise ProxyTuneError(f"{source} is not the output of `proxytune eval`")
+    differing = _differences({k: config.get(k) for k in SHARED_SETTINGS},
+                             {k: store.config.get(k) for k in SHARED_SETTINGS})
+    if differing:
+        raise ProxyTuneError(f"cannot reuse {source}: other settings ({'; '.join(differing)})")
+    done = store.done()
+    added = 0
+    for record in ResultStore(source, config).records:
+        role = f"proxy@{config['alpha']:g}" if record["role"] == "proxy" else record["role"]
+        if role == "proxy@0" or (record["id"], role) in done:
+            continue
+        store.append({**record, "role": role})
+        added += 1
+    return added
