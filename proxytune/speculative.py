@@ -125,12 +125,15 @@ class SpeculativeDecoding(Decoding):
     def _draft_cost(self) -> float:
         """Cost of one expert step relative to one verification (all other models), by parameter count."""
         drafter_key = self.session.session_of["expert"]
+        drafter_pair = getattr(self.session.sources["expert"], "pair", None)
         expert = parameter_count(self.session.sources["expert"])
         verifiers, counted = 0, set()
         for role, key in self.session.session_of.items():
             source = self.session.sources[role]
             if key == drafter_key or id(source) in counted:
                 continue
+            if drafter_pair is not None and getattr(source, "pair", None) is drafter_pair:
+                continue  # a LoRA pair's anti-expert rides along with every drafting step for free
             counted.add(id(source))
             size = parameter_count(source)
             if size is None:

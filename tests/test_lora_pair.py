@@ -30,6 +30,19 @@ def two_model_tuner(base, peft_model, tok):
                       TransformersSource(peft_model, name="anti_expert", adapter_disabled=True), tokenizer=tok)
 
 
+def test_the_anti_expert_is_the_model_without_its_adapter(tok):
+    import copy
+
+    from tiny import tiny_model
+    plain = tiny_model(2)
+    with_adapter = lora_of(copy.deepcopy(plain))
+    prompts = [tok(p)["input_ids"] for p in PROMPTS]
+    anti = TransformersSource(with_adapter, adapter_disabled=True).sequence_logits(prompts)
+    expert = TransformersSource(with_adapter).sequence_logits(prompts)
+    for got, want, adapted in zip(anti, TransformersSource(plain).sequence_logits(prompts), expert):
+        assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(adapted, want, atol=1e-2)
+
+
 def test_one_pass_logits_equal_the_two_model_path_through_prefill_advance_rewind_and_select(peft_model, tok):
     pair = LoraPair(peft_model)
     expert_alone = TransformersSource(peft_model)
