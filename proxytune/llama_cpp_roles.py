@@ -20,10 +20,12 @@ from pathlib import Path
 from . import registry
 from .errors import ProxyTuneError
 from .sources.gguf_vocab import check_tokenizer_matches, load_gguf_tokenizer
-from .sources.llama_cpp_model import GGUFModel
+from .lora_gguf import adapter_base_spec, adapter_fingerprint, convert_lora
+from .sources.llama_cpp_model import GGUFModel, check_gguf_file
 from .sources.llama_cpp_source import LlamaCppSource
 
 PREFIX = "gguf:"
+ADAPTER_SIZE_LIMIT = 2 << 30  # bigger GGUF files are models: their metadata is not read to look for an adapter
 BACKENDS = ("transformers", "llama.cpp")
 
 
@@ -80,13 +82,8 @@ class LlamaCppRoles:
             return base_path, Path(adapter).expanduser()
         path = Path(target).expanduser()
         if path.is_file():
-            from .lora_gguf import adapter_base_spec
-
-            if path.suffix == ".gguf" and path.stat().st_size < (1 << 31):
-                base = self._adapter_base(path, adapter_base_spec)
-                if base is not None:
-                    return base, path
-            return path, None
+            base = self._adapter_base(path) if path.stat().st_size < ADAPTER_SIZE_LIMIT else None
+            return (path, None) if base is None else (base, path)
         if path.is_dir():
             if (path / "adapter_config.json").exists():
                 return self.peft_adapter(path)
@@ -102,9 +99,8 @@ class LlamaCppRoles:
         raise ProxyTuneError(f"gguf:{target} is neither a .gguf file, a peft adapter directory nor a registered "
                              f"model or adapter name; `proxytune models list` shows the names")
 
-    def _adapter_base(self, path: Path, adapter_base_spec) -> Path | None:
-        from .sources.llama_cpp_model import check_gguf_file
-
+    def _adapter_base(self, path: Path) -> Path | None:
+        """The base model GGUF of a LoRA GGUF, or None when `path` is a model."""
         check_gguf_file(path)
         try:
             base = adapter_base_spec(path)
@@ -121,8 +117,7 @@ class LlamaCppRoles:
 
     def peft_adapter(self, adapter_dir: Path) -> tuple[Path, Path]:
         """A peft adapter on its base's GGUF: converted to a LoRA GGUF once, then cached."""
-        from .loading import adapter_base
-        from .lora_gguf import adapter_fingerprint, convert_lora
+        from .loading import adapter_base  # loading imports this module
 
         base_spec = adapter_base(adapter_dir)
         base_path, base_adapter = self.resolve(base_spec)

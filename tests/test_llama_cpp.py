@@ -213,3 +213,13 @@ def test_forked_and_joined_sessions_keep_their_rows(gguf_model, smol_tok):
     joined = first.advance(torch.tensor([[5], [6]]))[:, -1]
     alone = twin.advance(torch.tensor([[5]]))[0, -1]
     assert torch.allclose(joined[0], alone, atol=1e-5)
+
+
+def test_the_cli_runs_every_role_on_llama_cpp(gguf_model):
+    path = str(gguf_model.path)
+    result = subprocess.run([sys.executable, "-m", "proxytune", "generate", "The capital of France is",
+                             "--base", path, "--expert", path, "--anti-expert", path, "--backend", "llama.cpp",
+                             "--threads", "1", "--ctx", "512", "--max-new-tokens", "6"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
