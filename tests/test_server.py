@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from proxytune import ProxyTuner
+from proxytune.cli import main
 from tiny_server import ServerProcess, save_tiny_trio
 
 KEY = "test-key"
@@ -149,6 +150,30 @@ def test_echo_scores_the_prompt_like_score(client, tuner):
     # lm-eval's local-completions sends token ids, max_tokens=1 and reads everything but the last position
     by_ids = client.completions.create(model="tiny", prompt=ids, max_tokens=1, echo=True, logprobs=1, temperature=0)
     assert by_ids.choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(score.logprobs, abs=1e-4)
+
+
+def test_the_tokenizer_routes_are_the_base_tokenizer(server, tuner):
+    tokens = post(server, "/tokenize", {"prompt": PROMPTS[1], "add_special_tokens": False}).json()
+    assert tokens["tokens"] == tuner.tokenizer(PROMPTS[1], add_special_tokens=False)["input_ids"]
+    assert post(server, "/detokenize", {"tokens": tokens["tokens"]}).json()["prompt"] == PROMPTS[1]
+    info = httpx.get(server.url + "/tokenizer_info", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert info["eos_token"] == tuner.tokenizer.eos_token and info["model_max_length"] == 256
+
+
+def test_lm_evals_local_completions_scores_like_score(server, tuner, monkeypatch):
+    for module in ("lm_eval", "tenacity", "aiohttp"):  # lm-eval[api]
+        pytest.importorskip(module)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="tiny", auth_token=KEY, max_retries=1)
+    pairs = [("Question: what is 3 + 4?", " Answer: 7"), ("The quick brown", " fox jumps over the lazy dog.")]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
+    for (context, continuation), (logprob, is_greedy) in zip(pairs, results):
+        score = tuner.score(context, continuation)
+        assert logprob == pytest.approx(score.total, abs=1e-3) and is_greedy == score.is_greedy
 
 
 def test_alpha_changes_the_output_and_proxy_false_is_the_base_alone(client, tuner, dirs):
@@ -301,3 +326,15 @@ def test_a_stream_that_times_out_ends_with_an_error_event(servers):
     with httpx.stream("POST", servers[1].url + "/v1/completions", json=body, timeout=30) as response:
         lines = [line for line in response.iter_lines() if line]
     assert json.loads(lines[-1][6:])["error"]["code"] == "timeout", lines[-3:]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--base", "BASE"], "missing --expert, --anti-expert"),
+    (["--model", "demo", "--port", "PORT"], "cannot listen on 127.0.0.1"),  # the port is taken by the server
+    (["--model", "demo", "--max-batch", "0"], "--max-batch must be >= 1"),
+])
+def test_bad_serve_options_are_one_line_and_exit_code_2(dirs, server, options, message, capsys):
+    options = [o.replace("BASE", dirs["base"]).replace("PORT", str(server.port)) for o in options]
+    assert main(["serve", *options]) == 2
+    error = capsys.readouterr().err
+    assert message in error and error.count("\n") == 1

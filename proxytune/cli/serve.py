@@ -6,7 +6,7 @@ import os
 import socket
 
 from ..errors import ProxyTuneError
-from ._models import add_model_options, load_tuner
+from ._models import add_model_options, load_tuner, model_specs
 
 
 def register(subparsers) -> None:
@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         from ..server import create_app
     except ImportError as error:
         raise ProxyTuneError(f"the server needs its extra: pip install 'proxytune[serve]' ({error})") from None
+    model_specs(args)  # a missing role is reported before anything else
     check_options(args)
     chat_roles = tuple(r.strip() for r in args.chat_roles.split(",") if r.strip())
     unknown = set(chat_roles) - {"base", "expert", "anti_expert"}

@@ -1,4 +1,5 @@
-"""The HTTP routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions.
+"""The HTTP routes: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions
+(and vLLM's tokenizer routes, tokenizer_api.py).
 
 Handlers only check, tokenize and format; the engine thread (scheduler.py) does every forward.
 Errors of every kind (bad JSON, bad fields, wrong key, unknown route, a full queue) answer in
@@ -22,6 +23,7 @@ from .api_errors import APIError
 from .openai_format import Shape, TokenLogprob, TokenStrings
 from .scheduler import Job, Scheduler
 from .schemas import Params, PromptRows, build, check_body_size, context_length, parse, parse_json
+from .tokenizer_api import add_tokenizer_routes
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's legacy default; chat: a reply's worth
 DISCONNECT_POLL_S = 0.5
@@ -86,6 +88,8 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
         return {"id": name, "object": "model", "created": created, "owned_by": "proxytune",
                 "proxytune": {"roles": {role: getattr(s, "name", role) for role, s in tuner.sources.items()},
                               "alpha": tuner.alphas, "context_length": context}}
+
+    add_tokenizer_routes(app, tuner, authorize, context)
 
     @app.get("/health")
     async def health():
@@ -187,6 +191,9 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                 yield fmt.sse(value.body())
                 return
             if kind == "done":
+                if not value:  # echo with max_tokens 0: the prompt was all there was to send
+                    for index in range(n_choices):
+                        yield shape.chunk([shape.chunk_choice(index, "", "length")], usage_null)
                 break
             if kind != "events":
                 continue
