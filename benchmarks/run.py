@@ -1,7 +1,7 @@
 """How close is proxy decoding to the floor set by the three models' own decoding, and how much do
 speculative decoding and the one-pass LoRA pair buy? No timing asserts: it prints measurements.
 
-    python benchmarks/run.py --quick        # SmolLM2-135M (+ a random LoRA expert), fp32, about a minute
+    python benchmarks/run.py --quick        # SmolLM2-135M (+ a random LoRA expert), fp32, about a minute idle
     python benchmarks/run.py                # the demo trio (Qwen2.5-Coder 1.5B base, 0.5B anti-expert,
                                             # 0.5B + GSM LoRA expert), bf16, GSM prompts
 
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--batch-sizes", default="1,4,16")
     parser.add_argument("--batch-tokens", type=int, default=None, help="tokens per row in the throughput runs")
-    parser.add_argument("--overhead-tokens", type=int, default=128)
+    parser.add_argument("--overhead-tokens", type=int, default=None, help="default 128 (quick: 32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 when the machine is busier than its cores, else torch's)")
     parser.add_argument("--skip", default="", help="comma list of sections to skip: main,batch,overhead")
@@ -206,9 +206,9 @@ def main(argv=None) -> int:
         # Oversubscribed: OpenMP threads waiting on each other made steps ~10x slower here than one thread.
         torch.set_num_threads(1)
     quick = args.quick
-    n = args.new_tokens or (32 if quick else 128)
+    n = args.new_tokens or (16 if quick else 128)
     rounds = args.rounds or (2 if quick else 3)
-    batch_tokens = args.batch_tokens or (16 if quick else 48)
+    batch_tokens = args.batch_tokens or (8 if quick else 48)
     skip = set(filter(None, args.skip.split(",")))
 
     print(f"# proxytune benchmark — {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
@@ -317,7 +317,8 @@ def main(argv=None) -> int:
                   f"{statistics.median(s / s1 for s, s1 in zip(lp, lp1)):.2f}x |")
 
     if "overhead" not in skip:
-        overhead(base if quick else None, tokenizer if quick else None, args.overhead_tokens, max(1, rounds - 1))
+        overhead(base if quick else None, tokenizer if quick else None, args.overhead_tokens or (32 if quick else 128),
+                 max(1, rounds - 1))
 
     if result:
         print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))

@@ -189,7 +189,7 @@ def test_speculative_sampling_draws_exactly_from_the_warped_proxy_distribution(t
     params = SamplingParams(temperature=1.5, top_k=5)
     prompt = [0, 4, 3, 5]  # the models only know ids 0..5
     exact = exact_sequence_probs(tuner, prompt, params, length=3)
-    samples = 6000
+    samples = 4000
     requests = [Request({role: prompt for role in tuner.roles}, [1.0], params, max_new_tokens=3, seed=1000 + i)
                 for i in range(samples)]
     decoding, outputs, _ = run(tuner, requests, 2)
@@ -242,9 +242,24 @@ def test_speculative_greedy_equals_plain_greedy_on_smollm2_with_a_lora_expert():
     anti = TransformersSource(small, name="anti_expert", adapter_disabled=True)
     tuner = ProxyTuner(model, expert, anti, tokenizer=tok, alpha=0.6)
     prompts = ["def fibonacci(n):", "Question: Tom has 3 apples and buys 4 more. How many apples does he have?\nAnswer:"]
-    requests = [tuner.request(p, max_new_tokens=n) for p, n in zip(prompts, (24, 18))]
+    requests = [tuner.request(p, max_new_tokens=n) for p, n in zip(prompts, (14, 10))]
     _, plain, _ = run(tuner, requests)
     decoding, fast, _ = run(tuner, requests, None)
     assert_same(plain, fast)
     assert decoding.acceptance_rate > 0.3
     assert any(w in plain[0].text for w in ("return", "fib", "if", "n"))
+
+
+def test_cli_generate_speculative_prints_the_same_text(tmp_path, tok, trio, capsys):
+    from proxytune.cli import main
+
+    paths = []
+    for name, model in zip(("base", "expert", "anti"), trio):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+        paths += [f"--{name.replace('anti', 'anti-expert')}", str(tmp_path / name)]
+    texts = []
+    for flag in ([], ["--speculative"]):
+        assert main(["generate", *paths, "--max-new-tokens", "20", "--device", "cpu", "The quick brown fox", *flag]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > 5
