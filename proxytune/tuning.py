@@ -4,7 +4,7 @@ The output directory works directly as `--expert`: a peft adapter directory whos
 spec as given (a registered name stays a name, so the adapter and an anti-expert of the same name
 share one copy of the weights), or with --full a plain model directory.
 
-On a CPU, bf16 weights train ≈ 1.7× faster than fp32 (measured with scripts/bench_tune.py); peft keeps
+On a CPU, bf16 weights train faster than fp32 (1.44× here, scripts/bench_tune.py); peft keeps
 the LoRA matrices themselves in fp32 (`autocast_adapter_dtype`) so AdamW's small updates are not lost
 to bf16 rounding.
 """

@@ -1,8 +1,8 @@
 """Which weight dtype trains a LoRA fastest on this machine? Alternating rounds, per-round ratios.
 
-    python scripts/bench_tune.py --model qwen2.5-coder-0.5b-instruct --rounds 3 --steps 3
+    python scripts/bench_tune.py --model qwen2.5-coder-0.5b-instruct --rounds 3 --steps 3 [--autocast]
 
-Variants: fp32 weights; bf16 weights (LoRA matrices fp32); fp32 weights under bf16 autocast.
+Variants: fp32 weights; bf16 weights (LoRA matrices fp32); with --autocast, fp32 weights under bf16 autocast.
 Each step is a full LoRA training step (forward, backward, AdamW) on a batch of GSM training examples.
 """
 from __future__ import annotations
@@ -53,9 +53,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--autocast", action="store_true", help="also time fp32 weights under bf16 autocast "
+                        "(one more model in memory)")
     args = parser.parse_args()
 
-    variants = {"fp32": ("float32", False), "bf16 weights": ("bfloat16", False), "fp32 + bf16 autocast": ("float32", True)}
+    variants = {"fp32": ("float32", False), "bf16 weights": ("bfloat16", False)}
+    if args.autocast:
+        variants["fp32 + bf16 autocast"] = ("float32", True)
     loaded = {name: make_variant(args.model, dtype) for name, (dtype, _) in variants.items()}
     tokenizer = next(iter(loaded.values()))[1]
     examples = tokenize([e.row() for e in gsm.train_examples(args.batch_size * args.steps, seed=1)], tokenizer, 320)
