@@ -9,7 +9,7 @@ the anti-expert and base get the default system prompt, so α(z_expert − z_ant
 "pirate" direction. For each k the remote-base proxy is teacher-forced along the fully local
 proxy's greedy path and we count the steps where its greedy choice is the same (proxytune.fidelity).
 
-    python benchmarks/remote_agreement.py              # k = 5 10 20 50, α = 0 and 1
+    python benchmarks/remote_agreement.py              # k = 5 10 20 50, α = 0, 0.5, 1
     python benchmarks/remote_agreement.py --url http://127.0.0.1:8080/v1 --ks 20
 """
 from __future__ import annotations
@@ -69,9 +69,9 @@ def measure(url: str, ks: list[int], alphas: list[float], max_new_tokens: int, k
     model, tokenizer = local_model(kind)
     local = ProxyTuner(model, model, model, tokenizer=tokenizer)
     print(f"local roles: {kind}; base: llama.cpp server at {url}")
-    print(f"| α | k | steps | greedy agreement | reference token in top-k | calls/token | "
-          f"bytes sent/token | bytes received/token | ms/token (remote base) | drifts |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| α | k | steps | greedy agreement | reference token in top-k | disagreements: outside top-k / "
+          "near-tie (<0.1) / other | calls/token | bytes sent/token | bytes received/token | ms/token | drifted calls |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for alpha in alphas:
         requests = requests_for(tokenizer, alpha, max_new_tokens)
         for k in ks:
@@ -82,12 +82,12 @@ def measure(url: str, ks: list[int], alphas: list[float], max_new_tokens: int, k
             seconds = time.perf_counter() - start
             stats = source.stats
             print(f"| {alpha:g} | {k} | {result.steps} | {result.rate:.1%} | {result.covered / result.steps:.1%} | "
-                  f"{stats.calls_per_token:.2f} | {stats.bytes_sent / stats.distributions:.0f} | "
-                  f"{stats.bytes_received / stats.distributions:.0f} | {1000 * seconds / result.steps:.0f} | "
-                  f"{stats.drift} |", flush=True)
-            for step, want, got in result.disagreements[:3]:
-                print(f"    step {step}: local {tokenizer.decode([want])!r} vs remote-base {tokenizer.decode([got])!r}",
-                      file=sys.stderr)
+                  f"{result.outside_top_k} / {result.near_ties} / {result.others} | {stats.calls_per_token:.2f} | "
+                  f"{stats.bytes_sent / stats.distributions:.0f} | {stats.bytes_received / stats.distributions:.0f} | "
+                  f"{1000 * seconds / result.steps:.0f} | {stats.drift} |", flush=True)
+            for step, want, got, gap in result.disagreements:
+                print(f"    step {step}: local {tokenizer.decode([want])!r} vs remote-base {tokenizer.decode([got])!r} "
+                      f"(local gap {gap:.3f})", file=sys.stderr)
             source.close()
 
 
@@ -95,8 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", help="an already running llama.cpp server (default: start one)")
     parser.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50])
-    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 1.0])
-    parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.5, 1.0])
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--local", choices=["llama.cpp", "transformers"], default="llama.cpp",
                         help="how the local roles (and the reference's base) run")
     args = parser.parse_args()

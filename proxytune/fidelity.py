@@ -15,48 +15,50 @@ import torch
 from .decode import Request, last_position, open_session
 
 
+NEAR_TIE = 0.1  # logit gap under which two evaluation paths of one model may order tokens differently
+
+
 @dataclass
 class Agreement:
     steps: int = 0
     agreed: int = 0
-    covered: int = 0  # steps where the reference's token was among the candidate's finite logits
-    disagreements: list[tuple[int, int, int]] = field(default_factory=list)  # (step, reference, candidate)
+    covered: int = 0  # steps where the reference's token was among the candidate's finite base logits
+    outside_top_k: int = 0  # disagreements where the reference's token was not a candidate at all
+    near_ties: int = 0  # other disagreements where the reference itself had the two within NEAR_TIE
+    disagreements: list[tuple[int, int, int, float]] = field(default_factory=list)  # step, ref, cand, ref gap
 
     @property
     def rate(self) -> float:
         return self.agreed / self.steps if self.steps else 1.0
 
-    def add(self, other: "Agreement") -> None:
-        self.steps += other.steps
-        self.agreed += other.agreed
-        self.covered += other.covered
-        self.disagreements += other.disagreements
-
-
-def reference_path(tuner, request: Request) -> list[int]:
-    """The reference's greedy tokens, ending with its EOS token when it stopped on one."""
-    output = tuner.run([request])[0]
-    path = list(output.token_ids)
-    if output.finish_reason == "stop":
-        path.append(min(tuner.eos_token_ids))
-    return path
+    @property
+    def others(self) -> int:
+        return self.steps - self.agreed - self.outside_top_k - self.near_ties
 
 
 def greedy_agreement(reference, candidate, requests: Sequence[Request]) -> Agreement:
+    """Both tuners in lockstep along the reference's greedy path (up to each request's max_new_tokens
+    or the reference's EOS); counts the steps where the candidate's argmax is the same token."""
     total = Agreement()
     for request in requests:
-        path = reference_path(reference, request)
-        session = open_session(candidate.sources["base"], candidate.pairs, [request])
-        logits = session.prefill()
-        for step, token in enumerate(path):
-            combined = logits.combined[0]
-            chosen = int(combined.argmax())
-            agreed = chosen == token or (token in reference.eos_token_ids and chosen in candidate.eos_token_ids)
+        sessions = [open_session(t.sources["base"], t.pairs, [request]) for t in (reference, candidate)]
+        logits = [s.prefill() for s in sessions]
+        for step in range(request.max_new_tokens):
+            ref_z, cand_z = logits[0].combined[0].float(), logits[1].combined[0].float()
+            token, chosen = int(ref_z.argmax()), int(cand_z.argmax())
+            ended = token in reference.eos_token_ids
+            agreed = chosen == token or (ended and chosen in candidate.eos_token_ids)
+            covered = bool(torch.isfinite(logits[1].base[0, token]))
             total.steps += 1
             total.agreed += agreed
-            total.covered += bool(torch.isfinite(logits.base[0, token]))
+            total.covered += covered
             if not agreed:
-                total.disagreements.append((step, token, chosen))
-            if step + 1 < len(path):
-                logits = last_position(session.advance(torch.tensor([[token]], dtype=torch.long)))
+                gap = float(ref_z[token] - ref_z[chosen])
+                total.outside_top_k += not covered
+                total.near_ties += covered and gap < NEAR_TIE
+                total.disagreements.append((step, token, chosen, gap))
+            if ended:
+                break
+            tokens = torch.tensor([[token]], dtype=torch.long)
+            logits = [last_position(s.advance(tokens)) for s in sessions]
     return total

@@ -11,9 +11,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-import httpx
+from ..errors import ProxyTuneError, SourceFailure
 
-from ..errors import SourceFailure
+try:
+    import httpx
+except ImportError:  # an optional dependency: only remote models need it
+    raise ProxyTuneError("models behind OpenAI-compatible servers need httpx: pip install 'proxytune[remote]'") from None
 
 log = logging.getLogger("proxytune.remote")
 

@@ -22,11 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
-import httpx
 import torch
 
 from ..errors import ProxyTuneError
-from .openai_http import OpenAIClient, RemoteSourceError
+from .openai_http import OpenAIClient, RemoteSourceError, httpx
 from .remote_spec import RemoteOptions, parse_spec
 from .token_strings import RowStats, TokenStrings, logit_row
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, fields
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from ..errors import ProxyTuneError
-from .openai_http import RetryPolicy
 
 PREFIX = "openai:"
 DEFAULT_KEY_ENV = "PROXYTUNE_API_KEY"
@@ -64,7 +63,9 @@ class RemoteOptions:
     verify: bool = True
 
     @property
-    def policy(self) -> RetryPolicy:
+    def policy(self):
+        from .openai_http import RetryPolicy  # httpx only when a remote model is used
+
         return RetryPolicy(self.tries, self.backoff, self.max_backoff, self.timeout, self.connect_timeout)
 
     @property
