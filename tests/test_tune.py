@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from proxytune.errors import ProxyTuneError
 from proxytune.tune_data import IGNORE, read_jsonl, tokenize
