@@ -86,3 +86,33 @@ def test_analyze_command_on_a_task_and_on_a_prompts_file(tmp_path, capsys):
     assert "2 generations" in capsys.readouterr().out
     assert main(["analyze", "nonsense", *models, "--output", str(tmp_path / "x")]) == 2
     assert "neither a task (gsm, humaneval) nor a prompts file" in capsys.readouterr().err
+
+
+def test_rescoring_a_greedy_output_gives_the_trace_decoding_recorded(tuner):
+    from proxytune.analysis.traces import collect, rescored_trace
+
+    decoded = collect(tuner, PROMPTS[:1], max_new_tokens=10, alpha=0.7)[0]
+    rescored = rescored_trace(tuner, PROMPTS[0], [t["id"] for t in decoded["tokens"]], alpha=0.7)
+    assert [t["piece"] for t in rescored["tokens"]] == [t["piece"] for t in decoded["tokens"]]
+    for a, b in zip(decoded["tokens"], rescored["tokens"]):
+        assert a["top_id"] == b["top_id"]
+        assert a["chosen"] == pytest.approx(b["chosen"], abs=1e-4)
+
+
+def test_analyze_an_eval_directory_rescoring_its_proxy_answers(tmp_path, capsys):
+    root = tmp_path / "models"
+    for seed, role in enumerate(("base", "expert", "anti")):
+        tiny_model(seed).save_pretrained(root / role)
+        tiny_tokenizer().save_pretrained(root / role)
+    models = ["--base", str(root / "base"), "--expert", str(root / "expert"), "--anti-expert", str(root / "anti")]
+    assert main(["eval", "gsm", *models, "--limit", "2", "--max-new-tokens", "6", "--output", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "ev"), "--output", str(tmp_path / "an")]) == 0
+    assert "2 generations, " in capsys.readouterr().out
+    traces = [json.loads(line) for line in (tmp_path / "an" / "traces.jsonl").read_text().splitlines()]
+    results = [json.loads(line) for line in (tmp_path / "ev" / "results.jsonl").read_text().splitlines()]
+    proxy = [r for r in results if r["role"] == "proxy"]
+    assert [t["label"] for t in traces] == [r["id"] for r in proxy]
+    # greedy: at every position the proxy's top token is the token it chose
+    assert all(tok["top_id"]["proxy"] == tok["id"] for trace in traces for tok in trace["tokens"])

@@ -31,14 +31,18 @@ def run_analysis(tuner, prompts: Sequence[str], output_dir, labels: Sequence[str
                  max_new_tokens: int = 256, stop: Sequence[str] = (), top_k: int = 5, alpha=None,
                  batch_size: int = 8) -> dict:
     """Generate, measure, and write traces.jsonl, analysis.json, *.png and tokens.html into output_dir."""
+    traces = collect(tuner, prompts, labels, max_new_tokens, stop, top_k, alpha, batch_size)
+    return write_analysis(traces, output_dir, math, tuner.alphas[0] if alpha is None else alpha)
+
+
+def write_analysis(traces: list[dict], output_dir, math: bool, alpha: float) -> dict:
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    traces = collect(tuner, prompts, labels, max_new_tokens, stop, top_k, alpha, batch_size)
     with open(output / "traces.jsonl", "w") as handle:
         for trace in traces:
             handle.write(json.dumps(trace, ensure_ascii=False) + "\n")
     result = analyze(traces, math)
-    result["alpha"] = tuner.alphas[0] if alpha is None else alpha
+    result["alpha"] = alpha
     files = {"top_token_change": plot_change_by_position(result, output / "top_token_change.png"),
              "probability_shift": plot_shift_histogram(traces, output / "probability_shift.png")}
     if math:
@@ -51,4 +55,4 @@ def run_analysis(tuner, prompts: Sequence[str], output_dir, labels: Sequence[str
     return result
 
 
-__all__ = ["run_analysis", "analyze", "collect", "summary_lines"]
+__all__ = ["run_analysis", "write_analysis", "analyze", "collect", "summary_lines"]

@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
 from ..decode import GenerationOutput
+from ..proxy import combined_logits
 
 
 def pieces(tokenizer, token_ids: Sequence[int]) -> list[tuple[str, int, int]]:
@@ -46,3 +49,34 @@ def collect(tuner, prompts: Sequence[str], labels: Sequence[str] | None = None, 
                              return_details=top_k, batch_size=batch_size)
     labels = list(labels) if labels is not None else [f"prompt {i}" for i in range(len(prompts))]
     return [trace_of(tuner.tokenizer, p, o, label) for p, o, label in zip(prompts, outputs, labels)]
+
+
+def rescored_trace(tuner, prompt: str, token_ids: Sequence[int], alpha: float, top_k: int = 5, label: str = "") -> dict:
+    """The trace of an already generated output (e.g. an eval's proxy answer), from one full-sequence
+    forward per model instead of a token-by-token decoding: position t's logits are exactly what the
+    decoder saw when it chose token t (teacher forcing on its own greedy path)."""
+    prompt_ids = tuner.encode(prompt)
+    sequence = prompt_ids + list(token_ids)
+    rows = slice(len(prompt_ids) - 1, len(sequence) - 1)
+    computed: dict[int, torch.Tensor] = {}
+    logits = {}
+    for role in ("base", "expert", "anti_expert"):
+        source = tuner.sources[role]
+        if id(source) not in computed:
+            computed[id(source)] = source.sequence_logits([sequence])[0][rows]
+        logits[role] = computed[id(source)]
+    logits["proxy"] = combined_logits(logits["base"][None], [logits["expert"][None]], [logits["anti_expert"][None]],
+                                      torch.tensor([[alpha]]))[0]
+    probs = {role: torch.softmax(z.float(), dim=-1) for role, z in logits.items()}
+    tokens = []
+    for t, ((piece, start, end), token_id) in enumerate(zip(pieces(tuner.tokenizer, token_ids), token_ids)):
+        top, top_ids, chosen = {}, {}, {}
+        for role, p in probs.items():
+            values, ids = p[t].topk(top_k)
+            top[role] = [[tuner.tokenizer.decode([int(i)]), round(float(v), 6)] for i, v in zip(ids, values)]
+            top_ids[role] = int(ids[0])
+            chosen[role] = round(float(p[t, token_id]), 6)
+        tokens.append({"id": int(token_id), "piece": piece, "start": start, "end": end, "chosen": chosen,
+                       "top": top, "top_id": top_ids})
+    return {"label": label, "prompt": prompt, "text": tuner.tokenizer.decode(list(token_ids), skip_special_tokens=True),
+            "tokens": tokens}

@@ -17,8 +17,9 @@ def register(subparsers) -> None:
                                    description="The paper's section 7 analyses on proxy-tuned greedy generations.")
     add_model_options(parser)
     parser.add_argument("source", metavar="PROMPTS_OR_TASK",
-                        help=f"a task ({', '.join(GENERATION_TASKS)}) or a file of prompts (.txt: one per line; "
-                             f".jsonl: a 'prompt' field per line)")
+                        help=f"a task ({', '.join(GENERATION_TASKS)}), a file of prompts (.txt: one per line; "
+                             f".jsonl: a 'prompt' field per line), or an `eval` output directory: its proxy "
+                             f"answers are re-scored (one forward per model) with the models of its config")
     parser.add_argument("--output", required=True, help="directory for analysis.json, PNGs and tokens.html")
     parser.add_argument("--limit", type=int, default=20, help="how many task examples / prompts (default 20)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -64,12 +65,46 @@ def prompts_of(source: str, limit: int) -> tuple[list[str], list[str], tuple, bo
     return prompts, [f"{path.name}:{i + 1}" for i in range(len(prompts))], (), False
 
 
+def eval_records(directory: Path, limit: int) -> tuple[dict, list[dict]]:
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("command") != "eval":
+        raise ProxyTuneError(f"{directory} is not the output of `proxytune eval`")
+    records = [json.loads(line) for line in (directory / "results.jsonl").read_text().splitlines() if line.strip()]
+    proxy = [r for r in records if r["role"] == "proxy" and "token_ids" in r][:limit]
+    if not proxy:
+        raise ProxyTuneError(f"{directory} has no proxy-tuned results with token ids to analyse")
+    return config, proxy
+
+
+def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
+    from ..analysis import write_analysis
+    from ..analysis.traces import rescored_trace
+    from ..tuner import ProxyTuner
+
+    if args.model or args.base or args.expert or args.anti_expert:
+        raise ProxyTuneError("with an eval directory the models come from its config.json; drop the model options")
+    config, records = eval_records(directory, args.limit)
+    models = config["models"]
+    dtype = None if config.get("dtype") == "default" else config.get("dtype")
+    tuner = ProxyTuner.from_pretrained(models["base"], models["expert"], models["anti_expert"], alpha=config["alpha"],
+                                       device=args.device, dtype=dtype)
+    traces = [rescored_trace(tuner, r["prompt"], r["token_ids"], config["alpha"], args.top_k, r["id"]) for r in records]
+    return write_analysis(traces, args.output, config["task"] == "gsm" or args.math, config["alpha"])
+
+
 def run(args: argparse.Namespace) -> int:
     from ..analysis import run_analysis
 
     for name in ("limit", "max_new_tokens", "top_k", "batch_size"):
         if getattr(args, name) < 1:
             raise ProxyTuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    directory = Path(args.source)
+    if directory.is_dir() and (directory / "config.json").exists():
+        result = run_from_eval(args, directory)
+        print("\n".join(result["summary"]))
+        for name, path in result["files"].items():
+            print(f"{name}: {path}")
+        return 0
     prompts, labels, stop, math = prompts_of(args.source, args.limit)
     tuner = load_tuner(args)
     result = run_analysis(tuner, prompts, args.output, labels, math or args.math, args.max_new_tokens, stop,

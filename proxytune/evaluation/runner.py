@@ -115,7 +115,8 @@ def _generation_record(task, role: Role, example: Example, outputs) -> dict:
     greedy = outputs[0]
     record = {"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
               "output": greedy.text, **task.judge(example, greedy.text), "gold": example.gold,
-              "finish_reason": greedy.finish_reason, "new_tokens": len(greedy.token_ids)}
+              "finish_reason": greedy.finish_reason, "new_tokens": len(greedy.token_ids),
+              "token_ids": greedy.token_ids}  # lets `analyze` re-score the exact tokens
     if task.samples:
         record["samples"] = [{"output": o.text, **task.judge(example, o.text)} for o in outputs[1:]]
     return record
