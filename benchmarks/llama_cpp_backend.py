@@ -122,6 +122,42 @@ def alpha_zero_equality(n: int, threads: int) -> bool:
     return identical == len(PROMPTS)
 
 
+def rows_layout(rows: int, n: int, threads: int) -> float:
+    """Batch decoding with rows as sequences of one context (one llama_decode per step) against one
+    context per row (one call per row per step: the weights are read once per row)."""
+    path = smollm2_gguf()
+    roles = LlamaCppRoles(threads=threads)
+    shared, tokenizer = roles.source(f"gguf:{path}", "base")
+    prompts = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS[:rows]]
+    separate = [LlamaCppSource(shared.gguf, name=f"row{i}", threads=threads, n_ctx=1024) for i in range(rows)]
+
+    def as_sequences() -> float:
+        session = shared.open(prompts)
+        logits = session.prefill()
+        start = time.perf_counter()
+        for _ in range(n):
+            logits = session.advance(logits.argmax(-1)[:, None])[:, -1]
+        return (time.perf_counter() - start) / n
+
+    def as_contexts() -> float:
+        sessions = [source.open([prompt]) for source, prompt in zip(separate, prompts)]
+        logits = [session.prefill() for session in sessions]
+        start = time.perf_counter()
+        for _ in range(n):
+            logits = [session.advance(row.argmax(-1)[:, None])[:, -1] for session, row in zip(sessions, logits)]
+        return (time.perf_counter() - start) / n
+
+    ratios = []
+    for r in range(3):
+        first, second = (as_sequences, as_contexts) if r % 2 == 0 else (as_contexts, as_sequences)
+        times = {first.__name__: first(), second.__name__: second()}
+        ratios.append(times["as_contexts"] / times["as_sequences"])
+        print(f"  round {r + 1}: {rows} rows as sequences {1000 * times['as_sequences']:.1f} ms/step, "
+              f"one context per row {1000 * times['as_contexts']:.1f} ms/step (x{ratios[-1]:.2f})", flush=True)
+    print(f"  one context per row / rows as sequences: median x{statistics.median(ratios):.2f}")
+    return statistics.median(ratios)
+
+
 # --- 3: speed on the demo trio --------------------------------------------------------------------
 
 def demo_specs() -> tuple[dict[str, str], str]:
@@ -232,6 +268,8 @@ def main(argv=None) -> int:
     share = agreement(args.steps, threads)
     print("2. equality")
     identical = alpha_zero_equality(args.equality_tokens, threads)
+    print("2b. batch of 4 rows: sequences in one context vs one context per row (SmolLM2)")
+    rows_layout(4, 32, threads)
     torch.set_num_threads(torch_threads)
     speedup = floor_share = float("nan")
     if not args.quick:
