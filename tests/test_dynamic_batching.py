@@ -120,3 +120,33 @@ def test_top_logprobs_are_the_combined_log_softmax(trio, tok):
         assert detail.top_logprobs[0][0] == detail.token_id  # greedy: the chosen token is the best
         assert abs(detail.top_logprobs[0][1] - logprob) < 1e-5
         assert [lp for _, lp in detail.top_logprobs] == sorted((lp for _, lp in detail.top_logprobs), reverse=True)
+
+
+def test_a_lora_pair_trio_joins_too(tmp_path):
+    """expert = a LoRA of the anti-expert runs both roles in one forward (sources/lora_pair.py); its
+    sessions join like any other."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    for name, seed in (("base", 0), ("anti", 2)):
+        tiny_model(seed).save_pretrained(tmp_path / name)
+        tiny_tokenizer().save_pretrained(tmp_path / name)
+    torch.manual_seed(3)
+    lora = get_peft_model(tiny_model(2), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "lora")
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()),
+                                       "base_model_name_or_path": str(tmp_path / "anti")}))
+    tuner = ProxyTuner.from_pretrained(str(tmp_path / "base"), str(tmp_path / "lora"), str(tmp_path / "anti"))
+    assert type(tuner.sources["expert"]).__name__ == "PairedRole"
+    requests = [tuner.request(p, max_new_tokens=6 + 3 * i) for i, p in enumerate(PROMPTS[:4])]
+    decoding = tuner.decoding(requests[:2])
+    steps = decoding.steps()
+    next(steps)
+    decoding.add(requests[2:])
+    for _ in steps:
+        pass
+    assert [o.token_ids for o in decoding.outputs()] == [alone(tuner, r).token_ids for r in requests]
