@@ -253,7 +253,8 @@ def speed(rounds: int, n: int, threads: int) -> tuple[float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="SmolLM2 agreement and equality only")
+    parser.add_argument("--quick", action="store_true", help="SmolLM2 parts only (agreement, equality, rows)")
+    parser.add_argument("--only", default=None, help="comma list of parts to run: agreement,equality,rows,speed")
     parser.add_argument("--steps", type=int, default=500, help="agreement steps (spread over 5 prompts)")
     parser.add_argument("--equality-tokens", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=48, help="tokens per timed generation")
@@ -262,20 +263,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     threads = args.threads or available_cores()
     print(f"cores {available_cores()}, llama.cpp threads {threads}, torch threads {torch.get_num_threads()}")
+    parts = set((args.only or ("agreement,equality,rows" if args.quick else "agreement,equality,rows,speed")).split(","))
+    share, identical = float("nan"), None
     torch_threads = torch.get_num_threads()
     torch.set_num_threads(threads)  # untimed parts: no more threads than llama.cpp gets
-    print("1. agreement (SmolLM2-135M-Instruct Q4_1)")
-    share = agreement(args.steps, threads)
-    print("2. equality")
-    identical = alpha_zero_equality(args.equality_tokens, threads)
-    print("2b. batch of 4 rows: sequences in one context vs one context per row (SmolLM2)")
-    rows_layout(4, 32, threads)
+    if "agreement" in parts:
+        print("1. agreement (SmolLM2-135M-Instruct Q4_1)")
+        share = agreement(args.steps, threads)
+    if "equality" in parts:
+        print("2. equality")
+        identical = alpha_zero_equality(args.equality_tokens, threads)
+    if "rows" in parts:
+        print("2b. batch of 4 rows: sequences in one context vs one context per row (SmolLM2)")
+        rows_layout(4, 32, threads)
     torch.set_num_threads(torch_threads)
     speedup = floor_share = float("nan")
-    if not args.quick:
+    if "speed" in parts:
         print("3. speed (demo trio, batch 1, greedy)")
         speedup, floor_share = speed(args.rounds, args.new_tokens, threads)
-    print(f"RESULT top1_agreement={share:.3f} alpha0_identical={str(identical).lower()} "
+    print(f"RESULT top1_agreement={share:.3f} alpha0_identical={'n/a' if identical is None else str(identical).lower()} "
           f"speedup={speedup:.2f} floor_share={floor_share:.2f}")
     return 0
 
