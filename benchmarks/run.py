@@ -180,8 +180,12 @@ def load_demo(dtype: torch.dtype):
         adapter = str(registry.resolve_model(trio["expert"]))
         label = f"trained adapter {trio['expert']}"
     except Exception as error:
-        print(f"  (no trained demo adapter yet: {error}; timing with a random LoRA r=16 instead)")
-        adapter, label = None, "random LoRA r=16 (trained adapter not available)"
+        checkpoint = registry.ADAPTERS_DIR / trio["expert"] / "checkpoint"
+        if (checkpoint / "adapter_config.json").exists():  # training still running: its latest checkpoint
+            adapter, label = str(checkpoint), f"{trio['expert']} (intermediate training checkpoint)"
+        else:
+            print(f"  (no trained demo adapter yet: {error}; timing with a random LoRA r=16 instead)")
+            adapter, label = None, "random LoRA r=16 (trained adapter not available)"
     return f"demo trio {dtype}: base {trio['base']}, anti-expert {trio['anti_expert']}, expert = {label}", \
         base, lora(small, adapter), tokenizer, 1.0
 
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--overhead-tokens", type=int, default=None, help="default 128 (quick: 32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: 1 when the machine is busier than its cores, else torch's)")
-    parser.add_argument("--skip", default="", help="comma list of sections to skip: main,batch,overhead")
+    parser.add_argument("--skip", default="", help="comma list of sections to skip: main,acceptance,batch,overhead")
+    parser.add_argument("--acceptance-prompts", type=int, default=None, help="GSM prompts for the acceptance rate")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,6 +222,9 @@ def main(argv=None) -> int:
           f"load average {os.getloadavg()[0]:.1f}")
     bandwidth = copy_bandwidth()
     print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write)")
+    if not {"main", "batch", "acceptance"} - skip:
+        overhead(None, None, args.overhead_tokens or (32 if quick else 128), max(1, rounds - 1))
+        return 0
     started = time.perf_counter()
     label, base, small, tokenizer, alpha = load_quick() if quick else load_demo(torch.bfloat16)
     print(f"models: {label} (loaded in {time.perf_counter() - started:.1f} s)")
@@ -296,6 +304,9 @@ def main(argv=None) -> int:
         result.update(sequential_over_floor=statistics.median(over_floor), speculative_speedup=statistics.median(speedup),
                       speculative_identical=str(identical).lower(), lora_pair_over_single=statistics.median(pair_ratio))
 
+    if "acceptance" not in skip:
+        acceptance_section(sequential, paired, args.acceptance_prompts or (2 if quick else 8), n)
+
     if "batch" not in skip:
         print(f"\n## throughput by batch size ({batch_tokens} tokens per row, GSM prompts, greedy)")
         sizes_list = [int(b) for b in args.batch_sizes.split(",")]
@@ -323,6 +334,38 @@ def main(argv=None) -> int:
     if result:
         print("RESULT " + " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
     return 0
+
+
+def implied_speedup(acceptance: float, small_over_large: float, max_k: int = 12) -> tuple[int, float]:
+    """Best k and speed-up over sequential proxy decoding at a given acceptance rate when a small step
+    costs `small_over_large` of a large one and a verification forward costs the same as one step
+    (memory-bound): sequential = L + 2S per token; a round = L + S (verify) + (k+1) S (draft)."""
+    a, s = min(acceptance, 0.999), small_over_large
+    best = max(range(1, max_k + 1), key=lambda k: (1 - a ** (k + 1)) / (1 - a) / (1 + s + (k + 1) * s))
+    tokens = (1 - a ** (best + 1)) / (1 - a)
+    return best, (1 + 2 * s) / ((1 + s + (best + 1) * s) / tokens)
+
+
+def acceptance_section(sequential: ProxyTuner, paired: ProxyTuner, count: int, n: int) -> None:
+    """Acceptance rate of the expert's drafts over several GSM prompts, batched, greedy; and whether
+    the speculative output equals plain sequential output row for row."""
+    prompts = gsm_prompts(count)
+    print(f"\n## speculative acceptance on {count} GSM prompts (batched, greedy, {n} tokens)")
+    start = time.perf_counter()
+    _, plain, _ = proxy_decode(sequential, prompts, n)
+    plain_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    _, fast, decoding = proxy_decode(paired, prompts, n, speculative=True)
+    fast_seconds = time.perf_counter() - start
+    same = sum(p.token_ids == f.token_ids for p, f in zip(plain, fast))
+    a = decoding.acceptance_rate
+    tokens = sum(len(o.token_ids) - 1 for o in fast)
+    print(f"acceptance rate {a:.3f}; {tokens / max(decoding.rounds, 1) / count:.2f} tokens per row per round "
+          f"({decoding.rounds} rounds); identical rows {same}/{count}; batch wall time sequential "
+          f"{plain_seconds:.1f} s vs LoRA pair + speculative {fast_seconds:.1f} s")
+    for name, ratio in (("70B base / 7B expert (paper)", 7 / 70), ("13B / 7B", 7 / 13), ("1.5B / 0.5B (demo)", 0.5 / 1.5)):
+        k, speedup = implied_speedup(a, ratio)
+        print(f"implied speculative speed-up at {name}, cost ratio {ratio:.3f}: k = {k}, {speedup:.2f}x over sequential")
 
 
 def overhead(model, tokenizer, n: int, rounds: int) -> None:

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 import torch
 
 from .decode import Decoding, Event, RowState, open_session, step_detail
-from .errors import ProxyTuneError
+from .errors import ProxyTuneError, SourceFailure
 from .proxy import ExpertPair, RoleLogits
 from .sampling import SamplingParams, choose, next_token_probs
 from .sources.protocol import LogitSource
@@ -150,26 +150,35 @@ class SpeculativeDecoding(Decoding):
 
     def steps(self) -> Iterator[list[Event]]:
         rows = self.rows[: len(self.rows) - len(self.joining)]
-        logits = self.session.prefill()
+        try:
+            logits = self.session.prefill()
+        except SourceFailure as failure:  # a model is unreachable: every row ends with the reason
+            yield [row.fail(failure) for row in rows]
+            return
         yield self.choose_and_record(rows, logits)
         while True:
             newcomers = [row for row in self.joining if row.finish_reason is None]
             self.joining = []
-            if newcomers:  # the server's dynamic batching: their first token comes from their own prefill
-                session = open_session(self.base, self.pairs, [row.request for row in newcomers])
-                yield self.choose_and_record(newcomers, session.prefill())
-                if rows:
-                    self.session.join(session)
-                else:
-                    self.session = session
-                rows += newcomers
-            still_running = [p for p, row in enumerate(rows) if row.finish_reason is None]
-            if not still_running:
+            try:
+                if newcomers:  # the server's dynamic batching: their first token comes from their own prefill
+                    session = open_session(self.base, self.pairs, [row.request for row in newcomers])
+                    new_logits = session.prefill()
+                    if rows:
+                        self.session.join(session)
+                    else:
+                        self.session = session
+                    rows += newcomers
+                    yield self.choose_and_record(newcomers, new_logits)
+                still_running = [p for p, row in enumerate(rows) if row.finish_reason is None]
+                if not still_running:
+                    return
+                if len(still_running) < len(rows):
+                    self.session.select(still_running)
+                    rows = [rows[p] for p in still_running]
+                yield from self._round(rows)  # computes the whole round before it yields anything
+            except SourceFailure as failure:  # e.g. a remote base died: rows keep their text so far
+                yield [row.fail(failure) for row in dict.fromkeys(rows + newcomers) if row.finish_reason is None]
                 return
-            if len(still_running) < len(rows):
-                self.session.select(still_running)
-                rows = [rows[p] for p in still_running]
-            yield from self._round(rows)
 
     def _cap(self, rows: list[RowState]) -> int:
         """The most drafts worth making: no row can use more than its remaining budget, and no row's

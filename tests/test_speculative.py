@@ -263,3 +263,48 @@ def test_cli_generate_speculative_prints_the_same_text(tmp_path, tok, trio, caps
         assert main(["generate", *paths, "--max-new-tokens", "20", "--device", "cpu", "The quick brown fox", *flag]) == 0
         texts.append(capsys.readouterr().out)
     assert texts[0] == texts[1] and len(texts[0]) > 5
+
+
+def test_a_base_that_dies_mid_generation_ends_rows_with_an_error_and_their_text_so_far(tuner):
+    from proxytune.errors import SourceFailure
+
+    class Dying:
+        def __init__(self, source):
+            self.source, self.name, self.vocab_size, self.max_length = source, "dying", source.vocab_size, None
+
+        def open(self, prompts):
+            session = self.source.open(prompts)
+            calls = iter(range(100))
+
+            class Session:
+                prefill = session.prefill
+                rewind, select = session.rewind, session.select
+
+                def advance(self, tokens, extend=False):
+                    if next(calls) == 2:
+                        raise SourceFailure("the base server went away")
+                    return session.advance(tokens)
+            return Session()
+
+        def sequence_logits(self, sequences):
+            return self.source.sequence_logits(sequences)
+
+    dying = ProxyTuner(Dying(tuner.sources["base"]), tuner.sources["expert"], tuner.sources["anti_expert"],
+                       tokenizer=tuner.tokenizer)
+    outputs = dying.generate(PROMPTS[:2], max_new_tokens=30, speculative=True)
+    assert all(o.finish_reason == "error" and "went away" in o.error and o.token_ids for o in outputs)
+
+
+def test_rows_joining_a_speculative_batch_get_the_same_tokens_as_alone(tuner):
+    requests = [tuner.request(p, max_new_tokens=6 + 5 * i) for i, p in enumerate(PROMPTS)]
+    decoding = tuner.decoding(requests[:2], speculative=True)
+    steps = decoding.steps()
+    next(steps)
+    decoding.add(requests[2:3])  # joins after the first token
+    for _ in range(4):
+        next(steps)
+    decoding.add(requests[3:])  # joins mid-way
+    for _ in steps:
+        pass
+    for request, output in zip(requests, decoding.outputs()):
+        assert output.token_ids == tuner.run([request])[0].token_ids
