@@ -126,6 +126,18 @@ def test_sweep_reuses_an_eval_run_instead_of_recomputing(trio_dirs, tmp_path, ca
     assert "max_new_tokens: 4 there, 5 now" in capsys.readouterr().err
 
 
+def test_roles_run_later_complete_the_same_results_as_one_run(trio_dirs, tmp_path, capsys):
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "5", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "split"), "--roles", "base"]) == 0
+    assert {r["role"] for r in read_results(tmp_path / "split")} == {"base"}
+    assert main(common + ["--output", str(tmp_path / "split")]) == 0
+    assert main(common + ["--output", str(tmp_path / "whole")]) == 0
+    outputs = [{(r["id"], r["role"]): r["output"] for r in read_results(tmp_path / d)} for d in ("split", "whole")]
+    assert outputs[0] == outputs[1]
+    assert main(common + ["--output", str(tmp_path / "x"), "--roles", "base,tuned"]) == 2
+    assert "tuned needs --tuned" in capsys.readouterr().err
+
+
 # --- what each role is ---------------------------------------------------------------------------------
 
 def test_roles_alone_are_each_models_own_greedy_decoding(tuner, tmp_path):
