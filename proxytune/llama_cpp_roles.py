@@ -91,9 +91,8 @@ class LlamaCppRoles:
                                  f"(or peft adapters whose base is one)")
         if _registered(target, "MODELS") is not None:
             return registry.gguf_path(target), None
-        adapter_dir = _registered(target, "ADAPTERS")
-        if adapter_dir is not None:
-            return self.peft_adapter(Path(adapter_dir))
+        if _registered(target, "ADAPTERS") is not None:
+            return self.peft_adapter(registry.resolve_model(target))  # says so when it is not there yet
         if path.suffix == ".gguf" or "/" in target:
             raise ProxyTuneError(f"GGUF file {path} does not exist")
         raise ProxyTuneError(f"gguf:{target} is neither a .gguf file, a peft adapter directory nor a registered "
@@ -120,6 +119,8 @@ class LlamaCppRoles:
         from .loading import adapter_base  # loading imports this module
 
         base_spec = adapter_base(adapter_dir)
+        if base_spec is None:
+            raise ProxyTuneError(f"{adapter_dir} holds no adapter_config.json: not a peft adapter")
         base_path, base_adapter = self.resolve(base_spec)
         if base_adapter is not None:
             raise ProxyTuneError(f"the adapter {adapter_dir} has another adapter ({base_spec}) as its base")

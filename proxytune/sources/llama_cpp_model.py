@@ -15,10 +15,10 @@ on a small CPU makes each of them far slower than running them in turn with all 
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 import weakref
+from collections import deque
 from pathlib import Path
 from typing import Sequence
 
@@ -41,10 +41,32 @@ def llama_cpp_module():
     except ImportError as error:
         raise ProxyTuneError(INSTALL_HINT) from error
     if not _backend_ready:
-        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
         _backend_ready = True
     return llama_cpp
+
+
+RECENT_ERRORS: deque[str] = deque(maxlen=3)
+
+
+def _keep_errors(level: int, text: bytes, user_data) -> None:
+    # llama.cpp logs a lot while loading, errors included that are mere model quirks (Qwen's "control-looking
+    # token ... </s>"): nothing is printed; the last errors go into the message when a load really fails.
+    if level == 3:  # GGML_LOG_LEVEL_ERROR
+        RECENT_ERRORS.append(text.decode("utf-8", errors="replace").strip())
+
+
+try:  # the C callback must stay referenced for as long as llama.cpp may call it
+    from llama_cpp import llama_log_callback as _callback_type
+
+    _quiet_log = _callback_type(_keep_errors)
+except ImportError:
+    _quiet_log = None
+
+
+def recent_errors() -> str:
+    return f" (llama.cpp: {' / '.join(RECENT_ERRORS)})" if RECENT_ERRORS else ""
 
 
 def available_cores() -> int:
@@ -77,10 +99,11 @@ class GGUFModel:
         params = lib.llama_model_default_params()
         params.n_gpu_layers = 0
         with COMPUTE_LOCK:
+            RECENT_ERRORS.clear()
             pointer = lib.llama_model_load_from_file(str(self.path).encode(), params)
         if not pointer:
             raise ProxyTuneError(f"llama.cpp could not load {self.path}: the file is corrupt, truncated or of an "
-                                 f"architecture this llama.cpp build does not know")
+                                 f"architecture this llama.cpp build does not know{recent_errors()}")
         self.pointer = pointer
         self._finalizer = weakref.finalize(self, lib.llama_model_free, pointer)
         self.vocab = lib.llama_model_get_vocab(pointer)
