@@ -223,3 +223,14 @@ def test_the_cli_runs_every_role_on_llama_cpp(gguf_model):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_requests_join_a_running_batch(gguf_model, smol_tok):
+    models = [source(gguf_model, role, uniform_batches=True) for role in ("base", "expert", "anti")]
+    tuner = ProxyTuner(*models, tokenizer=smol_tok, alpha=1.0)
+    alone = [tuner.generate(p, max_new_tokens=6)[0].token_ids for p in PROMPTS[:2]]
+    decoding = tuner.decoding([tuner.request(PROMPTS[0], max_new_tokens=6)])
+    for step, _ in enumerate(decoding.steps()):
+        if step == 1:  # the server's dynamic batching: a second request joins between steps
+            decoding.add([tuner.request(PROMPTS[1], max_new_tokens=6)])
+    assert [o.token_ids for o in decoding.outputs()] == alone
