@@ -361,3 +361,16 @@ def test_llama_server_killed_mid_generation_keeps_the_text_so_far(smollm2):
     output = decoding.outputs()[0]
     assert output.finish_reason == "error" and len(output.token_ids) == 5 and output.text
     assert output.error.startswith(f"base model at {server.url}/completions failed after 2 tries (ConnectError")
+
+
+def test_llama_cpp_empty_key_is_eos_only_near_the_top_and_keeps_its_rank(tok):
+    from proxytune.sources.token_strings import RowStats, TokenStrings, logit_row
+
+    strings = TokenStrings.build(tok, len(tok))
+    a, b = strings.ids_by_text["a"], strings.ids_by_text["b"]
+    # "" ranked 2nd but carrying a lower-ranked fragment's value (-5): pinned just above "b"
+    row = logit_row({"a": -1.0, "": -5.0, "b": -2.0}, strings, len(tok), True, RowStats())
+    assert row[a] > row[tok.eos_token_id] > row[b] and float(row[tok.eos_token_id]) == pytest.approx(-2.0, abs=0.01)
+    stats = RowStats()  # ranked 4th: more likely a byte fragment, dropped
+    row = logit_row({"a": -1.0, "b": -2.0, "c": -3.0, "": -4.0}, strings, len(tok), True, stats)
+    assert row[tok.eos_token_id] == float("-inf") and stats.dropped == 1

@@ -234,7 +234,7 @@ class RemoteSource:
             raise RemoteSourceError(f"{self.name} model at {self.options.base_url} returned no top-k logprobs "
                                     f"for a step (did it stop? hold_eos=1 keeps llama.cpp from stopping)")
         stats = RowStats()
-        row = logit_row(top, self.strings, self.vocab_size, self.options.empty == "eos", stats)
+        row = logit_row(top, self.strings, self.vocab_size, self.options.empty == "eos", stats, self.options.eos_rank)
         with self._lock:
             self._stats.distributions += 1
             self._stats.candidates += stats.candidates

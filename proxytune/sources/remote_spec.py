@@ -35,6 +35,7 @@ OPTION_HELP = {
     "hold_eos": "1: logit_bias −100 on special tokens so the server never stops and every step "
                 "returns logprobs (needs raw logprobs, as llama.cpp and vLLM give; default 1)",
     "empty": "eos | drop: what a \"\" top-k key means (llama.cpp renders special tokens as \"\"; default eos)",
+    "eos_rank": "with empty=eos: a \"\" key counts as EOS only among the first N entries (default 3)",
     "drift": "warn | error | off: when re-tokenising the sent text would change the tokens (default warn)",
     "verify": "1: check local vs server tokenization at start-up (default 1)",
 }
@@ -59,6 +60,7 @@ class RemoteOptions:
     token_ids: bool = False
     hold_eos: bool = True
     empty: str = "eos"
+    eos_rank: int = 3
     drift: str = "warn"
     verify: bool = True
 

@@ -10,9 +10,8 @@ own (checked at start-up), and this table inverts its id -> text map deliberatel
 * a text shared by several ids maps to the one the tokenizer itself produces for that text
   (the canonical tokenization), else the lowest id, and is counted as ambiguous;
 * "" (special tokens and byte fragments on llama.cpp) maps to the end-of-sequence id when
-  `empty_is_eos`, because the sampler keeps end-of-generation tokens out of the server's own
-  choice (see remote_source) and EOS is then the only "" token with real mass in ordinary text;
-  otherwise "" is dropped;
+  `empty_is_eos` and it is among the first `eos_rank` entries (where, in ordinary text, a "" is
+  the model wanting to stop); otherwise "" is dropped;
 * anything else is dropped and counted.
 """
 from __future__ import annotations
@@ -101,7 +100,7 @@ def empty_key_value(top: dict[str, float]) -> float:
 
 
 def logit_row(top: dict[str, float], strings: TokenStrings, vocab_size: int, empty_is_eos: bool,
-              stats: RowStats) -> torch.Tensor:
+              stats: RowStats, eos_rank: int = 3) -> torch.Tensor:
     """[V] logits: the returned logprobs on their ids, −inf elsewhere.
 
     −inf outside the returned set follows the paper (Liu et al. 2024, §5: with GPT-3.5 only the top-5
@@ -113,7 +112,11 @@ def logit_row(top: dict[str, float], strings: TokenStrings, vocab_size: int, emp
     row = torch.full((vocab_size,), float("-inf"))
     top = dict(top)
     if "" in top and empty_is_eos:
-        top[""] = empty_key_value(top)
+        if list(top).index("") < eos_rank:
+            top[""] = empty_key_value(top)
+        else:  # deep in the list "" is more likely a byte fragment; as EOS, α·shift could promote it wrongly
+            del top[""]
+            stats.dropped += 1
     for key, logprob in top.items():
         token_id = strings.to_id(key, empty_is_eos)
         if token_id is None or not 0 <= token_id < vocab_size or logprob is None or math.isnan(logprob):
