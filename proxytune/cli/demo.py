@@ -26,6 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--dtype", default="bfloat16", help="default bfloat16 (fp32 needs ~13.5 GB)")
     parser.add_argument("--device", default=None)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.set_defaults(func=run)
 
 
@@ -56,6 +57,10 @@ def run(args: argparse.Namespace) -> int:
     if trio is None:
         raise ProxyTuneError(f"unknown trio {args.model!r}; known trios: {', '.join(registry.TRIOS)}")
     question, answer = pick_question(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     print(f"loading trio {args.model!r}: " + ", ".join(f"{role}={spec}" for role, spec in trio.items()),
           file=sys.stderr, flush=True)
     began = time.perf_counter()
