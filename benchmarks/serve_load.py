@@ -18,18 +18,14 @@ import argparse
 import asyncio
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from tiny_server import free_port  # noqa: E402
 
 PROMPTS = [
     "Write a short story about a robot who learns to paint.\n\n",
@@ -41,6 +37,12 @@ PROMPTS = [
     "Dear hiring manager,\n\n",
     "The three laws of thermodynamics are",
 ]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def start_server(args, port: int) -> subprocess.Popen:
