@@ -49,8 +49,9 @@ def _registered(name: str, table: str):
 class LlamaCppRoles:
     """Loads each GGUF file once (weights, HF tokenizer, vocabulary check) and gives one source per spec."""
 
-    def __init__(self, threads: int | None = None, n_ctx: int | None = None):
+    def __init__(self, threads: int | None = None, n_ctx: int | None = None, lora_cache: Path | None = None):
         self.threads, self.n_ctx = threads, n_ctx
+        self.lora_cache = lora_cache  # where converted peft adapters go (default: $PROXYTUNE_CACHE/gguf-lora)
         self.models: dict[Path, tuple[GGUFModel, object]] = {}
         self.sources: dict[str, tuple[LlamaCppSource, object]] = {}
 
@@ -124,7 +125,8 @@ class LlamaCppRoles:
         base_path, base_adapter = self.resolve(base_spec)
         if base_adapter is not None:
             raise ProxyTuneError(f"the adapter {adapter_dir} has another adapter ({base_spec}) as its base")
-        out = registry.cache_dir() / "gguf-lora" / f"{adapter_dir.name}-{adapter_fingerprint(adapter_dir, base_path)}.gguf"
+        cache = self.lora_cache or registry.cache_dir() / "gguf-lora"
+        out = cache / f"{adapter_dir.name}-{adapter_fingerprint(adapter_dir, base_path)}.gguf"
         if not out.exists():
             out.parent.mkdir(parents=True, exist_ok=True)
             partial = out.with_suffix(".partial")

@@ -50,11 +50,10 @@ def test_llama_cpp_and_transformers_agree_on_the_same_gguf(gguf_model, hf_dir):
     assert agreement >= 0.9, agreement  # Q4_1 weights, Q8 activations in llama.cpp vs dense fp32
 
 
-def test_a_converted_lora_shifts_llama_cpp_as_peft_shifts_transformers(gguf_model, hf_dir, tmp_path, monkeypatch):
+def test_a_converted_lora_shifts_llama_cpp_as_peft_shifts_transformers(gguf_model, hf_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    monkeypatch.setenv("PROXYTUNE_CACHE", str(tmp_path / "cache"))
     tokens = AutoTokenizer.from_pretrained(hf_dir)(TEXT)["input_ids"]
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     base_hf = hf_logits(model, tokens)
@@ -78,10 +77,10 @@ def test_a_converted_lora_shifts_llama_cpp_as_peft_shifts_transformers(gguf_mode
     assert cosine > 0.95, cosine  # q/k rows permuted right: a wrong permutation gives a far lower cosine
     assert (tuned.argmax(-1) == lora_hf[:, :width].argmax(-1)).float().mean() >= 0.9
 
-    roles = LlamaCppRoles(threads=1, n_ctx=512)
+    roles = LlamaCppRoles(threads=1, n_ctx=512, lora_cache=tmp_path / "converted")
     expert, _ = roles.source(f"gguf:{adapter_dir}", "expert")
     anti, _ = roles.source(f"gguf:{gguf_model.path}", "anti_expert")
     assert expert.gguf is anti.gguf  # one copy of the weights, the adapter switched on per context
     assert torch.allclose(expert.sequence_logits([tokens])[0], tuned, atol=1e-3)
-    cached = list((tmp_path / "cache" / "gguf-lora").glob("*.gguf"))
+    cached = list((tmp_path / "converted").glob("*.gguf"))
     assert len(cached) == 1 and LlamaCppRoles().resolve(str(cached[0]))[0] == gguf_model.path
