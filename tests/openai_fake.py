@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -35,7 +36,11 @@ class FakeOpenAI:
         self.completions = 0  # completion calls received
         self.payloads: list[dict] = []
         self.auth_headers: list[str | None] = []
+        self.client_ports: set[int] = set()  # one per TCP connection a client opened
         self.fault: Fault | None = None
+        self.delay = 0.0  # seconds each completion takes, so that concurrent calls overlap
+        self.in_flight = 0
+        self.max_in_flight = 0
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -91,6 +96,8 @@ class FakeOpenAI:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as real servers do
+
             def log_message(self, *args):
                 pass
 
@@ -122,6 +129,7 @@ class FakeOpenAI:
                     server.completions += 1
                     server.payloads.append(body)
                     server.auth_headers.append(self.headers.get("Authorization"))
+                    server.client_ports.add(self.client_address[1])
                 fault = server.fault
                 if fault and fault.start <= call < fault.start + fault.count:
                     if fault.status == 0:
@@ -132,6 +140,15 @@ class FakeOpenAI:
                     return self.answer(fault.status, {"error": {"message": "slow down", "type": "rate_limit"}}, headers)
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self.answer(401, {"error": {"message": "bad key"}})
-                self.answer(200, server.complete(body))
+                with server.lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    time.sleep(server.delay)
+                    answer = server.complete(body)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+                self.answer(200, answer)
 
         return Handler

@@ -85,6 +85,16 @@ def test_echo_scores_a_draft_in_one_call_per_row(fake, tok):
     assert [len(r) for r in b.rows] == [len(prompts[0]) + 1, len(prompts[1])]
 
 
+def test_the_rows_of_a_batch_are_sent_concurrently_over_reused_connections(fake, tok):
+    source = remote(fake, tok, "&concurrency=4")
+    fake.delay = 0.2
+    source.open([tok(p)["input_ids"] for p in ["The quick", "def add", "Answer the", "Tuning"]]).prefill()
+    assert fake.max_in_flight >= 2
+    ports = {p for p in fake.client_ports}
+    source.next_logits(tok("The quick")["input_ids"])
+    assert len(fake.client_ports) == len(ports)  # the next call reused a pooled connection
+
+
 def test_outside_the_top_k_is_minus_infinity(fake, tok):
     source = remote(fake, tok, "&top_k=5&token_ids=1")
     row = source.open([tok("The quick")["input_ids"]]).prefill()[0]
