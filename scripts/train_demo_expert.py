@@ -9,6 +9,7 @@ Everything is seeded; CPU float arithmetic makes the result bit-for-bit-ish, not
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -54,7 +55,7 @@ base weights {dtype}, adapter weights trained in fp32 and shipped in bf16.
 | before tuning (the plain 0.5B) | {before:.4f} |
 | after tuning | {after:.4f} |
 
-Training took {seconds:.0f} s ({tokens_per_second:.0f} training tokens/s) on {machine}, torch {torch_version},
+Training took {seconds:.0f} s ({tokens_per_second:.0f} training tokens/s, {threads} torch thread(s)) on {machine}, torch {torch_version},
 transformers {transformers_version}, peft {peft_version}.
 """
 
@@ -91,7 +92,6 @@ def main() -> int:
     args = parser.parse_args()
 
     import peft
-    import reasoning_gym
     import torch
     import transformers
 
@@ -108,14 +108,14 @@ def main() -> int:
     summary = tune(config)
     store_in_bf16(Path(args.output))
     card = CARD.format(
-        model=args.model, minutes=(time.perf_counter() - began) / 60, rg_version=reasoning_gym.__version__,
+        model=args.model, minutes=(time.perf_counter() - began) / 60, rg_version=importlib.metadata.version("reasoning-gym"),
         n_train_templates=len(gsm.TRAIN_TEMPLATES), n_heldout_templates=len(gsm.HELDOUT_TEMPLATES),
         n_train=args.train_examples, n_heldout=args.heldout_examples, seed=args.seed, lora_r=config.lora_r,
         lora_alpha=config.lora_alpha, lr=args.learning_rate, batch_size=args.batch_size, epochs=args.epochs,
         steps=summary["steps"], max_length=args.max_length, dtype=summary["dtype"],
         before=summary["heldout_loss_before"], after=summary["heldout_loss_after"],
         seconds=summary["train_seconds_this_run"], tokens_per_second=summary["train_tokens_per_second"],
-        machine=f"{platform.machine()} × {os.cpu_count()} CPUs", torch_version=torch.__version__,
+        machine=f"{platform.machine()} × {os.cpu_count()} CPUs", threads=torch.get_num_threads(), torch_version=torch.__version__,
         transformers_version=transformers.__version__, peft_version=peft.__version__)
     (Path(args.output) / "README.md").write_text(card)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
