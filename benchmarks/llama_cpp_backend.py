@@ -41,8 +41,11 @@ PROMPTS = ["The three most important things to know about the Roman Empire are",
            "Write a short poem about the sea.\n", "In physics, energy is"]
 
 
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """GB/s of a large tensor copy (bytes read + written), best of `repeats`: this machine's memory ceiling."""
+def copy_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
+    """GB/s of a large tensor copy (bytes read + written) on `threads` threads, best of `repeats`: the memory
+    ceiling those threads can reach."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
     source = torch.ones(megabytes * 2**20 // 4)
     target = torch.empty_like(source)
     best = float("inf")
@@ -50,6 +53,7 @@ def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
         start = time.perf_counter()
         target.copy_(source)
         best = min(best, time.perf_counter() - start)
+    torch.set_num_threads(previous)
     return 2 * source.numel() * 4 / best / 1e9
 
 
@@ -231,13 +235,13 @@ def speed(rounds: int, n: int, threads: int) -> tuple[float, float]:
                 "transformers-bf16": lambda: proxy_seconds_per_token(on_torch, prompt, n),
                 "llama.cpp base alone": lambda: base_seconds_per_token(base, ids, n)}
     ratios, shares = [], []
-    bandwidth = copy_bandwidth()
+    bandwidth = copy_bandwidth(threads)
     for r in range(rounds):
         names = list(variants)
         order = names[r % len(names):] + names[: r % len(names)]
         times = {name: variants[name]() for name in order}
         ratios.append(times["transformers-bf16"] / times["llama.cpp"])
-        bandwidth = max(bandwidth, copy_bandwidth())
+        bandwidth = max(bandwidth, copy_bandwidth(threads))
         floor = base.gguf.size_bytes / (bandwidth * 1e9)
         shares.append(floor / times["llama.cpp base alone"])
         print(f"  round {r + 1}: proxy llama.cpp {1 / times['llama.cpp']:.1f} tok/s, transformers-bf16 "
