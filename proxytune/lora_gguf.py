@@ -61,7 +61,7 @@ def adapter_alpha(config: dict) -> float:
 
 def lora_tensors(adapter_dir: Path, base: dict) -> dict[str, np.ndarray]:
     import gguf
-    from safetensors.numpy import load_file
+    from safetensors.torch import load_file  # numpy cannot read bf16 adapters
 
     weights_file = adapter_dir / "adapter_model.safetensors"
     if not weights_file.exists():
@@ -77,7 +77,7 @@ def lora_tensors(adapter_dir: Path, base: dict) -> dict[str, np.ndarray]:
         target = names.get_name(module)
         if target is None:
             raise ProxyTuneError(f"{weights_file}: no {base['arch']} GGUF tensor matches {module}")
-        value = value.astype(np.float32)
+        value = value.float().numpy()
         if kind == "B.weight" and base["arch"] in PERMUTED_QK:
             if module.endswith("q_proj"):
                 value = permute_rows(value, base["heads"])
