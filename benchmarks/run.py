@@ -120,9 +120,12 @@ def in_rounds(variants: dict, rounds: int) -> list[dict]:
     results = []
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
-        results.append({name: variants[name]() for name in order})
-        print(f"  round {r + 1}: " + ", ".join(f"{k} {1000 * v if isinstance(v, float) else 1000 * v[0]:.1f} ms"
-                                               for k, v in results[-1].items()), flush=True)
+        results.append({})
+        print(f"  round {r + 1}:", end="", flush=True)
+        for name in order:
+            results[-1][name] = variants[name]()
+            print(f" {name} {1000 * results[-1][name]:.1f} ms,", end="", flush=True)
+        print()
     return results
 
 
