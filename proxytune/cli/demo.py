@@ -26,12 +26,32 @@ def register(subparsers) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--dtype", default="bfloat16", help="default bfloat16 (fp32 needs ~13.5 GB)")
     parser.add_argument("--device", default=None)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: 1 when other processes already load every core, "
+                             "else torch's choice)")
     parser.set_defaults(func=run)
 
 
 def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def busy_cpu_threads() -> int | None:
+    """1 when the CPU is already saturated, else None (torch's default).
+
+    torch's worker threads wait for each other at every op; when other processes hold the cores those
+    waits dominate. On the 2-core machine this was written on, under a load average of 6-9, one thread
+    decoded the demo's base at 1.1 tokens/s and two threads at under 0.4 (docs/demo.md)."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    if load >= (os.cpu_count() or 1):
+        print(f"CPU busy (load average {load:.1f}): using one torch thread; --threads overrides", file=sys.stderr)
+        return 1
+    return None
 
 
 def pick_question(args) -> tuple[str, str | None]:
@@ -57,10 +77,11 @@ def run(args: argparse.Namespace) -> int:
     if trio is None:
         raise ProxyTuneError(f"unknown trio {args.model!r}; known trios: {', '.join(registry.TRIOS)}")
     question, answer = pick_question(args)
-    if args.threads:
+    threads = args.threads or busy_cpu_threads()
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     print(f"loading trio {args.model!r}: " + ", ".join(f"{role}={spec}" for role, spec in trio.items()),
           file=sys.stderr, flush=True)
     began = time.perf_counter()
