@@ -23,6 +23,7 @@ from .sources.gguf_vocab import check_tokenizer_matches, load_gguf_tokenizer
 from .lora_gguf import adapter_base_spec, adapter_fingerprint, convert_lora
 from .sources.llama_cpp_model import GGUFModel, check_gguf_file
 from .sources.llama_cpp_source import LlamaCppSource
+from .sources.remote_spec import is_remote_spec
 
 PREFIX = "gguf:"
 ADAPTER_SIZE_LIMIT = 2 << 30  # bigger GGUF files are models: their metadata is not read to look for an adapter
@@ -34,7 +35,8 @@ def with_backend(spec: str, backend: str | None) -> str:
     if backend is None or backend == "transformers":
         return spec
     if backend in ("llama.cpp", "llama-cpp", "llamacpp"):
-        return spec if is_llama_cpp(spec) else PREFIX + spec
+        # a model behind a server (openai:...) stays remote: --backend chooses how *local* roles run
+        return spec if is_llama_cpp(spec) or is_remote_spec(spec) else PREFIX + spec
     raise ProxyTuneError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
 
 
