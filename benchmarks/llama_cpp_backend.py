@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bandwidth import copy_bandwidth  # noqa: E402  (benchmarks/bandwidth.py)
 from proxytune import ProxyTuner, registry  # noqa: E402
 from proxytune.llama_cpp_roles import LlamaCppRoles  # noqa: E402
 from proxytune.sources.llama_cpp_model import available_cores  # noqa: E402
@@ -39,22 +40,6 @@ from proxytune.sources.llama_cpp_source import LlamaCppSource  # noqa: E402
 PROMPTS = ["The three most important things to know about the Roman Empire are",
            "def quicksort(items):\n", "Question: A farmer has 12 cows and buys 7 more. How many cows?\nAnswer:",
            "Write a short poem about the sea.\n", "In physics, energy is"]
-
-
-def copy_bandwidth(threads: int, megabytes: int = 512, repeats: int = 5) -> float:
-    """GB/s of a large tensor copy (bytes read + written) on `threads` threads, best of `repeats`: the memory
-    ceiling those threads can reach."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    source = torch.ones(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    torch.set_num_threads(previous)
-    return 2 * source.numel() * 4 / best / 1e9
 
 
 def smollm2_gguf() -> Path:

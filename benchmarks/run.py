@@ -28,24 +28,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bandwidth import copy_bandwidth  # noqa: E402  (benchmarks/bandwidth.py)
 from proxytune import ProxyTuner  # noqa: E402
 from proxytune.sources.lora_pair import LoraPair  # noqa: E402
 from proxytune.sources.transformers_source import TransformersSource  # noqa: E402
 
 FALLBACK_PROMPTS = ["Answer the following question.\n\nQuestion: Tom has 3 boxes with 12 pencils each. He gives away "
                     "7 pencils. How many pencils does he have left?\nAnswer:"]
-
-
-def copy_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """GB/s of a large tensor copy (bytes read + bytes written), best of `repeats`: the memory ceiling."""
-    source = torch.ones(megabytes * 2**20 // 4)
-    target = torch.empty_like(source)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        best = min(best, time.perf_counter() - start)
-    return 2 * source.numel() * 4 / best / 1e9
 
 
 def weight_bytes(model, lora: bool | None = None) -> int:

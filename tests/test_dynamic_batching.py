@@ -1,6 +1,5 @@
 """Dynamic batching (what the server runs): rows join a running batch between steps and leave when done,
 and no row can tell. Tiny random models, offline."""
-import pytest
 import torch
 
 from proxytune import ProxyTuner
@@ -8,15 +7,6 @@ from proxytune.sources.transformers_source import TransformersSource
 
 PROMPTS = ["The quick brown fox", "Answer the following question. Question: what is 3 + 4?", "def add(a, b):",
            "Tuning language models", "The lazy dog", "x"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny models gain nothing from two threads, and on a busy machine OpenMP spins instead of working.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def alone(tuner, request):

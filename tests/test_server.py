@@ -6,7 +6,6 @@ import json
 import httpx
 import openai
 import pytest
-import torch
 
 from proxytune import ProxyTuner
 from proxytune.cli import main
@@ -21,14 +20,6 @@ PROMPTS = ["The quick brown fox", "Answer the following question.", "def add(a, 
 def dirs(tmp_path_factory):
     return save_tiny_trio(tmp_path_factory.mktemp("served"))
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The servers compute too: two OpenMP threads per process on a busy machine spin instead of working.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
