@@ -7,7 +7,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from .decode import Decoding, Event, GenerationOutput, Request
+from .decode import Decoding, GenerationOutput, Request
 from .errors import ProxyTuneError, SourceFailure
 from .prompts import ALL_ROLES, chat_prompt_ids, validate_messages
 from .proxy import ExpertPair, combined_logits, role_names

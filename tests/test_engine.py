@@ -215,16 +215,14 @@ def test_bad_input_is_a_clear_error(trio, tok, call, message):
 
 
 def test_mismatched_vocabularies_are_refused_naming_the_tokens(trio, tok):
-    from transformers import AutoTokenizer  # noqa: F401
-    other = tok.__class__(tokenizer_object=tok.backend_tokenizer.__class__.from_str(tok.backend_tokenizer.to_str()))
-    vocab = other.get_vocab()
-    swapped = {v: k for k, v in vocab.items()}
-    # a tokenizer whose ids 10 and 11 are swapped
     import json
-    spec = json.loads(tok.backend_tokenizer.to_str())
-    spec["model"]["vocab"][swapped[10]], spec["model"]["vocab"][swapped[11]] = 11, 10
+
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    token_of = {i: t for t, i in spec["model"]["vocab"].items()}
+    spec["model"]["vocab"][token_of[10]], spec["model"]["vocab"][token_of[11]] = 11, 10  # ids 10 and 11 swapped
     bad = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), eos_token="</s>")
     with pytest.raises(ProxyTuneError, match=r"id 10: base .* vs expert"):
         ProxyTuner(*trio, tokenizers={"base": tok, "expert": bad, "anti_expert": tok})

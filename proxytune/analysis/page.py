@@ -28,7 +28,7 @@ def _colour(value: float) -> str:
 
 
 def _tip(token: dict) -> str:
-    lines = [f"p(chosen): " + "  ".join(f"{title} {token['chosen'][role]:.3f}" for role, title in ROLE_TITLES
+    lines = ["p(chosen): " + "  ".join(f"{title} {token['chosen'][role]:.3f}" for role, title in ROLE_TITLES
                                         if role in token["chosen"])]
     for role, title in ROLE_TITLES:
         if role in token["top"]:
