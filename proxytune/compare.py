@@ -14,14 +14,19 @@ def role_alone(tuner, request: Request, role: str) -> Request:
     return dataclasses.replace(request, prompts=prompts, alphas=[0.0] * len(request.alphas))
 
 
+def solo_decoding(tuner, role: str, requests: list[Request]) -> Decoding:
+    """A decoding of one role's model alone: it is the base, and every pair is it against itself at α = 0
+    (shared sessions, so it runs once). `requests` come from `role_alone`."""
+    source = tuner.sources[role]
+    solo = ExpertPair(source, source, 0.0)
+    return Decoding(source, [solo] * len(tuner.pairs), requests, tuner.tokenizer, tuner.eos_token_ids)
+
+
 def generate_as(tuner, request: Request, role: str | None) -> str:
     """Text from the proxy (role None) or from one role's model alone."""
     if role is None:
         return tuner.run([request])[0].text
-    source = tuner.sources[role]
-    solo = ExpertPair(source, source, 0.0)
-    decoding = Decoding(source, [solo] * len(tuner.pairs), [role_alone(tuner, request, role)], tuner.tokenizer,
-                        tuner.eos_token_ids)
+    decoding = solo_decoding(tuner, role, [role_alone(tuner, request, role)])
     for _ in decoding.steps():
         pass
     return decoding.outputs()[0].text

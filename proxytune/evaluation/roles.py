@@ -11,10 +11,10 @@ from typing import Sequence
 
 import torch
 
-from ..compare import role_alone
+from ..compare import role_alone, solo_decoding
 from ..decode import Decoding, Request
 from ..errors import ProxyTuneError
-from ..proxy import ExpertPair, combined_logits
+from ..proxy import combined_logits
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,7 @@ class RoleRunner:
 
     def decoding(self, role: Role, requests: Sequence[Request]) -> Decoding:
         if role.kind in ("base", "expert"):
-            tuner = self.tuner
-            source = tuner.sources[role.kind]
-            return Decoding(source, [ExpertPair(source, source, 0.0)], requests, tuner.tokenizer, tuner.eos_token_ids)
+            return solo_decoding(self.tuner, role.kind, list(requests))
         return self._tuner_of(role).decoding(requests)
 
     def score(self, roles: Sequence[Role], pairs: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
