@@ -138,6 +138,21 @@ def test_roles_run_later_complete_the_same_results_as_one_run(trio_dirs, tmp_pat
     assert "tuned needs --tuned" in capsys.readouterr().err
 
 
+def test_a_tuned_anchor_can_join_a_finished_run_but_not_replace_another(trio_dirs, tmp_path, capsys):
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "5", "--no-progress",
+              "--output", str(tmp_path / "run")]
+    assert main(common) == 0
+    before = read_results(tmp_path / "run")
+    assert main(common + ["--tuned", trio_dirs["expert"], "--roles", "tuned"]) == 0
+    after = read_results(tmp_path / "run")
+    assert after[:len(before)] == before and {r["role"] for r in after[len(before):]} == {"tuned"}
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["roles"]) == {"base", "expert", "proxy", "tuned"} and "gap_closed" in summary["roles"]["proxy"]
+    capsys.readouterr()
+    assert main(common + ["--tuned", trio_dirs["base"], "--roles", "tuned"]) == 2
+    assert "tuned:" in capsys.readouterr().err
+
+
 # --- what each role is ---------------------------------------------------------------------------------
 
 def test_roles_alone_are_each_models_own_greedy_decoding(tuner, tmp_path):
