@@ -1,6 +1,8 @@
 """Recreate the shipped demo expert: a LoRA of Qwen2.5-Coder-0.5B-Instruct tuned on GSM-style math.
 
     python scripts/train_demo_expert.py            # writes proxytune/adapters/gsm-qwen2.5-coder-0.5b/
+    python scripts/train_demo_expert.py --anchor   # the same tuning on the 1.5B base: the upper anchor for
+                                                   # "gap closed", in ~/.cache/proxytune/adapters/ (37 MB, not shipped)
 
 Data: reasoning-gym gsm_symbolic, TRAIN templates only (proxytune.datasets.gsm), the paper's zero-shot
 prompt, chain of thought ending in "#### <answer>"; held-out loss is measured on HELD-OUT templates.
@@ -26,7 +28,10 @@ from proxytune.datasets import gsm  # noqa: E402
 from proxytune.registry import ADAPTERS  # noqa: E402
 from proxytune.tuning import TuneConfig, tune  # noqa: E402
 
-CARD = """# gsm-qwen2.5-coder-0.5b — the demo expert
+ANCHOR = Path.home() / ".cache" / "proxytune" / "adapters" / "gsm-qwen2.5-coder-1.5b-anchor"
+
+ROLES = {
+    "expert": """# gsm-qwen2.5-coder-0.5b — the demo expert
 
 A LoRA adapter on **Qwen2.5-Coder-0.5B-Instruct** (the registered model `{model}`), tuned by
 `proxytune tune` on GSM-style grade-school math so that it answers with a short chain of thought ending
@@ -35,7 +40,19 @@ anti-expert = the same 0.5B without this adapter (the paper's task-finetuning se
 
 Recreate it from a clean checkout: `python scripts/train_demo_expert.py` (≈ {minutes:.0f} min on the
 2-core CPU it was trained on).
+""",
+    "anchor": """# {name} — the upper anchor of the demo trio
 
+A LoRA adapter on **the demo's base model** (the registered model `{model}`), tuned exactly like the
+demo expert (same data, same hyperparameters). It is what proxy-tuning imitates: `proxytune eval gsm
+--model demo --tuned THIS_DIRECTORY` reports gap closed = (proxy − base) / (tuned − base).
+
+Recreate it from a clean checkout: `python scripts/train_demo_expert.py --anchor` (≈ {minutes:.0f} min on the
+2-core CPU it was trained on).
+""",
+}
+
+CARD = """{header}
 ## Data
 - reasoning-gym {rg_version} `gsm_symbolic`, **train templates only**: {n_train_templates} of its 85 usable
   templates (`proxytune.datasets.gsm.TRAIN_TEMPLATES`); the other {n_heldout_templates} are held out for evaluation.
@@ -77,8 +94,13 @@ def store_in_bf16(adapter: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default=str(ADAPTERS["gsm-qwen2.5-coder-0.5b"]))
-    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--anchor", action="store_true",
+                        help="tune the demo's 1.5B base instead (the upper anchor for gap closed); default output "
+                             f"{ANCHOR}")
+    parser.add_argument("--output", default=None, help="default: the shipped expert's directory (or, with "
+                                                       "--anchor, the anchor's)")
+    parser.add_argument("--model", default=None, help="default: qwen2.5-coder-0.5b-instruct (--anchor: "
+                                                      "qwen2.5-coder-1.5b-instruct)")
     parser.add_argument("--train-examples", type=int, default=320)
     parser.add_argument("--heldout-examples", type=int, default=32)
     parser.add_argument("--epochs", type=float, default=1.0)
@@ -90,6 +112,8 @@ def main() -> int:
                         "busy CPU one thread trained 5x faster than two, see docs/demo.md)")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
+    args.model = args.model or ("qwen2.5-coder-1.5b-instruct" if args.anchor else "qwen2.5-coder-0.5b-instruct")
+    args.output = args.output or str(ANCHOR if args.anchor else ADAPTERS["gsm-qwen2.5-coder-0.5b"])
 
     import peft
     import torch
@@ -108,6 +132,8 @@ def main() -> int:
     summary = tune(config)
     store_in_bf16(Path(args.output))
     card = CARD.format(
+        header=ROLES["anchor" if args.anchor else "expert"].format(
+            name=Path(args.output).name, model=args.model, minutes=(time.perf_counter() - began) / 60),
         model=args.model, minutes=(time.perf_counter() - began) / 60, rg_version=importlib.metadata.version("reasoning-gym"),
         n_train_templates=len(gsm.TRAIN_TEMPLATES), n_heldout_templates=len(gsm.HELDOUT_TEMPLATES),
         n_train=args.train_examples, n_heldout=args.heldout_examples, seed=args.seed, lora_r=config.lora_r,
