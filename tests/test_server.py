@@ -25,7 +25,7 @@ def dirs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(dirs, tmp_path_factory):
     """The server most tests use, and a strict one (1 row, 1 waiting request, 0.3 s per request, over
-    models big enough that 250 tokens surely take longer); both start at once to save a load's wait."""
+    models big enough that 240 tokens surely take longer); both start at once to save a load's wait."""
     main = ServerProcess(dirs, "--api-key", KEY, "--max-batch", "32", "--served-model-name", "tiny")
     slow = save_tiny_trio(tmp_path_factory.mktemp("slow"), hidden=256, layers=6)
     strict = ServerProcess(slow, "--max-batch", "1", "--max-queue", "1", "--request-timeout", "0.3")
@@ -260,6 +260,8 @@ DONE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
     ("/v1/completions", {**DONE, "model": "gpt-4"}, 400, "model"),
     ("/v1/completions", {**DONE, "prompt": ""}, 400, "prompt"),
     ("/v1/completions", {**DONE, "prompt": "fox " * 300}, 400, "prompt"),
+    ("/v1/completions", {**DONE, "prompt": "fox " * 10, "max_tokens": 250}, 400, "max_tokens"),
+    ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 255}, 400, "max_completion_tokens"),
     ("/v1/completions", {**DONE, "alpha": "strong"}, 400, "alpha"),
     ("/v1/completions", {**DONE, "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {**DONE, "logit_bias": {"5": 10}}, 400, "logit_bias"),
@@ -298,7 +300,7 @@ def test_the_openai_client_raises_its_own_errors(client):
 
 def test_a_full_queue_answers_503_with_retry_after_and_slow_requests_time_out(servers):
     strict = servers[1]
-    body = {"prompt": PROMPTS[0], "max_tokens": 250, "temperature": 0}
+    body = {"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0}
 
     async def burst():
         async with httpx.AsyncClient(timeout=30) as http:
@@ -313,7 +315,7 @@ def test_a_full_queue_answers_503_with_retry_after_and_slow_requests_time_out(se
 
 
 def test_a_stream_that_times_out_ends_with_an_error_event(servers):
-    body = {"prompt": PROMPTS[0], "max_tokens": 250, "temperature": 0, "stream": True}
+    body = {"prompt": PROMPTS[0], "max_tokens": 240, "temperature": 0, "stream": True}
     with httpx.stream("POST", servers[1].url + "/v1/completions", json=body, timeout=30) as response:
         lines = [line for line in response.iter_lines() if line]
     assert json.loads(lines[-1][6:])["error"]["code"] == "timeout", lines[-3:]

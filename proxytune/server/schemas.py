@@ -39,6 +39,7 @@ class Params:
     top_logprobs: int
     echo: bool
     alpha: float | list[float] | None  # None: the server's default
+    max_tokens_given: bool = False  # asked for explicitly: refused when prompt + max_tokens overflow the context
 
 
 @dataclass
@@ -166,6 +167,7 @@ def parse(body: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_
     echo = kind == "completion" and _boolean(body, "echo", False)
     token_limit = context or 1_000_000
     max_tokens = _integer(body, "max_completion_tokens", None, 1, token_limit) if kind == "chat" else None
+    given = max_tokens is not None or body.get("max_tokens") is not None
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", default_max_tokens, 0 if echo else 1, token_limit)
     n = _integer(body, "n", 1, 1, max_rows)
@@ -196,7 +198,7 @@ def parse(body: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_
         raise bad_request(str(error)) from None
     seed = _integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1)
     return Params(kind, model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), seed, stream,
-                  include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs))
+                  include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), given)
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
@@ -218,6 +220,8 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
         except ProxyTuneError as error:
             code = "context_length_exceeded" if "context" in str(error) else None
             raise bad_request(str(error), "messages" if params.kind == "chat" else "prompt", code) from None
+        if params.max_tokens_given:
+            check_room(tuner, first, params)
         if params.seed is None:
             choices = [first] + [dataclasses.replace(first) for _ in range(params.n - 1)]
         else:
@@ -226,6 +230,18 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
         text = prompt if isinstance(prompt, str) else tuner.tokenizer.decode(ids) if params.kind == "completion" else ""
         rows.append(PromptRows(ids, text, choices))
     return rows
+
+
+def check_room(tuner, request: Request, params: Params) -> None:
+    """As OpenAI does: a max_tokens that the context cannot hold after the prompt is refused, not cut short."""
+    for role, source in tuner.sources.items():
+        prompt = len(request.prompts[role])
+        if source.max_length and prompt + params.max_tokens > source.max_length:
+            field = "max_completion_tokens" if params.kind == "chat" else "max_tokens"
+            raise bad_request(f"the {role} model's context holds {source.max_length} tokens, but you asked for "
+                              f"{prompt + params.max_tokens} ({prompt} in the prompt, {params.max_tokens} to "
+                              f"generate); lower {field} to at most {max(source.max_length - prompt, 0)} or "
+                              f"shorten the prompt", field, "context_length_exceeded")
 
 
 def token_request(tuner, ids: list[int], template: Request) -> Request:
