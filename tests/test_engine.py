@@ -234,3 +234,22 @@ def test_padded_embedding_rows_beyond_the_tokenizer_are_cut(tok):
     assert tuner.vocab_size == len(tok)
     out = tuner.generate("Answer", max_new_tokens=10)[0]
     assert all(t < len(tok) for t in out.token_ids)
+
+
+def test_the_output_layer_gets_one_plain_matrix_when_a_batch_is_prefilled(trio, tok):
+    # Left-padded prefill keeps one position per row: a strided slice that torch would expand per row
+    # (on CPU a fallback ~50x slower than the step). The source hands the output layer a contiguous copy.
+    base = trio[0]
+    source = TransformersSource(base, name="base")
+    seen = []
+    hook = base.get_output_embeddings().register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    try:
+        session = source.open([tok.encode(p) for p in PROMPTS])
+        logits = session.prefill()
+    finally:
+        hook.remove()
+    hidden = seen[0]
+    assert hidden.shape[:2] == (len(PROMPTS), 1) and hidden.is_contiguous()
+    assert hidden.stride(0) == hidden.stride(1) * hidden.shape[1]
+    alone = [TransformersSource(base).open([tok.encode(p)]).prefill()[0] for p in PROMPTS]
+    assert torch.allclose(logits, torch.stack(alone), atol=1e-4)

@@ -43,6 +43,19 @@ def _lora_only(model) -> bool:
         return False
 
 
+def _foldable(module, args):
+    """Forward pre-hook for the output layer. With logits_to_keep, transformers hands it a strided slice
+    (rows × 1 × hidden of rows × T × hidden); torch cannot fold that into one matrix product, expands the
+    weight per row for a batched product (a 35 GB allocation for 128 rows of a 151 936-token vocabulary),
+    and on CPU falls back to a per-row kernel ~50× slower than the whole step. A contiguous copy of one
+    position per row costs nothing next to that."""
+    hidden = args[0]
+    if hidden.dim() >= 3 and any(hidden.stride(i) != hidden.stride(i + 1) * hidden.shape[i + 1]
+                                 for i in range(hidden.dim() - 2)):
+        return (hidden.clone(memory_format=torch.contiguous_format), *args[1:])
+    return None
+
+
 class TransformersSource:
     """Wraps a loaded `PreTrainedModel` (or a peft model).
 
@@ -55,6 +68,10 @@ class TransformersSource:
         self.model = model.eval()
         self.name = name
         self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
+        output_layer = model.get_output_embeddings()
+        if not getattr(output_layer, "_proxytune_foldable", False):  # sources sharing a model hook it once
+            output_layer.register_forward_pre_hook(_foldable)
+            output_layer._proxytune_foldable = True
         config = model.config
         self.max_length = getattr(config, "max_position_embeddings", None)
         self.adapter_disabled = adapter_disabled
