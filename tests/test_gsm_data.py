@@ -47,6 +47,17 @@ def test_answer_extraction_prefers_the_number_after_hashes_else_the_last_number(
     assert gsm.extract_answer(text) == expected
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("25 * 5 = 125, so \\[ \\boxed{290} \\] minutes. Then 3 more questions and 7", "290"),
+    ("\\boxed{\\$1,250} and later \\boxed{3}", "1250"),
+    ("#### 5 (or \\boxed{7})", "5"),
+    ("no box: 4 then 9", "9"),
+])
+def test_the_lenient_diagnostic_also_reads_the_first_boxed_answer(text, expected):
+    assert gsm.extract_answer_lenient(text) == expected
+    assert gsm.is_correct(text, expected, lenient=True)
+
+
 def test_wrong_or_missing_answers_are_not_correct():
     assert not gsm.is_correct("#### 8", "7")
     assert not gsm.is_correct("I don't know", "7")

@@ -25,6 +25,7 @@ RG_SUFFIX = " Give the result as your final answer. Do not include units."
 
 NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 FINAL = re.compile(r"####\s*\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
+BOXED = re.compile(r"\\boxed\{\s*\\?\$?\s*(-?\d[\d,]*(?:\.\d+)?)")
 
 
 @dataclass(frozen=True)
@@ -96,8 +97,18 @@ def extract_answer(text: str) -> str | None:
     return _normalize(numbers[-1]) if numbers else None
 
 
-def is_correct(text: str, answer: str) -> bool:
-    predicted = extract_answer(text)
+def extract_answer_lenient(text: str) -> str | None:
+    """A diagnostic, not the protocol: "####", else the first LaTeX \\boxed{number} (how instruction-tuned
+    models mark an answer before they ramble on), else the last number."""
+    if FINAL.search(text) is None:
+        boxed = BOXED.search(text)
+        if boxed:
+            return _normalize(boxed.group(1))
+    return extract_answer(text)
+
+
+def is_correct(text: str, answer: str, lenient: bool = False) -> bool:
+    predicted = extract_answer_lenient(text) if lenient else extract_answer(text)
     if predicted is None:
         return False
     try:
