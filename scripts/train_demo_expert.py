@@ -69,7 +69,7 @@ base weights {dtype}, adapter weights trained in fp32 and shipped in bf16.
 ## Result
 | | held-out loss (nats per completion token) |
 |---|---|
-| before tuning (the plain 0.5B) | {before:.4f} |
+| before tuning (the plain `{model}`) | {before:.4f} |
 | after tuning | {after:.4f} |
 
 Training took {seconds:.0f} s ({tokens_per_second:.0f} training tokens/s, {threads} torch thread(s)) on {machine}, torch {torch_version},
