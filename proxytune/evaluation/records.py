@@ -44,15 +44,14 @@ class ResultStore:
                 old = json.loads(config_path.read_text())
             except json.JSONDecodeError as error:
                 raise ProxyTuneError(f"{config_path} is not valid JSON ({error}); choose another --output") from error
-            if old.get("tuned") is None and self.config.get("tuned") is not None:
-                # The anchor is often trained after the first run: adding it keeps every result made without it.
-                old = {**old, "tuned": self.config["tuned"]}
-                if not _differences(old, self.config):
-                    config_path.write_text(json.dumps(self.config, indent=2) + "\n")
-            differing = _differences(old, self.config)
+            # The anchor is often trained after the first run: adding it keeps every result made without it.
+            adds_anchor = old.get("tuned") is None and self.config.get("tuned") is not None
+            differing = _differences({**old, "tuned": self.config["tuned"]} if adds_anchor else old, self.config)
             if differing:
                 raise ProxyTuneError(f"{self.directory} holds results of a different configuration "
                                      f"({'; '.join(differing)}); choose another --output to keep both")
+            if adds_anchor:
+                config_path.write_text(json.dumps(self.config, indent=2) + "\n")
             return
         if self.directory.exists() and any(self.directory.iterdir()):
             raise ProxyTuneError(f"{self.directory} is not empty and has no {CONFIG}: not an evaluation output "

@@ -46,8 +46,8 @@ def _lora_only(model) -> bool:
 def _foldable(module, args):
     """Forward pre-hook for the output layer. With logits_to_keep, transformers hands it a strided slice
     (rows × 1 × hidden of rows × T × hidden); torch cannot fold that into one matrix product, expands the
-    weight per row for a batched product (a 35 GB allocation for 128 rows of a 151 936-token vocabulary),
-    and on CPU falls back to a per-row kernel ~50× slower than the whole step. A contiguous copy of one
+    weight per row for a batched product (a 35 GB allocation for 128 rows of a 151 936-token vocabulary);
+    when that failed on CPU, every later step of the process ran ~10× slower. A contiguous copy of one
     position per row costs nothing next to that."""
     hidden = args[0]
     if hidden.dim() >= 3 and any(hidden.stride(i) != hidden.stride(i + 1) * hidden.shape[i + 1]
@@ -67,8 +67,8 @@ class TransformersSource:
                  adapter_disabled: bool = False, max_batch_tokens: int = 8192):
         self.model = model.eval()
         self.name = name
-        self.vocab_size = vocab_size or model.get_output_embeddings().weight.shape[0]
         output_layer = model.get_output_embeddings()
+        self.vocab_size = vocab_size or output_layer.weight.shape[0]
         if not getattr(output_layer, "_proxytune_foldable", False):  # sources sharing a model hook it once
             output_layer.register_forward_pre_hook(_foldable)
             output_layer._proxytune_foldable = True
