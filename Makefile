@@ -31,7 +31,9 @@ install-llama-cpp: $(PY)
 install-demo-models: $(PY)
 	$(PIP) -e '.[serve,remote,eval,test,demo]'
 
+# The layer contracts in pyproject.toml first (lint-imports fails on a broken layer or any import cycle).
 test: install
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q tests
 
 demo: install install-demo-models

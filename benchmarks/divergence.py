@@ -21,8 +21,8 @@ import torch  # noqa: E402
 
 import run as bench  # noqa: E402
 from proxytune import ProxyTuner  # noqa: E402
-from proxytune.sources.lora_pair import LoraPair  # noqa: E402
-from proxytune.sources.transformers_source import TransformersSource  # noqa: E402
+from proxytune.backends.lora_pair import LoraPair  # noqa: E402
+from proxytune.backends.transformers import TransformersSource  # noqa: E402
 
 
 def margin(tuner: ProxyTuner, prompt: str, tokens: list[int]) -> float:

@@ -33,9 +33,9 @@ import torch  # noqa: E402
 
 from bandwidth import copy_bandwidth  # noqa: E402  (benchmarks/bandwidth.py)
 from proxytune import ProxyTuner, registry  # noqa: E402
-from proxytune.llama_cpp_roles import LlamaCppRoles  # noqa: E402
-from proxytune.sources.llama_cpp_model import available_cores  # noqa: E402
-from proxytune.sources.llama_cpp_source import LlamaCppSource  # noqa: E402
+from proxytune.models.gguf_roles import LlamaCppRoles  # noqa: E402
+from proxytune.backends.llama_cpp.model import available_cores  # noqa: E402
+from proxytune.backends.llama_cpp.source import LlamaCppSource  # noqa: E402
 
 PROMPTS = ["The three most important things to know about the Roman Empire are",
            "def quicksort(items):\n", "Question: A farmer has 12 cows and buys 7 more. How many cows?\nAnswer:",

@@ -45,7 +45,7 @@ def run(gguf: Path, tokens: int, threads: int, site: str | None) -> tuple[float,
 
 
 def main() -> int:
-    from proxytune.registry import gguf_path
+    from proxytune.models.registry import gguf_path
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--other", required=True, help="directory a second build was pip-installed into (--target)")

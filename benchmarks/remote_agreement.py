@@ -7,7 +7,7 @@ differs) or transformers in fp32 dequantised from it (--local transformers: top-
 implementation's numerics; llama.cpp quantises activations to 8 bits, transformers does not). The expert is told in its system prompt to answer like a pirate,
 the anti-expert and base get the default system prompt, so α(z_expert − z_anti_expert) is the
 "pirate" direction. For each k the remote-base proxy is teacher-forced along the fully local
-proxy's greedy path and we count the steps where its greedy choice is the same (proxytune.fidelity).
+proxy's greedy path and we count the steps where its greedy choice is the same (proxytune.evaluation.fidelity).
 
     python benchmarks/remote_agreement.py              # k = 5 10 20 50, α = 0, 0.5, 1
     python benchmarks/remote_agreement.py --url http://127.0.0.1:8080/v1 --ks 20
@@ -23,16 +23,17 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # llama_server: a test helper
 
 import torch  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
-from proxytune.decode import Request  # noqa: E402
-from proxytune.fidelity import greedy_agreement  # noqa: E402
-from proxytune.loading import load_plain  # noqa: E402
-from proxytune.sources.llama_server import LlamaServer, smollm2_gguf  # noqa: E402
-from proxytune.sources.remote_source import RemoteSource  # noqa: E402
-from proxytune.sources.remote_spec import parse_spec  # noqa: E402
+from proxytune.engine.decoding import Request  # noqa: E402
+from proxytune.evaluation.fidelity import greedy_agreement  # noqa: E402
+from proxytune.models.loading import load_plain  # noqa: E402
+from llama_server import LlamaServer, smollm2_gguf  # noqa: E402
+from proxytune.backends.remote.source import RemoteSource  # noqa: E402
+from proxytune.backends.remote.spec import parse_spec  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Give me two tips for sleeping better.",
              "Why is the sky blue?", "Write a short greeting for a new colleague.",
@@ -60,7 +61,7 @@ def local_model(kind: str):
     model, tokenizer = load_plain("smollm2-135m-instruct", torch.device("cpu"), torch.float32)
     if kind == "transformers":
         return model, tokenizer
-    from proxytune.sources.llama_cpp_source import LlamaCppSource
+    from proxytune.backends.llama_cpp.source import LlamaCppSource
 
     return LlamaCppSource(smollm2_gguf(), name="local", threads=1), tokenizer
 

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 
 from bandwidth import copy_bandwidth  # noqa: E402  (benchmarks/bandwidth.py)
 from proxytune import ProxyTuner  # noqa: E402
-from proxytune.sources.lora_pair import LoraPair  # noqa: E402
-from proxytune.sources.transformers_source import TransformersSource  # noqa: E402
+from proxytune.backends.lora_pair import LoraPair  # noqa: E402
+from proxytune.backends.transformers import TransformersSource  # noqa: E402
 
 FALLBACK_PROMPTS = ["Answer the following question.\n\nQuestion: Tom has 3 boxes with 12 pencils each. He gives away "
                     "7 pencils. How many pencils does he have left?\nAnswer:"]
@@ -125,7 +125,7 @@ def summary(values: list[float]) -> str:
 # --- models --------------------------------------------------------------------------------------
 
 def load_quick():
-    from proxytune.loading import load_plain
+    from proxytune.models.loading import load_plain
     spec = smollm2_spec()
     model, tokenizer = load_plain(spec, torch.device("cpu"), torch.float32)
     small = lora(copy.deepcopy(model), trained=None)
@@ -135,7 +135,7 @@ def load_quick():
 
 def smollm2_spec() -> str:
     try:
-        from proxytune import registry
+        from proxytune.models import registry
         path = registry.resolve_model("smollm2-135m-instruct")
         if path is not None:
             return str(path)
@@ -163,8 +163,8 @@ def lora(model, trained: str | None):
 
 
 def load_demo(dtype: torch.dtype):
-    from proxytune import registry
-    from proxytune.loading import load_plain
+    from proxytune.models import registry
+    from proxytune.models.loading import load_plain
     trio = registry.resolve_trio("demo")
     base, tokenizer = load_plain(str(registry.resolve_model(trio["base"])), torch.device("cpu"), dtype)
     small, _ = load_plain(str(registry.resolve_model(trio["anti_expert"])), torch.device("cpu"), dtype)
@@ -364,7 +364,7 @@ def overhead(model, tokenizer, n: int, rounds: int) -> None:
     """Engine overhead: SmolLM2 as all three roles, batch 1, greedy. With one model object the three
     roles share one session (one forward per step); with three copies each step runs three forwards."""
     if model is None:
-        from proxytune.loading import load_plain
+        from proxytune.models.loading import load_plain
         model, tokenizer = load_plain(smollm2_spec(), torch.device("cpu"), torch.float32)
     copies = [model, copy.deepcopy(model), copy.deepcopy(model)]
     sources = [TransformersSource(m, name=f"copy{i}") for i, m in enumerate(copies)]

@@ -21,8 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from proxytune.datasets import gsm  # noqa: E402
-from proxytune.tune_data import batches, collate, tokenize  # noqa: E402
-from proxytune.tuning import TuneConfig, build_model  # noqa: E402
+from proxytune.training.data import batches, collate, tokenize  # noqa: E402
+from proxytune.training.tuning import TuneConfig, build_model  # noqa: E402
 
 
 def make_variant(model_spec: str, dtype: str):

@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from proxytune.datasets import gsm  # noqa: E402
-from proxytune.registry import ADAPTERS  # noqa: E402
-from proxytune.tuning import TuneConfig, tune  # noqa: E402
+from proxytune.models.registry import ADAPTERS  # noqa: E402
+from proxytune.training.tuning import TuneConfig, tune  # noqa: E402
 
 ANCHOR = Path.home() / ".cache" / "proxytune" / "adapters" / "gsm-qwen2.5-coder-1.5b-anchor"
 

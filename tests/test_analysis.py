@@ -4,12 +4,12 @@ import json
 import pytest
 from tiny import tiny_model, tiny_tokenizer
 
-from proxytune.analysis import run_analysis
-from proxytune.analysis.measures import analyze, equation_sides
-from proxytune.analysis.page import render
-from proxytune.analysis.traces import pieces
+from proxytune.evaluation.analysis import run_analysis
+from proxytune.evaluation.analysis.measures import analyze, equation_sides
+from proxytune.evaluation.analysis.page import render
+from proxytune.evaluation.analysis.traces import pieces
 from proxytune.cli import main
-from proxytune.tuner import ProxyTuner
+from proxytune.facade.tuner import ProxyTuner
 
 PROMPTS = ["Answer the following question. Question: what is 3 + 4? Answer:", "def add(a, b):"]
 
@@ -89,7 +89,7 @@ def test_analyze_command_on_a_task_and_on_a_prompts_file(tmp_path, capsys):
 
 
 def test_rescoring_a_greedy_output_gives_the_trace_decoding_recorded(tuner):
-    from proxytune.analysis.traces import collect, rescored_trace
+    from proxytune.evaluation.analysis.traces import collect, rescored_trace
 
     decoded = collect(tuner, PROMPTS[:1], max_new_tokens=10, alpha=0.7)[0]
     rescored = rescored_trace(tuner, PROMPTS[0], [t["id"] for t in decoded["tokens"]], alpha=0.7)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from proxytune import registry
+from proxytune.models import registry
 from proxytune.cli import main
 
 pytest.importorskip("reasoning_gym")
@@ -13,7 +13,7 @@ pytest.importorskip("reasoning_gym")
 def tiny_trio(tmp_path_factory):
     from tiny import tiny_model, tiny_tokenizer
 
-    from proxytune.tuning import TuneConfig, tune
+    from proxytune.training.tuning import TuneConfig, tune
 
     root = tmp_path_factory.mktemp("demo")
     for name, seed in (("base", 0), ("small", 1)):

@@ -3,7 +3,7 @@ and no row can tell. Tiny random models, offline."""
 import torch
 
 from proxytune import ProxyTuner
-from proxytune.sources.transformers_source import TransformersSource
+from proxytune.backends.transformers import TransformersSource
 
 PROMPTS = ["The quick brown fox", "Answer the following question. Question: what is 3 + 4?", "def add(a, b):",
            "Tuning language models", "The lazy dog", "x"]

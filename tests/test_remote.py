@@ -9,14 +9,14 @@ import torch
 from openai_fake import Fault, FakeOpenAI
 
 from proxytune import ProxyTuner
-from proxytune.choice import choose
-from proxytune.decode import Request
+from proxytune.facade.choice import choose
+from proxytune.engine.decoding import Request
 from proxytune.errors import ProxyTuneError, SourceFailure
-from proxytune.sources.llama_server import LlamaServer, missing_server_modules, smollm2_gguf
-from proxytune.sources.openai_http import RemoteSourceError
-from proxytune.sources.remote_source import RemoteSource
-from proxytune.sources.remote_spec import parse_spec
-from proxytune.sources.transformers_source import TransformersSource
+from llama_server import LlamaServer, missing_server_modules, smollm2_gguf
+from proxytune.backends.remote.http import RemoteSourceError
+from proxytune.backends.remote.source import RemoteSource
+from proxytune.backends.remote.spec import parse_spec
+from proxytune.backends.transformers import TransformersSource
 
 PROMPTS = ["The quick", "def add"]
 
@@ -228,7 +228,7 @@ def test_remote_expert_roles_work_too(fake, tok, trio):
 
 def test_loading_dispatches_openai_specs(fake, tok, tmp_path):
     tok.save_pretrained(tmp_path / "tok")
-    from proxytune.loading import load_roles
+    from proxytune.models.loading import load_roles
 
     spec = f"openai:{fake.url}?tokenizer={tmp_path / 'tok'}&top_k=3"
     loaded = load_roles({"base": spec})
@@ -273,8 +273,8 @@ def llama_server():
 def smollm2():
     """(in-process llama.cpp source, tokenizer): the same GGUF and kernels as the server, so the only
     difference between local and remote-base proxy-tuning is the server's top-k."""
-    from proxytune.sources.llama_cpp_source import LlamaCppSource
-    from proxytune.sources.remote_source import load_tokenizer
+    from proxytune.backends.llama_cpp.source import LlamaCppSource
+    from proxytune.models.tokenizers import load_tokenizer
 
     return LlamaCppSource(smollm2_gguf(), name="local", threads=1), load_tokenizer("smollm2-135m-instruct")
 
@@ -317,7 +317,7 @@ def test_llama_alpha_zero_reproduces_the_servers_own_greedy_completion(llama_ser
 
 @needs_llama_server
 def test_llama_remote_base_proxy_agrees_with_local_proxy_tuning(llama_server, smollm2):
-    from proxytune.fidelity import greedy_agreement
+    from proxytune.evaluation.fidelity import greedy_agreement
 
     model, tokenizer = smollm2
     local = ProxyTuner(model, model, model, tokenizer=tokenizer)
@@ -374,7 +374,7 @@ def test_llama_server_killed_mid_generation_keeps_the_text_so_far(smollm2):
 
 
 def test_llama_cpp_empty_key_is_eos_only_near_the_top_and_keeps_its_rank(tok):
-    from proxytune.sources.token_strings import RowStats, TokenStrings, logit_row
+    from proxytune.backends.remote.token_strings import RowStats, TokenStrings, logit_row
 
     strings = TokenStrings.build(tok, len(tok))
     a, b = strings.ids_by_text["a"], strings.ids_by_text["b"]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from proxytune import ProxyTuneError, ProxyTuner, Request
-from proxytune.sampling import SamplingParams, next_token_probs
-from proxytune.speculative import DraftLength, SpeculativeDecoding, verify_row
+from proxytune.backends.protocol import Capabilities
+from proxytune.engine.sampling import SamplingParams, next_token_probs
+from proxytune.engine.speculative import DraftLength, PositionRandomness, SpeculativeDecoding, verify_row
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n", "Answer the following question. Question: what is 3 + 4?",
            "Tuning"]
@@ -113,10 +114,10 @@ def test_greedy_verification_accepts_up_to_the_first_disagreement():
     p = torch.full((4, 6), -5.0)
     for j, best in enumerate([2, 4, 1, 3]):
         p[j, best] = 5.0
-    generator = torch.Generator().manual_seed(0)
+    randomness = PositionRandomness(seed=0, start=0)
     greedy = SamplingParams()
-    assert verify_row(p, [2, 4, 1], None, greedy, generator) == (3, 3)  # all accepted, bonus token
-    assert verify_row(p, [2, 5, 1], None, greedy, generator) == (1, 4)  # corrected at the second
+    assert verify_row(p, [2, 4, 1], None, greedy, randomness) == (3, 3)  # all accepted, bonus token
+    assert verify_row(p, [2, 5, 1], None, greedy, randomness) == (1, 4)  # corrected at the second
 
 
 def test_bad_draft_length_and_sources_that_cannot_roll_back_are_clear_errors(tuner):
@@ -125,13 +126,15 @@ def test_bad_draft_length_and_sources_that_cannot_roll_back_are_clear_errors(tun
         run(tuner, requests, 0)
 
     class NoExtend:
+        capabilities = Capabilities()  # declares no rollback (and no join)
+
         def __init__(self, inner):
             self.inner = inner
 
         def prefill(self):
             return self.inner.prefill()
 
-        def advance(self, tokens):
+        def advance(self, tokens, extend=False):
             return self.inner.advance(tokens)
 
     class Wrapped:
@@ -214,7 +217,7 @@ def test_speculative_sampling_draws_exactly_from_the_warped_proxy_distribution(t
 
 def smollm2_spec() -> str | None:
     try:
-        from proxytune import registry
+        from proxytune.models import registry
         path = registry.resolve_model("smollm2-135m-instruct") if "smollm2-135m-instruct" in getattr(
             registry, "MODELS", {}) else None
         if path is not None:
@@ -234,13 +237,13 @@ def test_speculative_greedy_equals_plain_greedy_on_smollm2_with_a_lora_expert():
 
     from peft import LoraConfig, get_peft_model
 
-    from proxytune.loading import load_plain
+    from proxytune.models.loading import load_plain
 
     model, tok = load_plain(smollm2_spec(), torch.device("cpu"), torch.float32)
     torch.manual_seed(0)
     small = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                              init_lora_weights=False)).eval()
-    from proxytune.sources.transformers_source import TransformersSource
+    from proxytune.backends.transformers import TransformersSource
     expert = TransformersSource(small, name="expert")
     anti = TransformersSource(small, name="anti_expert", adapter_disabled=True)
     tuner = ProxyTuner(model, expert, anti, tokenizer=tok, alpha=0.6)
@@ -280,6 +283,7 @@ def test_a_base_that_dies_mid_generation_ends_rows_with_an_error_and_their_text_
             calls = iter(range(100))
 
             class Session:
+                capabilities = session.capabilities
                 prefill = session.prefill
                 rewind, select = session.rewind, session.select
 

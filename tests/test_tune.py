@@ -4,8 +4,8 @@ import json
 import pytest
 
 from proxytune.errors import ProxyTuneError
-from proxytune.tune_data import IGNORE, read_jsonl, tokenize
-from proxytune.tuning import TuneConfig, tune
+from proxytune.training.data import IGNORE, read_jsonl, tokenize
+from proxytune.training.tuning import TuneConfig, tune
 
 ROWS = [{"prompt": f"Question: what is {a} + {b}? Answer:", "completion": f" {a + b} #### {a + b}"}
         for a in range(1, 7) for b in range(1, 5)]
@@ -54,12 +54,12 @@ def test_lora_tuning_lowers_heldout_loss_and_the_adapter_loads_as_an_expert(tiny
     adapter = tmp_path / "expert"
     assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_dir)
 
-    from proxytune.tuner import ProxyTuner
+    from proxytune.facade.tuner import ProxyTuner
 
     tuner = ProxyTuner.from_pretrained(str(tiny_dir), str(adapter), str(tiny_dir), dtype="float32")
     prompt = "Question: what is 2 + 3? Answer:"
     request = tuner.request(prompt, max_new_tokens=4)
-    from proxytune.compare import generate_as
+    from proxytune.facade.compare import generate_as
 
     base_text, expert_text = generate_as(tuner, request, "base"), generate_as(tuner, request, "expert")
     assert expert_text != base_text  # the adapter is live for the expert, off for the anti-expert (= base here)
@@ -78,7 +78,7 @@ def test_resume_continues_from_the_checkpoint_to_the_same_result(tiny_dir, tmp_p
     class Stop(Exception):
         pass
 
-    import proxytune.tuning as tuning
+    import proxytune.training.tuning as tuning
 
     real_save, calls = tuning.save_checkpoint, []
 

@@ -62,8 +62,8 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
 def load_runner(args: argparse.Namespace, specs: dict, base_only: bool = False):
     """The trio (or, with base_only, the base model standing in for all three roles) and the tuned model."""
     from ..evaluation import RoleRunner
-    from ..loading import load_roles
-    from ..tuner import ProxyTuner
+    from ..models.loading import load_roles
+    from ..facade.tuner import ProxyTuner
 
     if base_only:
         source, tokenizer = load_roles({"base": specs["base"]}, device=args.device, dtype=args.dtype)["base"]

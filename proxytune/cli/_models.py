@@ -25,7 +25,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def model_specs(args: argparse.Namespace) -> dict[str, str]:
     """role -> spec, from --model or the three role options."""
-    from .. import registry
+    from ..models import registry
 
     if args.model:
         if args.base or args.expert or args.anti_expert:
@@ -42,7 +42,7 @@ def model_specs(args: argparse.Namespace) -> dict[str, str]:
 
 
 def load_tuner(args: argparse.Namespace):
-    from ..tuner import ProxyTuner
+    from ..facade.tuner import ProxyTuner
 
     specs = model_specs(args)
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,

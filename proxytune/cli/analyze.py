@@ -77,9 +77,9 @@ def eval_records(directory: Path, limit: int) -> tuple[dict, list[dict]]:
 
 
 def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
-    from ..analysis import write_analysis
-    from ..analysis.traces import rescored_trace
-    from ..tuner import ProxyTuner
+    from ..evaluation.analysis import write_analysis
+    from ..evaluation.analysis.traces import rescored_trace
+    from ..facade.tuner import ProxyTuner
 
     if args.model or args.base or args.expert or args.anti_expert:
         raise ProxyTuneError("with an eval directory the models come from its config.json; drop the model options")
@@ -93,7 +93,7 @@ def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..analysis import run_analysis
+    from ..evaluation.analysis import run_analysis
 
     for name in ("limit", "max_new_tokens", "top_k", "batch_size"):
         if getattr(args, name) < 1:

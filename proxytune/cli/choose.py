@@ -29,7 +29,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..choice import check_options, choose
+    from ..facade.choice import check_options, choose
 
     options = check_options(args.options or [])
     prompt = read_prompt(args)

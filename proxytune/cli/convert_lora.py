@@ -26,9 +26,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..llama_cpp_roles import LlamaCppRoles
-    from ..loading import adapter_base, local_path
-    from ..lora_gguf import convert_lora
+    from ..models.gguf_roles import LlamaCppRoles
+    from ..models.specs import adapter_base, local_path
+    from ..models.lora_gguf import convert_lora
 
     adapter_dir = local_path(args.adapter)
     base_spec = args.base or adapter_base(adapter_dir)

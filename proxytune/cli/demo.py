@@ -68,10 +68,10 @@ def pick_question(args) -> tuple[str, str | None]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import registry
-    from ..compare import generate_as
+    from ..models import registry
+    from ..facade.compare import generate_as
     from ..datasets.gsm import PROMPT, extract_answer, is_correct
-    from ..tuner import ProxyTuner
+    from ..facade.tuner import ProxyTuner
 
     trio = registry.resolve_trio(args.model)
     if trio is None:

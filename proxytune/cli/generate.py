@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
             print(delta, end="", flush=True)
         print()
         return 0
-    from ..compare import compare_roles
+    from ..facade.compare import compare_roles
 
     for title, text in compare_roles(tuner, request, stream_to=sys.stdout):
         pass

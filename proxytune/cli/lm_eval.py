@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from lm_eval.__main__ import cli_evaluate
 
-        from .. import lm_eval_adapter  # noqa: F401 — registers the "proxytune" model
+        from ..integrations import lm_eval as lm_eval_adapter  # noqa: F401 — registers the "proxytune" model
     except ImportError as error:
         raise ProxyTuneError(f"lm-eval is not installed ({error}): pip install 'proxytune[eval]' "
                              f"or pip install lm-eval==0.4.13") from None

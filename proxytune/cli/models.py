@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from .. import registry
+from ..models import registry
 from ..errors import ProxyTuneError
 
 
@@ -57,7 +57,7 @@ def models_to_prepare(names: list[str]) -> list[str]:
 
 
 def adapter_base_name(adapter: str) -> str | None:
-    from ..loading import adapter_base
+    from ..models.specs import adapter_base
 
     return adapter_base(registry.ADAPTERS[adapter])
 

@@ -49,7 +49,7 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tuning import TuneConfig, tune
+    from ..training.tuning import TuneConfig, tune
 
     check_numbers(args)
     if args.threads:

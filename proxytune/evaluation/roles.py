@@ -9,12 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-import torch
-
-from ..compare import role_alone, solo_decoding
-from ..decode import Decoding, Request
+from ..facade.compare import role_alone, solo_decoding
+from ..engine.decoding import Decoding, Request
 from ..errors import ProxyTuneError
-from ..proxy import combined_logits
+from ..engine.scoring import proxy_logits, token_scores
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,7 @@ class RoleRunner:
         if role.kind == "proxy":
             return self.tuner.request(prompt, alpha=role.alpha, **options)
         request = self._tuner_of(role).request(prompt, alpha=0.0, **options)
-        return role_alone(self.tuner, request, role.kind) if role.kind in ("base", "expert") else request
+        return role_alone(request, role.kind) if role.kind in ("base", "expert") else request
 
     def decoding(self, role: Role, requests: Sequence[Request]) -> Decoding:
         if role.kind in ("base", "expert"):
@@ -87,29 +85,10 @@ class RoleRunner:
 
     def _score_trio(self, roles: Sequence[Role], pairs: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
         tuner = self.tuner
-        ids = [tuner.encode(prompt) for prompt, _ in pairs]
-        continuations = [tuner.tokenizer(c, add_special_tokens=False)["input_ids"] for _, c in pairs]
-        if any(not c for c in continuations):
-            raise ProxyTuneError("an option is empty: nothing to score")
-        sequences = [p + c for p, c in zip(ids, continuations)]
-        logits: dict[str, list[torch.Tensor]] = {}
-        computed: dict[int, list[torch.Tensor]] = {}
-        needed = {"base", "expert", "anti_expert"} if any(r.kind == "proxy" for r in roles) else {r.kind for r in roles}
-        for kind in sorted(needed):
-            source = tuner.sources[kind]
-            if id(source) not in computed:  # keep only the rows that predict continuation tokens
-                full = source.sequence_logits(sequences)
-                computed[id(source)] = [f[len(p) - 1:len(p) + len(c) - 1] for f, p, c in zip(full, ids, continuations)]
-            logits[kind] = computed[id(source)]
+        items = [tuner.score_item(prompt, option, f"option {i}") for i, (prompt, option) in enumerate(pairs)]
         totals: dict[str, list[float]] = {role.name: [] for role in roles}
-        for row, continuation in enumerate(continuations):
-            targets = torch.tensor(continuation)[:, None]
+        for item, logits in zip(items, tuner.role_logits(items)):
             for role in roles:
-                if role.kind == "proxy":
-                    base, expert, anti = (logits[k][row][None] for k in ("base", "expert", "anti_expert"))
-                    z = combined_logits(base, [expert], [anti], torch.tensor([[role.alpha]]))[0]
-                else:
-                    z = logits[role.kind][row]
-                chosen = torch.log_softmax(z.float(), dim=-1).gather(1, targets)
-                totals[role.name].append(float(chosen.sum()))
+                z = proxy_logits(tuner.schema, logits, [role.alpha]) if role.kind == "proxy" else logits[role.kind]
+                totals[role.name].append(token_scores(z, item.targets()).total)
         return totals

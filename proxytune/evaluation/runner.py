@@ -103,9 +103,10 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
                 raise ProxyTuneError(f"{role.title} failed on {example.id}: {event.error}")
             open_rows[example.id] -= 1
             if open_rows[example.id] == 0:
-                rows = decoding.rows[first_row[example.id]:first_row[example.id] + 1 + task.samples]
-                write(_generation_record(task, role, example, [row.output() for row in rows]))
-        running = sum(row.finish_reason is None for row in decoding.rows)
+                first = first_row[example.id]
+                write(_generation_record(task, role, example,
+                                         [decoding.output(i) for i in range(first, first + 1 + task.samples)]))
+        running = decoding.running
         if queued < len(requests) and running < batch_size:
             decoding.add(requests[queued:queued + batch_size - running])
             queued += batch_size - running

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..prompts import ALL_ROLES
+from ..engine.prompts import ALL_ROLES
 from . import openai_format as fmt
 from .api_errors import APIError
 from .openai_format import Shape, TokenLogprob, TokenStrings

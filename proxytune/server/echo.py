@@ -1,38 +1,33 @@
 """Prompt log-probabilities for `echo` on /v1/completions (what lm-eval's `local-completions` scores).
 
-The same arithmetic as `ProxyTuner.score`: one full-sequence forward per distinct model, then
-log_softmax(z_base + α(z_expert − z_anti_expert)) at every position.
+The engine's one scoring function (`ProxyTuner.score_items`): one full-sequence forward per distinct
+model, then log_softmax(z_base + α(z_expert − z_anti_expert)) at every position.
 """
 from __future__ import annotations
 
-import torch
-
-from ..proxy import combined_logits
+from ..engine.scoring import ScoreItem
 from .openai_format import TokenLogprob
 
 
 def prompt_logprobs(tuner, prompts: list[dict[str, list[int]]], alphas: list[list[float]], top: int
                     ) -> list[list[TokenLogprob]]:
-    """For each prompt (role -> token ids): the first token (no logprob), then log p̃ of each next one."""
-    by_key: dict[tuple, list[torch.Tensor]] = {}
-    for role, source in tuner.sources.items():
-        sequences = [p[role] for p in prompts]
-        key = (id(source), tuple(map(tuple, sequences)))
-        if key not in by_key:
-            by_key[key] = source.sequence_logits(sequences)
-    results = []
+    """For each prompt (role -> token ids): its first tokens (no logprob), then log p̃ of each next one.
+
+    Roles may tokenize a prompt to different lengths (one adds BOS): the tokens every role has a
+    token before are scored."""
+    results: list[list[TokenLogprob] | None] = [None] * len(prompts)
+    scorable = []
     for row, prompt in enumerate(prompts):
-        logits = {role: by_key[(id(s), tuple(tuple(p[role]) for p in prompts))][row] for role, s in tuner.sources.items()}
-        combined = combined_logits(logits["base"][None], [logits[r][None] for r in tuner.roles[1::2]],
-                                   [logits[r][None] for r in tuner.roles[2::2]], torch.tensor([alphas[row]]))[0]
-        logprobs = torch.log_softmax(combined.float()[:-1], dim=-1)  # position t predicts token t + 1
-        ids = prompt["base"]
-        targets = torch.tensor(ids[1:], dtype=torch.long)
-        chosen = logprobs.gather(1, targets[:, None])[:, 0].tolist() if len(ids) > 1 else []
-        tops = [[] for _ in chosen]
-        if top:
-            values, indices = logprobs.topk(top, dim=-1)
-            tops = [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices, values)]
-        results.append([TokenLogprob(ids[0], None, None)] +
-                       [TokenLogprob(t, lp, tp) for t, lp, tp in zip(ids[1:], chosen, tops)])
+        scored = min(len(ids) for ids in prompt.values()) - 1
+        if scored < 1:
+            results[row] = [TokenLogprob(t, None, None) for t in prompt["base"]]
+        else:
+            scorable.append((row, ScoreItem(prompt, scored)))
+    for row, item in scorable:
+        (score,) = tuner.score_items([item], alpha=alphas[row], top=top)
+        ids = item.sequences["base"]
+        head = ids[:len(ids) - item.scored]
+        tops = score.top or [[] for _ in score.logprobs]
+        results[row] = ([TokenLogprob(t, None, None) for t in head] +
+                        [TokenLogprob(t, lp, tp) for t, lp, tp in zip(score.token_ids, score.logprobs, tops)])
     return results

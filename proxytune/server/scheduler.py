@@ -91,10 +91,6 @@ class Scheduler:
             self.condition.notify()
         return job
 
-    def wake(self) -> None:
-        with self.condition:
-            self.condition.notify()
-
     @property
     def load(self) -> dict:
         return {"running_rows": len(self.owner), "waiting_requests": len(self.waiting), **self.counts}
@@ -129,21 +125,23 @@ class Scheduler:
             job.emit(("error", timeout_error()))
 
     def _can_join(self) -> bool:
+        """A waiting job may start now: no batch is running, or the running one takes rows (every
+        session declares join; a source that cannot is served one batch after another)."""
         if self.decoding is None:
             return True
-        sessions = self.decoding.session.sessions.values()
-        return len(self.decoding.rows) < ROTATE_AFTER_ROWS and all(hasattr(s, "join") for s in sessions)
+        return len(self.decoding.rows) < ROTATE_AFTER_ROWS and self.decoding.accepts_new_rows
 
     def _admit(self) -> None:
-        admitted: list[Job] = []
-        with self.condition:
-            while self.waiting and self._can_join():
+        """Start waiting jobs while the batch has room; one at a time, so that each sees the decoding the
+        previous one started (and whether it takes more rows)."""
+        while True:
+            with self.condition:
+                if not self.waiting or not self._can_join():
+                    return
                 job = self.waiting[0]
-                if len(self.owner) + sum(len(j.requests) for j in admitted) + len(job.requests) > self.max_batch \
-                        and (self.owner or admitted):
-                    break
-                admitted.append(self.waiting.popleft())
-        for job in admitted:
+                if len(self.owner) + len(job.requests) > self.max_batch and self.owner:
+                    return
+                self.waiting.popleft()
             try:
                 self._start(job)
             except Exception as error:
@@ -163,7 +161,7 @@ class Scheduler:
             self.steps = self.decoding.steps()
             new_rows = list(range(len(job.requests)))
         else:
-            new_rows = [row.index for row in self.decoding.add(job.requests)]
+            new_rows = self.decoding.add(job.requests)
         job.rows, job.unfinished = new_rows, len(new_rows)
         self.owner.update({row: (job, choice) for choice, row in enumerate(new_rows)})
         self.running_jobs.append(job)
@@ -189,7 +187,7 @@ class Scheduler:
         for job, *items in by_job.values():
             job.emit(("events", items))
         for job in finished:
-            job.emit(("done", [self.decoding.rows[row].output() for row in job.rows]))
+            job.emit(("done", [self.decoding.output(row) for row in job.rows]))
             self.running_jobs.remove(job)
 
     def _drop_cancelled(self) -> None:

@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..decode import Request
+from ..engine.decoding import Request
 from ..errors import ProxyTuneError
-from ..sampling import SamplingParams
+from ..engine.sampling import SamplingParams
 from .api_errors import APIError, bad_request
 
 MAX_TOP_LOGPROBS = 20

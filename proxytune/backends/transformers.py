@@ -1,0 +1,214 @@
+"""A transformers causal LM as a logit source: its own DynamicCache, attention mask and positions.
+
+Rows are left-padded. Tokens dropped by `rewind` stay in the cache but are masked out, and
+position ids are the running count of unmasked tokens, so every row sees exactly its own
+sequence; when all rows drop a common tail, the cache is cropped instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Sequence
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from ..errors import ProxyTuneError
+from .protocol import Capabilities
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    # HF convention for left padding: positions count real tokens; padded slots get a dummy 1.
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill_(mask == 0, 1)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if any(len(s) == 0 for s in sequences):
+        raise ProxyTuneError("cannot run an empty token sequence: every prompt needs at least one token")
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids, mask
+
+
+def _lora_only(model) -> bool:
+    try:
+        from peft import PeftType
+        return all(config.peft_type == PeftType.LORA for config in model.peft_config.values())
+    except (ImportError, AttributeError):
+        return False
+
+
+def _foldable(module, args):
+    """Forward pre-hook for the output layer. With logits_to_keep, transformers hands it a strided slice
+    (rows × 1 × hidden of rows × T × hidden); torch cannot fold that into one matrix product, expands the
+    weight per row for a batched product (a 35 GB allocation for 128 rows of a 151 936-token vocabulary);
+    when that failed on CPU, every later step of the process ran ~10× slower. A contiguous copy of one
+    position per row costs nothing next to that."""
+    hidden = args[0]
+    if hidden.dim() >= 3 and any(hidden.stride(i) != hidden.stride(i + 1) * hidden.shape[i + 1]
+                                 for i in range(hidden.dim() - 2)):
+        return (hidden.clone(memory_format=torch.contiguous_format), *args[1:])
+    return None
+
+
+class TransformersSource:
+    """Wraps a loaded `PreTrainedModel` (or a peft model).
+
+    `adapter_disabled=True` runs a peft model with its adapters switched off: the anti-expert
+    then shares the expert's base weights instead of holding a second copy.
+    """
+
+    def __init__(self, model, vocab_size: int | None = None, name: str = "model",
+                 adapter_disabled: bool = False, max_batch_tokens: int = 8192):
+        self.model = model.eval()
+        self.name = name
+        output_layer = model.get_output_embeddings()
+        self.vocab_size = vocab_size or output_layer.weight.shape[0]
+        if not getattr(output_layer, "_proxytune_foldable", False):  # sources sharing a model hook it once
+            output_layer.register_forward_pre_hook(_foldable)
+            output_layer._proxytune_foldable = True
+        config = model.config
+        self.max_length = getattr(config, "max_position_embeddings", None)
+        self.adapter_disabled = adapter_disabled
+        self.max_batch_tokens = max_batch_tokens
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def forward(self, **inputs) -> torch.Tensor:
+        context = contextlib.nullcontext()
+        if self.adapter_disabled and _lora_only(self.model):
+            # peft's disable_adapter() rescans the whole model on every call (0.1-0.3 s per step here);
+            # a mixed-adapter batch of "__base__" rows runs the same weights without the adapter, for free.
+            inputs["adapter_names"] = ["__base__"] * inputs["input_ids"].shape[0]
+        elif self.adapter_disabled:
+            context = self.model.disable_adapter()
+        with torch.inference_mode(), context:
+            out = self.model(**{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in inputs.items()})
+        return out.logits[..., : self.vocab_size].float()
+
+    def open(self, prompts: Sequence[Sequence[int]]) -> "TransformersSession":
+        return TransformersSession(self, prompts)
+
+    def sequence_logits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        results: list[torch.Tensor] = []
+        start = 0
+        while start < len(sequences):
+            # Group rows so that one forward never materialises more than max_batch_tokens logit rows.
+            end = start + 1
+            while end < len(sequences) and (end - start + 1) * max(map(len, sequences[start:end + 1])) <= self.max_batch_tokens:
+                end += 1
+            group = sequences[start:end]
+            ids, mask = left_pad(group, pad_id=0)
+            logits = self.forward(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), use_cache=False)
+            for row, seq in enumerate(group):
+                results.append(logits[row, ids.shape[1] - len(seq):].cpu())
+            start = end
+        return results
+
+
+class TransformersSession:
+    capabilities = Capabilities(rollback=True, join=True, fork=True)
+
+    def __init__(self, source: TransformersSource, prompts: Sequence[Sequence[int]]):
+        self.source = source
+        self.prompts = [list(p) for p in prompts]
+        self.cache = DynamicCache()
+        self.mask: torch.Tensor | None = None
+        self._last_width = 0
+
+    def prefill(self) -> torch.Tensor:
+        ids, self.mask = left_pad(self.prompts, pad_id=0)
+        logits = self.source.forward(input_ids=ids, attention_mask=self.mask, position_ids=_positions(self.mask),
+                                     cache=self.cache, use_cache=True, logits_to_keep=1)
+        return logits[:, -1]
+
+    def advance(self, tokens: torch.Tensor, extend: bool = False) -> torch.Tensor:
+        tokens = tokens.reshape(tokens.shape[0], -1).long().cpu()
+        width = tokens.shape[1]
+        self.mask = torch.cat([self.mask, torch.ones_like(tokens)], dim=1)
+        positions = _positions(self.mask)[:, -width:]
+        # extend: a speculative draft grows one token at a time, and rewind must reach back over all of it.
+        self._last_width = width + (self._last_width if extend else 0)
+        return self.source.forward(input_ids=tokens, attention_mask=self.mask, position_ids=positions,
+                                   cache=self.cache, use_cache=True, logits_to_keep=width)
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        width = self._last_width
+        if any(k < 0 or k > width for k in keep):
+            raise ValueError(f"rewind keeps 0..{width} of the last tokens, got {list(keep)}")
+        for row, kept in enumerate(keep):
+            self.mask[row, self.mask.shape[1] - width + kept:] = 0
+        droppable = width - max(keep, default=width)
+        if droppable:
+            self.cache.crop(-droppable)  # transformers >= 5.24: a negative count removes tokens
+            self.mask = self.mask[:, :-droppable]
+        self._last_width = 0
+
+    def select(self, rows: Sequence[int]) -> None:
+        index = torch.tensor(list(rows), dtype=torch.long)
+        self.cache.batch_select_indices(index.to(self.source.device))
+        self.mask = self.mask[index]
+        self.prompts = [self.prompts[r] for r in rows]
+        self._drop_leading_padding()
+
+    # --- dynamic batching (the server): rows join a running batch between steps ---------------------
+
+    def join(self, other: "TransformersSession") -> None:
+        """Append the rows of `other` (prefilled, same source) after this batch's rows.
+
+        The narrower side is left-padded with zero keys/values under a 0 mask, so every row still
+        attends to exactly its own tokens at its own positions: joining never changes a row's logits.
+        """
+        if other.source is not self.source:
+            raise ValueError("only sessions of the same source can be joined")
+        if self.mask is None or other.mask is None:
+            raise ValueError("prefill both sessions before joining them")
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
+                raise ValueError(f"cannot join {type(mine).__name__} caches (sliding or static layers)")
+            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=-2), _pad_left(theirs.keys, width, dim=-2)])
+            mine.values = torch.cat([_pad_left(mine.values, width, dim=-2), _pad_left(theirs.values, width, dim=-2)])
+        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(other.mask, width, dim=1)])
+        self.prompts += other.prompts
+        self._last_width = 0  # a rewind cannot reach back across a join
+        self._drop_leading_padding()
+
+    def fork(self) -> "TransformersSession":
+        """An independent copy (cache included) that can then advance on its own."""
+        twin = TransformersSession(self.source, self.prompts)
+        twin.cache = copy.deepcopy(self.cache)
+        twin.mask = None if self.mask is None else self.mask.clone()
+        twin._last_width = self._last_width
+        return twin
+
+    def _drop_leading_padding(self) -> None:
+        # Columns no row attends to (left by rows that left or by a long row that joined) only cost
+        # compute; positions come from the mask, so cutting them changes nothing.
+        if self.mask is None or self.mask.shape[0] == 0:
+            return
+        used = self.mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        layers = self.cache.layers
+        if start == 0 or not all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers):
+            return
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+        self.mask = self.mask[:, start:]
+
+
+def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

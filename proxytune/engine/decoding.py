@@ -1,0 +1,241 @@
+"""Proxy-tuned decoding as a generator of steps: the one decoding loop of proxytune.
+
+`Decoding.steps()` prefills every role, then repeatedly chooses tokens for the running rows from
+the combined logits, feeds them to every role and yields what happened. Between two steps `add()`
+lets new requests join (continuous batching) and `cancel()` ends rows. A *round* is how tokens are
+proposed: one token per row (here), or a draft verified in one forward (`speculative.py`); admission,
+row selection, cancellation and failure handling are the same for both. `generate`, `stream`, the
+CLI, the server and the evaluations all consume these steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from ..backends.protocol import LogitSource
+from ..errors import ProxyTuneError, SourceFailure
+from .roles import ExpertPair, Roles
+from .sampling import SamplingParams, choose, make_generator, random_seed
+from .session import ProxySession, RoleLogits, StepTimes
+from .text import TextTracker
+
+
+@dataclass
+class Request:
+    """One row to generate: its prompt for every role, and how to decode it."""
+    prompts: dict[str, list[int]]  # role -> prompt token ids
+    alphas: list[float]  # one per expert pair
+    params: SamplingParams = SamplingParams()
+    max_new_tokens: int = 64
+    stop: Sequence[str] = ()
+    seed: int | None = None
+    details: int = 0  # top-k per role to record at each step (0 = none)
+
+
+@dataclass
+class StepDetail:
+    """What every role thought at one step: top tokens with probabilities, and the chosen token's probability."""
+    token_id: int
+    top: dict[str, list[tuple[int, float]]]
+    chosen_prob: dict[str, float]
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)  # combined log p̃, best first
+
+
+@dataclass
+class Event:
+    """One row's progress at one step."""
+    row: int
+    token_id: int | None  # None when the row ended on an EOS token
+    delta: str
+    logprob: float | None  # of token_id under the combined (unwarped) distribution
+    finish_reason: str | None = None  # "stop" | "length" | "error" once the row is done
+    detail: StepDetail | None = None
+    error: str | None = None  # with finish_reason "error": why a model stopped answering
+
+
+@dataclass
+class GenerationOutput:
+    text: str
+    token_ids: list[int]  # generated tokens, without the EOS token
+    finish_reason: str  # "stop" (EOS or stop string) | "length" | "error" (a model failed; text so far kept)
+    logprobs: list[float] = field(default_factory=list)
+    details: list[StepDetail] | None = None
+    error: str | None = None
+
+
+def step_detail(logits: RoleLogits, row: int, token_id: int, k: int) -> StepDetail:
+    top, chosen = {}, {}
+    for role, role_logits in {**logits.by_role(), "proxy": logits.combined}.items():
+        probs = torch.softmax(role_logits[row].float(), dim=-1)
+        values, ids = probs.topk(k)
+        top[role] = [(int(i), float(v)) for i, v in zip(ids, values)]
+        chosen[role] = float(probs[token_id])
+    # log_softmax, not log(prob): the same numbers as Event.logprob and score(), also far in the tail.
+    values, ids = torch.log_softmax(logits.combined[row].float(), dim=-1).topk(k)
+    return StepDetail(token_id, top, chosen, [(int(i), float(v)) for i, v in zip(ids, values)])
+
+
+class RowState:
+    """Bookkeeping of one row: its text, stop conditions and results."""
+
+    def __init__(self, index: int, request: Request, tokenizer, eos_ids: set[int], token_budget: int):
+        self.index = index
+        self.request = request
+        self.tracker = TextTracker(tokenizer, request.stop)
+        self.eos_ids = eos_ids
+        self.budget = min(request.max_new_tokens, token_budget)
+        self.seed = request.seed if request.seed is not None else random_seed()
+        self.generator = make_generator(self.seed)
+        self.logprobs: list[float] = []
+        self.details: list[StepDetail] | None = [] if request.details else None
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+
+    def fail(self, failure: SourceFailure) -> Event:
+        """A model stopped answering: end the row, keeping what it generated so far."""
+        self.finish_reason, self.error = "error", str(failure)
+        return Event(self.index, None, self.tracker.delta(final=True), None, "error", None, self.error)
+
+    def record(self, token_id: int, logprob: float, detail: StepDetail | None) -> Event:
+        if self.details is not None and detail is not None:
+            self.details.append(detail)
+        if token_id in self.eos_ids:
+            self.finish_reason = "stop"
+            return Event(self.index, None, self.tracker.delta(final=True), logprob, "stop", detail)
+        self.logprobs.append(logprob)
+        self.tracker.add(token_id)
+        if self.tracker.stopped:
+            self.finish_reason = "stop"
+        elif len(self.tracker.token_ids) >= self.budget:
+            self.finish_reason = "length"
+        delta = self.tracker.delta(final=self.finish_reason is not None)
+        return Event(self.index, token_id, delta, logprob, self.finish_reason, detail)
+
+    def output(self) -> GenerationOutput:
+        return GenerationOutput(self.tracker.text, list(self.tracker.token_ids), self.finish_reason or "length",
+                                self.logprobs, self.details, self.error)
+
+
+def token_budget(request: Request, sources: dict[str, LogitSource]) -> int:
+    """How many tokens fit in every role's context after its prompt."""
+    room = [s.max_length - len(request.prompts[role]) for role, s in sources.items() if s.max_length]
+    return min(room) if room else request.max_new_tokens
+
+
+def open_session(base: LogitSource, pairs: Sequence[ExpertPair], requests: Sequence[Request],
+                 times: StepTimes | None = None) -> ProxySession:
+    prompts = {role: [r.prompts[role] for r in requests] for role in Roles(len(pairs))}
+    alphas = torch.tensor([r.alphas for r in requests], dtype=torch.float32).reshape(len(requests), len(pairs))
+    return ProxySession(base, pairs, prompts, alphas, times)
+
+
+class Decoding:
+    """One batch of requests decoded together; iterate `steps()`, then read `outputs()`.
+
+    Between two steps, `add()` brings in new requests (prefilled in their own session, then joined
+    to the running batch) and `cancel()` ends rows; both take effect at the next step.
+    """
+
+    def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], requests: Sequence[Request], tokenizer,
+                 eos_ids: set[int]):
+        self.base, self.pairs = base, list(pairs)
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.times = StepTimes()
+        self.session = open_session(base, pairs, requests, self.times)
+        self.rows = [self._row(i, r) for i, r in enumerate(requests)]
+        self.joining: list[RowState] = []
+
+    def _row(self, index: int, request: Request) -> RowState:
+        return RowState(index, request, self.tokenizer, self.eos_ids, token_budget(request, self.session.sources))
+
+    # --- the public controls: what the server and the evaluation runner use ------------------------
+
+    @property
+    def accepts_new_rows(self) -> bool:
+        """Whether `add()` may bring rows into this running batch (every session declares join)."""
+        return self.session.can_join
+
+    @property
+    def running(self) -> int:
+        """Rows not finished yet, those waiting to join included."""
+        return sum(row.finish_reason is None for row in self.rows)
+
+    def add(self, requests: Sequence[Request]) -> list[int]:
+        """Queue requests to join the batch at the next step; returns their row indices."""
+        if not self.accepts_new_rows:
+            raise ProxyTuneError("a source of this decoding cannot take rows into a running batch "
+                                 "(its sessions do not declare join): start another decoding for these requests")
+        new_rows = [self._row(len(self.rows) + i, r) for i, r in enumerate(requests)]
+        self.rows += new_rows
+        self.joining += new_rows
+        return [row.index for row in new_rows]
+
+    def cancel(self, indices: Sequence[int]) -> None:
+        """Stop these rows (finish_reason "cancelled"); they leave the batch at the next step."""
+        for index in indices:
+            if self.rows[index].finish_reason is None:
+                self.rows[index].finish_reason = "cancelled"
+
+    def output(self, index: int) -> GenerationOutput:
+        return self.rows[index].output()
+
+    def outputs(self) -> list[GenerationOutput]:
+        return [row.output() for row in self.rows]
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def choose_and_record(self, rows: list[RowState], logits: RoleLogits) -> list[Event]:
+        combined_logprobs = torch.log_softmax(logits.combined.float(), dim=-1)
+        events = []
+        for position, row in enumerate(rows):
+            if row.finish_reason is not None:  # cancelled between two steps
+                continue
+            token = choose(logits.combined[position], row.request.params, row.generator)
+            detail = step_detail(logits, position, token, row.request.details) if row.request.details else None
+            events.append(row.record(token, float(combined_logprobs[position, token]), detail))
+        return events
+
+    def steps(self) -> Iterator[list[Event]]:
+        """Yields lists of Events, one per row that advanced; every row stops on its own."""
+        rows = self.rows[: len(self.rows) - len(self.joining)]  # the rest were added: they join after the first step
+        newcomers: list[RowState] = []
+        try:
+            yield self.choose_and_record(rows, self.session.prefill())
+            while True:
+                newcomers, self.joining = [row for row in self.joining if row.finish_reason is None], []
+                if newcomers:  # their first token comes from their own prefill
+                    rows, first = self._admit(rows, newcomers)
+                    yield self.choose_and_record(newcomers, first)
+                    newcomers = []
+                rows = self._running(rows)
+                if not rows:
+                    if self.joining:
+                        continue
+                    return
+                yield from self.round(rows)
+        except SourceFailure as failure:  # a model is unreachable (e.g. a remote server died): keep the text so far
+            yield [row.fail(failure) for row in dict.fromkeys(rows + newcomers) if row.finish_reason is None]
+
+    def _running(self, rows: list[RowState]) -> list[RowState]:
+        """The rows still running; finished and cancelled ones leave every role's session."""
+        keep = [p for p, row in enumerate(rows) if row.finish_reason is None]
+        if len(keep) < len(rows) and keep:
+            self.session.select(keep)
+        return [rows[p] for p in keep]
+
+    def _admit(self, rows: list[RowState], newcomers: list[RowState]) -> tuple[list[RowState], RoleLogits]:
+        session = open_session(self.base, self.pairs, [row.request for row in newcomers], self.times)
+        first = session.prefill()
+        rows = self._running(rows)
+        if rows:
+            self.session.join(session)
+        else:
+            self.session = session
+        return rows + newcomers, first
+
+    def round(self, rows: list[RowState]) -> Iterator[list[Event]]:
+        """One token per row: every role advances by the row's last chosen token."""
+        tokens = torch.tensor([[row.tracker.token_ids[-1]] for row in rows], dtype=torch.long)
+        yield self.choose_and_record(rows, self.session.advance(tokens).map(lambda z: z[:, -1]))

@@ -1,0 +1,174 @@
+"""The sessions of every role over one batch, combined at each step, with each call's time measured.
+
+A source given the same prompts for two roles (expert == anti-expert, or the same model as base) is
+run once and its logits shared. Every advance is timed per group of roles sharing a session and per
+width (tokens per row), so speculative decoding can weigh what a draft really costs on each backend.
+"""
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..backends.protocol import LogitSource, Session
+from ..errors import ProxyTuneError
+from .combine import combined_logits
+from .roles import ExpertPair, Roles
+
+
+@dataclass
+class RoleLogits:
+    roles: Roles
+    base: torch.Tensor
+    experts: list[torch.Tensor]
+    anti_experts: list[torch.Tensor]
+    combined: torch.Tensor
+
+    def by_role(self) -> dict[str, torch.Tensor]:
+        named = {"base": self.base}
+        for (expert, anti), e, a in zip(self.roles.pairs, self.experts, self.anti_experts):
+            named[expert], named[anti] = e, a
+        return named
+
+    def map(self, function) -> "RoleLogits":
+        """The same transformation (a position, a row slice) applied to every role's logits."""
+        return RoleLogits(self.roles, function(self.base), [function(e) for e in self.experts],
+                          [function(a) for a in self.anti_experts], function(self.combined))
+
+    def stacked(self, other: "RoleLogits") -> "RoleLogits":
+        """These rows, then `other`'s."""
+        return RoleLogits(self.roles, torch.cat([self.base, other.base]),
+                          [torch.cat(pair) for pair in zip(self.experts, other.experts)],
+                          [torch.cat(pair) for pair in zip(self.anti_experts, other.anti_experts)],
+                          torch.cat([self.combined, other.combined]))
+
+
+def combine(roles: Roles, logits: dict[str, torch.Tensor], alphas: torch.Tensor) -> RoleLogits:
+    """RoleLogits from each role's logits ([B, V] or [B, k, V]) and per-row α [B, P]."""
+    base = logits["base"]
+    device = base.device
+    experts = [logits[name].to(device) for name in roles.experts]
+    antis = [logits[name].to(device) for name in roles.anti_experts]
+    return RoleLogits(roles, base, experts, antis, combined_logits(base, experts, antis, alphas.to(device)))
+
+
+class StepTimes:
+    """Seconds per advance call of each group of roles sharing a session, by width (tokens per row):
+    an exponential moving average, so it follows a machine whose load changes."""
+
+    def __init__(self, memory: float = 0.7):
+        self.memory = memory
+        self.seconds: dict[tuple[frozenset, int], float] = {}
+
+    def record(self, group: frozenset, width: int, seconds: float) -> None:
+        key = (group, width)
+        old = self.seconds.get(key)
+        self.seconds[key] = seconds if old is None else self.memory * old + (1 - self.memory) * seconds
+
+    def widths(self, group: frozenset) -> dict[int, float]:
+        return {w: s for (g, w), s in self.seconds.items() if g == group}
+
+
+def timed(function, *args, **kwargs) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = function(*args, **kwargs)
+    if out.is_cuda:  # kernels are asynchronous: the time is the work's, not the launch's
+        torch.cuda.synchronize(out.device)
+    return out, time.perf_counter() - start
+
+
+class ProxySession:
+    """Sessions of every role over one batch of rows; `prefill`/`advance` return the combined logits."""
+
+    def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], prompts: dict[str, list[list[int]]],
+                 alphas: torch.Tensor, times: StepTimes | None = None):
+        self.roles = Roles(len(pairs))
+        self.alphas = alphas
+        self.times = times if times is not None else StepTimes()
+        self.sources: dict[str, LogitSource] = {"base": base}
+        for (expert, anti), pair in zip(self.roles.pairs, pairs):
+            self.sources[expert], self.sources[anti] = pair.expert, pair.anti_expert
+        self.sessions: dict[tuple, Session] = {}
+        self.session_of: dict[str, tuple] = {}
+        for role, source in self.sources.items():
+            key = (id(source), tuple(map(tuple, prompts[role])))
+            if key not in self.sessions:
+                self.sessions[key] = source.open(prompts[role])
+            self.session_of[role] = key
+
+    def group(self, key: tuple) -> frozenset:
+        """The roles that share the session `key`."""
+        return frozenset(role for role, k in self.session_of.items() if k == key)
+
+    def collect(self, outputs: dict[tuple, torch.Tensor]) -> RoleLogits:
+        """Combined logits from each session's output (keyed like `sessions`)."""
+        return combine(self.roles, {role: outputs[key] for role, key in self.session_of.items()}, self.alphas)
+
+    def prefill(self) -> RoleLogits:
+        return self.collect({key: s.prefill() for key, s in self.sessions.items()})
+
+    def advance_session(self, key: tuple, tokens: torch.Tensor, extend: bool = False) -> torch.Tensor:
+        """One session's advance, timed."""
+        out, seconds = timed(self.sessions[key].advance, tokens, extend=extend)
+        self.times.record(self.group(key), tokens.shape[1], seconds)
+        return out
+
+    def advance(self, tokens: torch.Tensor) -> RoleLogits:
+        return self.collect({key: self.advance_session(key, tokens) for key in self.sessions})
+
+    def rewind(self, keep: Sequence[int]) -> None:
+        for session in self.sessions.values():
+            session.rewind(keep)
+
+    def select(self, rows: Sequence[int]) -> None:
+        for session in self.sessions.values():
+            session.select(rows)
+        self.alphas = self.alphas[list(rows)]
+
+    @property
+    def can_join(self) -> bool:
+        return all(s.capabilities.join for s in self.sessions.values())
+
+    @property
+    def can_roll_back(self) -> bool:
+        return all(s.capabilities.rollback for s in self.sessions.values())
+
+    def join(self, other: "ProxySession") -> None:
+        """Append the rows of `other` (prefilled, same sources) to this batch: continuous batching.
+
+        Roles share a session only while they share the source and the tokens of every row; a
+        session shared on one side but not on the other is forked so that each role keeps its own.
+        """
+        groups: dict[tuple, list[str]] = {}
+        for role, mine in self.session_of.items():
+            groups.setdefault((mine, other.session_of[role]), []).append(role)
+        uses_mine = Counter(mine for mine, _ in groups)
+        uses_theirs = Counter(theirs for _, theirs in groups)
+        sessions: dict[tuple, Session] = {}
+        session_of: dict[str, tuple] = {}
+        for (mine, theirs), roles in groups.items():
+            left, right = self.sessions[mine], other.sessions[theirs]
+            if not (left.capabilities.join and right.capabilities.join):
+                raise ProxyTuneError(f"the {'/'.join(roles)} session ({type(left).__name__}) cannot take rows into a "
+                                     f"running batch; decode such requests one batch at a time")
+            uses_mine[mine] -= 1
+            uses_theirs[theirs] -= 1
+            if uses_mine[mine]:  # the last user takes the original, the others a copy
+                left = fork(left, roles)
+            if uses_theirs[theirs]:
+                right = fork(right, roles)
+            left.join(right)
+            sessions[(mine, theirs)] = left
+            session_of.update({role: (mine, theirs) for role in roles})
+        self.sessions, self.session_of = sessions, session_of
+        self.alphas = torch.cat([self.alphas, other.alphas.to(self.alphas.device)])
+
+
+def fork(session: Session, roles: Sequence[str]) -> Session:
+    if not session.capabilities.fork:
+        raise ProxyTuneError(f"the {'/'.join(roles)} session ({type(session).__name__}) cannot be copied, and joining "
+                             f"these rows needs a copy: decode them in a batch of their own")
+    return session.fork()

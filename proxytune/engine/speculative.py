@@ -1,0 +1,258 @@
+"""Exact speculative proxy decoding: the small expert drafts, the large base verifies.
+
+Plain proxy decoding runs base, expert and anti-expert once per token. Here, per round:
+
+1. the expert drafts k tokens x₁..x_k, one cheap step at a time, from its own distribution q;
+2. base and anti-expert score [t, x₁..x_k] (t = the last chosen token) in ONE forward each, which
+   gives the proxy distribution p̃ at all k+1 positions (the expert's logits come from drafting);
+3. draft xⱼ is accepted with probability min(1, p̃(xⱼ)/q(xⱼ)); the first rejected one is replaced
+   by a sample from norm(max(0, p̃ − q)). After x_k the expert's q is known too, so position k+1 is
+   decided the same way with a draft that is never fed (it costs nothing more).
+   Greedy: accept while argmax p̃ equals the draft, then take argmax p̃.
+
+Leviathan et al. (2023) show this yields exact samples from p̃ whatever q is, so the output
+distribution (and, for greedy, the output) is that of plain proxy decoding. p̃ and q are the
+*warped* distributions (temperature, top-k/p, min-p), the ones tokens are really drawn from.
+
+Every random draw is keyed by (row seed, output position, purpose), and every position is decided
+by the same rule whether it falls inside a draft or at its end, so a seeded row's tokens depend
+neither on k nor on its batch-mates: k may then follow measured costs (wall time is not
+reproducible) without making seeded sampling irreproducible. A draw whose draft was discarded by an
+earlier rejection influenced nothing that was kept, so using it again keeps the samples exact.
+
+k comes from the acceptance rate and from what a round really costs on these backends: the time
+of one drafting step and of verifying w tokens per row, measured per session (`StepTimes`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ..errors import ProxyTuneError
+from .decoding import Decoding, Event, RowState, step_detail
+from .roles import ExpertPair
+from .sampling import SamplingParams, choose, next_token_probs
+from .session import RoleLogits, StepTimes
+from ..backends.protocol import LogitSource
+
+DRAFT, ACCEPT, RESAMPLE = range(3)
+
+
+class DraftLength:
+    """Picks k from the running acceptance rate a: the k that maximises tokens per second.
+
+    A round yields 1 + a + … + a^k tokens on average and costs k+1 drafting steps plus one
+    verification of k+1 positions. Until costs are measured (`measured`), a drafting step costs
+    `draft_cost` verifications and each extra verified position `verify_growth` of one. k = 0 is a
+    plain step: chosen when drafting does not pay (e.g. a verifier as slow per token at k+1 as at 1).
+    """
+
+    def __init__(self, draft_cost: float = 0.3, fixed: int | None = None, maximum: int = 12,
+                 verify_growth: float = 0.05, prior: float = 0.7, memory: float = 0.8):
+        self.draft_cost, self.fixed, self.maximum = draft_cost, fixed, maximum
+        self.verify_growth, self.memory = verify_growth, memory
+        self.accepted, self.tried = 5 * prior, 5.0  # a weak prior, worth five drafted tokens
+        self.draft_seconds: float | None = None
+        self.verify_seconds: Callable[[int], float] | None = None
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.tried
+
+    def measured(self, draft_seconds: float, verify_seconds: Callable[[int], float]) -> None:
+        """Use measured costs: one drafting step, and verifying `w` tokens per row (all verifiers)."""
+        self.draft_seconds, self.verify_seconds = draft_seconds, verify_seconds
+
+    def round_cost(self, k: int) -> float:
+        if self.verify_seconds is not None:
+            return (k + 1) * self.draft_seconds + self.verify_seconds(k + 1)
+        return (k + 1) * self.draft_cost + 1 + self.verify_growth * k
+
+    def expected_speedup(self, k: int) -> float:
+        """Expected tokens per unit of cost, relative to plain decoding (k = 0 gives 1)."""
+        a = min(self.acceptance, 0.999)
+        tokens = (1 - a ** (k + 1)) / (1 - a)
+        return tokens / self.round_cost(k) * self.round_cost(0)
+
+    def next(self) -> int:
+        if self.fixed is not None:
+            return self.fixed
+        return max(range(0, self.maximum + 1), key=self.expected_speedup)
+
+    def update(self, accepted: int, rejected: int) -> None:
+        # Geometric model: every verified draft is a trial; the round stops at the first rejection.
+        self.accepted = self.memory * self.accepted + accepted
+        self.tried = self.memory * self.tried + accepted + rejected
+
+
+def linear_cost(widths: dict[int, float], growth: float) -> Callable[[int], float]:
+    """Seconds for w tokens per row from the widths measured so far: a least-squares line through
+    them, or, with one width measured, `growth` of it per extra token."""
+    if len(widths) >= 2:
+        ws, ss = zip(*sorted(widths.items()))
+        mean_w, mean_s = sum(ws) / len(ws), sum(ss) / len(ss)
+        slope = sum((w - mean_w) * (s - mean_s) for w, s in zip(ws, ss)) / sum((w - mean_w) ** 2 for w in ws)
+        slope = max(slope, 0.0)
+        return lambda w: max(mean_s + slope * (w - mean_w), 1e-9)
+    (w0, s0), = widths.items()
+    return lambda w: s0 * (1 + growth * (w - 1)) / (1 + growth * (w0 - 1))
+
+
+class PositionRandomness:
+    """The random draws of one row in one round: a generator per (seed, output position, purpose)."""
+
+    def __init__(self, seed: int, start: int):
+        self.seed, self.start = seed, start
+
+    def __call__(self, j: int, purpose: int) -> torch.Generator:
+        position = self.start + j
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + position * 3 + purpose) % (2 ** 63))
+
+
+def verify_row(p_logits: torch.Tensor, drafts: Sequence[int], q_probs: Sequence[torch.Tensor] | None,
+               params: SamplingParams, randomness: Callable[[int, int], torch.Generator]) -> tuple[int, int]:
+    """(number of drafts accepted, the token after them) for one row.
+
+    p_logits: combined logits [k+1, V] after t, x₁, …, x_k. `drafts` holds k drafts, or k+1 when the
+    last position has a draft of its own (never fed); q_probs: the warped expert distributions they
+    were drawn from (None when greedy)."""
+    positions = p_logits.shape[0]
+    if params.greedy:
+        for j, draft in enumerate(drafts[:positions - 1]):
+            best = choose(p_logits[j], params, None)
+            if best != draft:
+                return j, best
+        return positions - 1, choose(p_logits[positions - 1], params, None)
+    p = next_token_probs(p_logits, params).cpu()
+    for j, draft in enumerate(drafts):
+        q = q_probs[j]
+        if float(torch.rand(1, generator=randomness(j, ACCEPT))) * float(q[draft]) < float(p[j, draft]):
+            if j == positions - 1:
+                return j, draft  # the last position's own draft, accepted
+            continue  # accepted with probability min(1, p/q)
+        residual = (p[j] - q).clamp_min(0)
+        total = float(residual.sum())
+        # residual == 0 everywhere means p == q, where a rejection cannot happen; guard rounding.
+        token = int(torch.multinomial(residual / total if total > 0 else p[j], 1, generator=randomness(j, RESAMPLE)))
+        return j, token
+    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=randomness(len(drafts), RESAMPLE)))
+
+
+class SpeculativeDecoding(Decoding):
+    """`Decoding` whose rounds draft with the expert and verify with the other roles; same events, same outputs.
+
+    draft_length: a fixed k, or None to adapt k to the acceptance rate and the measured costs.
+    """
+
+    def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], requests, tokenizer, eos_ids: set[int],
+                 draft_length: int | None = None):
+        if draft_length is not None and (isinstance(draft_length, bool) or not isinstance(draft_length, int)
+                                         or draft_length < 1):
+            raise ProxyTuneError(f"draft_length must be an integer >= 1 (or None: adaptive), got {draft_length!r}")
+        super().__init__(base, pairs, requests, tokenizer, eos_ids)
+        cannot = [f"{'/'.join(sorted(self.session.group(key)))} ({type(s).__name__})"
+                  for key, s in self.session.sessions.items() if not s.capabilities.rollback]
+        if cannot:
+            raise ProxyTuneError(f"speculative decoding needs every role's session to roll back a multi-token draft; "
+                                 f"{', '.join(cannot)} cannot: decode without speculative=True")
+        self.draft_length = DraftLength(fixed=draft_length)
+        self.rounds = self.drafted = self.accepted_total = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Share of drafted tokens the proxy accepted so far (0 when nothing was drafted)."""
+        return self.accepted_total / self.drafted if self.drafted else 0.0
+
+    def _measure(self) -> None:
+        """Feed the measured step times to the draft-length choice once every session has been timed."""
+        times: StepTimes = self.times
+        drafter = self.session.group(self.session.session_of["expert"])
+        draft = times.widths(drafter).get(1)
+        verifiers = [self.session.group(key) for key in self.session.sessions
+                     if key != self.session.session_of["expert"]]
+        measured = [times.widths(group) for group in verifiers]
+        if draft is None or not all(measured):
+            return
+        costs = [linear_cost(widths, self.draft_length.verify_growth) for widths in measured]
+        self.draft_length.measured(draft, lambda w: sum(cost(w) for cost in costs))
+
+    def _cap(self, rows: list[RowState]) -> int:
+        """The most drafts worth making: no row can use more than its remaining budget, and no row's
+        context may overflow while the draft is in the caches."""
+        generated = [len(row.tracker.token_ids) for row in rows]
+        useful = max(row.budget - n for row, n in zip(rows, generated)) - 1
+        rooms = [self._context_room(row) - n for row, n in zip(rows, generated)]
+        return max(0, min([useful] + [room - 1 for room in rooms]))
+
+    def _context_room(self, row: RowState) -> float:
+        rooms = [s.max_length - len(row.request.prompts[role]) for role, s in self.session.sources.items()
+                 if s.max_length]
+        return min(rooms) if rooms else math.inf
+
+    def _draft(self, rows: list[RowState], expert_logits: torch.Tensor, j: int,
+               randomness: list[PositionRandomness]) -> tuple[torch.Tensor, list]:
+        """Draft j of every row from the expert's logits [B, V], and the warped q it came from."""
+        tokens, q_probs = [], []
+        for position, row in enumerate(rows):
+            params = row.request.params
+            if params.greedy:
+                tokens.append(int(expert_logits[position].argmax()))
+                q_probs.append(None)
+            else:
+                q = next_token_probs(expert_logits[position], params).cpu()
+                tokens.append(int(torch.multinomial(q, 1, generator=randomness[position](j, DRAFT))))
+                q_probs.append(q)
+        return torch.tensor(tokens, dtype=torch.long), q_probs
+
+    def round(self, rows: list[RowState]) -> Iterator[list[Event]]:
+        self._measure()
+        k = min(self.draft_length.next(), self._cap(rows))
+        randomness = [PositionRandomness(row.seed, len(row.tracker.token_ids)) for row in rows]
+        last = torch.tensor([[row.tracker.token_ids[-1]] for row in rows], dtype=torch.long)
+        drafter_key = self.session.session_of["expert"]
+        expert_steps = [self.session.advance_session(drafter_key, last)]
+        drafts, q_probs = [], []
+        for j in range(k + 1):
+            tokens, q = self._draft(rows, expert_steps[-1][:, -1], j, randomness)
+            drafts.append(tokens)
+            q_probs.append(q)
+            if j < k:  # the last position's draft is only checked, never fed
+                expert_steps.append(self.session.advance_session(drafter_key, tokens[:, None], extend=True))
+        fed = torch.cat([last] + [d[:, None] for d in drafts[:k]], dim=1)  # [B, k+1]
+        outputs = {drafter_key: torch.cat(expert_steps, dim=1)}
+        for key in self.session.sessions:
+            if key != drafter_key:
+                outputs[key] = self.session.advance_session(key, fed)
+        logits = self.session.collect(outputs)  # p̃ at all k+1 positions, [B, k+1, V]
+
+        chosen: list[list[int]] = []
+        for position, row in enumerate(rows):
+            row_drafts = [int(d[position]) for d in drafts]
+            n, token = verify_row(logits.combined[position], row_drafts, [q[position] for q in q_probs],
+                                  row.request.params, randomness[position])
+            chosen.append(row_drafts[:n] + [token])
+        accepted = sum(len(c) - 1 for c in chosen)
+        rejected = sum(len(c) - 1 < k for c in chosen)
+        if k:
+            self.draft_length.update(accepted, rejected)
+        self.rounds += 1
+        self.drafted += k * len(rows)
+        self.accepted_total += accepted
+        self.session.rewind([len(c) for c in chosen])  # t and the accepted drafts stay; the new token comes next
+        yield from self._record(rows, logits, chosen)
+
+    def _record(self, rows: list[RowState], logits: RoleLogits, chosen: list[list[int]]) -> Iterator[list[Event]]:
+        logprobs = torch.log_softmax(logits.combined.float(), dim=-1)
+        for j in range(max(map(len, chosen))):
+            events = []
+            for position, row in enumerate(rows):
+                if j >= len(chosen[position]) or row.finish_reason is not None:
+                    continue
+                token = chosen[position][j]
+                detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
+                          if row.request.details else None)
+                events.append(row.record(token, float(logprobs[position, j, token]), detail))
+            if events:
+                yield events

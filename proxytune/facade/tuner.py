@@ -1,0 +1,261 @@
+"""ProxyTuner: the public face of the engine (generate, stream, score, chat)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+from ..backends.protocol import LogitSource
+from ..engine import scoring
+from ..engine.decoding import Decoding, GenerationOutput, Request
+from ..engine.prompts import ALL_ROLES, chat_prompt_ids, validate_messages
+from ..engine.roles import Roles, pairs_of
+from ..engine.sampling import SamplingParams
+from ..engine.scoring import Score, ScoreItem
+from ..engine.vocab import shared_vocab_size, token_table
+from ..errors import ProxyTuneError, SourceFailure
+from ..models.loading import as_source
+
+
+def check_alpha(alpha) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ProxyTuneError(f"alpha must be a finite number, got {alpha!r}")
+    return float(alpha)
+
+
+def eos_ids_of(model_or_source, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    config = getattr(model_or_source, "generation_config", None) or getattr(
+        getattr(model_or_source, "model", None), "generation_config", None)
+    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None),
+                  getattr(model_or_source, "eos_token_ids", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif value:
+            ids.update(int(v) for v in value)
+    return ids
+
+
+class ProxyTuner:
+    """z = z_base + Σ αᵢ (z_expertᵢ − z_anti_expertᵢ), sampled from softmax(z).
+
+    Models may be loaded transformers models or any `LogitSource`. `tokenizer` is shared by every
+    role unless `tokenizers` gives one per role (they must agree on token ids; chat templates may differ).
+    """
+
+    def __init__(self, base, expert=None, anti_expert=None, tokenizer=None, alpha: float = 1.0,
+                 experts: Sequence[tuple] | None = None, tokenizers: dict | None = None):
+        if experts is None:
+            if expert is None or anti_expert is None:
+                raise ProxyTuneError("give expert and anti_expert, or experts=[(expert, anti_expert, alpha), ...]")
+            experts = [(expert, anti_expert, alpha)]
+        elif expert is not None or anti_expert is not None:
+            raise ProxyTuneError("give either expert/anti_expert or experts=[...], not both")
+        if not experts:
+            raise ProxyTuneError("experts must name at least one (expert, anti_expert, alpha) triple")
+        self.schema = Roles(len(experts))
+        self.roles = self.schema.names
+        models = {"base": base}
+        for (expert_role, anti_role), (e, a, pair_alpha) in zip(self.schema.pairs, experts):
+            models[expert_role], models[anti_role] = e, a
+            check_alpha(pair_alpha)
+        tokenizers = dict(tokenizers or {})
+        for role in self.roles:
+            tokenizers.setdefault(role, tokenizer)
+            if tokenizers[role] is None:
+                raise ProxyTuneError(f"no tokenizer for the {role} model: pass tokenizer=...")
+        self.tokenizers = tokenizers
+        self.tokenizer = tokenizers["base"]
+        self.sources = self._wrap(models)
+        tables: dict[int, list[str]] = {}
+        by_role = {}
+        for role in self.roles:  # one table per distinct tokenizer object
+            by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
+        self.vocab_size = shared_vocab_size(by_role, {r: s.vocab_size for r, s in self.sources.items()})
+        for source in self.sources.values():
+            source.vocab_size = self.vocab_size
+        self.pairs = pairs_of(self.schema, self.sources, [a for _, _, a in experts])
+        self.eos_token_ids = set()
+        for role in self.roles:
+            self.eos_token_ids |= eos_ids_of(models[role], tokenizers[role])
+
+    @staticmethod
+    def _wrap(models: dict) -> dict[str, LogitSource]:
+        wrapped: dict[int, LogitSource] = {}
+        sources = {}
+        for role, model in models.items():
+            if id(model) not in wrapped:
+                wrapped[id(model)] = model if isinstance(model, LogitSource) else as_source(model, name=role)
+            sources[role] = wrapped[id(model)]
+        return sources
+
+    @classmethod
+    def from_pretrained(cls, base: str, expert: str | None = None, anti_expert: str | None = None,
+                        alpha: float = 1.0, device=None, dtype=None,
+                        experts: Sequence[tuple] | None = None, backend: str | None = None,
+                        threads: int | None = None, n_ctx: int | None = None) -> "ProxyTuner":
+        """Load by spec: a model directory, a .gguf file, a peft adapter directory, or a registered name.
+        A registered trio name (e.g. "demo") alone gives all three roles. `gguf:SPEC` runs a role in
+        llama.cpp; backend="llama.cpp" runs every role there (threads, n_ctx: its settings)."""
+        from ..models import registry
+        from ..models.loading import load_roles
+
+        if expert is None and anti_expert is None and experts is None:
+            trio = registry.resolve_trio(base)
+            if trio is None:
+                raise ProxyTuneError(f"{base!r} is not a registered trio; give expert= and anti_expert= too")
+            base, expert, anti_expert = trio["base"], trio["expert"], trio["anti_expert"]
+        pair_specs = experts if experts is not None else [(expert, anti_expert, alpha)]
+        schema = Roles(len(pair_specs))
+        specs = {"base": base}
+        for (expert_role, anti_role), (e, a, _) in zip(schema.pairs, pair_specs):
+            specs[expert_role], specs[anti_role] = e, a
+        loaded = load_roles(specs, schema.pairs, device=device, dtype=dtype, backend=backend, threads=threads, n_ctx=n_ctx)
+        pairs = [(loaded[e][0], loaded[a][0], alpha) for (e, a), (_, _, alpha) in zip(schema.pairs, pair_specs)]
+        return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema})
+
+    # --- building requests -------------------------------------------------------------------------
+
+    @property
+    def alphas(self) -> list[float]:
+        return [p.alpha for p in self.pairs]
+
+    def _alphas(self, alpha) -> list[float]:
+        if alpha is None:
+            return self.alphas
+        if isinstance(alpha, (list, tuple)):
+            if len(alpha) != len(self.pairs):
+                raise ProxyTuneError(f"alpha has {len(alpha)} values for {len(self.pairs)} expert pairs")
+            return [check_alpha(a) for a in alpha]
+        return [check_alpha(alpha)] * len(self.pairs)
+
+    def _check_prompt(self, prompts: dict[str, list[int]], label: str) -> None:
+        for role, ids in prompts.items():
+            if not ids:
+                raise ProxyTuneError(f"{label} is empty: give at least one token of text")
+            limit = self.sources[role].max_length
+            if limit and len(ids) >= limit:
+                raise ProxyTuneError(f"{label} has {len(ids)} tokens for the {role} model, whose context holds "
+                                     f"{limit}; shorten it to leave room for new tokens")
+
+    def encode(self, prompt: str, role: str = "base") -> list[int]:
+        if not isinstance(prompt, str):
+            raise ProxyTuneError(f"prompts must be strings, got {type(prompt).__name__}")
+        return self.tokenizers[role](prompt)["input_ids"]
+
+    def request(self, prompt: str | None = None, messages=None, chat_roles: Sequence[str] = ALL_ROLES,
+                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None, return_details=False,
+                label: str = "prompt") -> Request:
+        """One decoding request: a raw prompt for every role, or a conversation formatted per role."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ProxyTuneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        if messages is not None:
+            messages = validate_messages(messages)
+            unknown = set(chat_roles) - set(ALL_ROLES)
+            if unknown:
+                raise ProxyTuneError(f"chat_roles may name {ALL_ROLES}, got {sorted(unknown)}")
+            prompts = {role: chat_prompt_ids(self.tokenizers[role], messages, self.schema.kind(role) in chat_roles)
+                       for role in self.roles}
+        else:
+            prompts = {role: self.encode(prompt, role) for role in self.roles}
+        self._check_prompt(prompts, label)
+        if isinstance(stop, str):
+            stop = [stop]
+        if stop is not None and not all(isinstance(s, str) for s in stop):
+            raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
+        details = (5 if return_details is True else int(return_details or 0))
+        return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
+                       max_new_tokens, tuple(stop or ()), seed, details)
+
+    # --- decoding ----------------------------------------------------------------------------------
+
+    def decoding(self, requests: Sequence[Request], speculative: bool = False) -> Decoding:
+        """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`.
+        speculative=True: the expert drafts and the base verifies several tokens per forward (same output)."""
+        if speculative:
+            from ..engine.speculative import SpeculativeDecoding
+            return SpeculativeDecoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
+        return Decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
+
+    def _requests(self, prompts, seed, **kwargs) -> list[Request]:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ProxyTuneError("give at least one prompt (a string or a non-empty list of strings)")
+        return [self.request(p, seed=None if seed is None else seed + i, label=f"prompt {i}", **kwargs)
+                for i, p in enumerate(prompts)]
+
+    def run(self, requests: Sequence[Request], batch_size: int = 16, speculative: bool = False) -> list[GenerationOutput]:
+        outputs: list[GenerationOutput] = []
+        for start in range(0, len(requests), batch_size):
+            decoding = self.decoding(requests[start:start + batch_size], speculative=speculative)
+            for _ in decoding.steps():
+                pass
+            outputs += decoding.outputs()
+        return outputs
+
+    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 top_k: int = 0, min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None,
+                 return_details=False, batch_size: int = 16, speculative: bool = False) -> list[GenerationOutput]:
+        """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only."""
+        requests = self._requests(prompts, seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, min_p=min_p, stop=stop, alpha=alpha, return_details=return_details)
+        return self.run(requests, batch_size, speculative=speculative)
+
+    def stream(self, prompt: str, speculative: bool = False, **kwargs) -> Iterator[str]:
+        """Text of one prompt as it is decided (stop strings and partial characters held back)."""
+        yield from self.stream_request(self.request(prompt, **kwargs), speculative=speculative)
+
+    def stream_request(self, request: Request, speculative: bool = False) -> Iterator[str]:
+        for events in self.decoding([request], speculative=speculative).steps():
+            for event in events:
+                if event.delta:
+                    yield event.delta
+                if event.error:  # the text so far is out; now say why it ends here
+                    raise SourceFailure(event.error)
+
+    def chat(self, messages, chat_roles: Sequence[str] = ALL_ROLES, **kwargs) -> GenerationOutput:
+        """Reply to one conversation. Each role in `chat_roles` sees its own chat template, the others
+        plain text; chat_roles=("expert",) is the paper's setting."""
+        return self.run([self.request(messages=messages, chat_roles=chat_roles, **kwargs)])[0]
+
+    # --- scoring -----------------------------------------------------------------------------------
+
+    def score(self, prompt: str, continuation: str, alpha=None) -> Score:
+        """log p̃ of each continuation token after the prompt, from one full-sequence forward per model."""
+        return self.score_batch([(prompt, continuation)], alpha=alpha)[0]
+
+    def score_item(self, prompt: str, continuation: str, label: str = "") -> ScoreItem:
+        """What `score` runs for one pair: each role's own tokens of prompt + continuation (the prompt as
+        `generate` tokenizes it, the continuation on its own, as lm-eval does)."""
+        sequences, scored = {}, None
+        for role in self.roles:
+            tokenizer = self.tokenizers[role]
+            ids = self.encode(prompt, role) if prompt else []
+            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"] if isinstance(continuation, str) else []
+            if not cont:
+                raise ProxyTuneError(f"{label or 'the'} continuation is empty: nothing to score")
+            if not ids:  # nothing to condition on: start from BOS when the model has one
+                if tokenizer.bos_token_id is None:
+                    raise ProxyTuneError(f"{label or 'the'} prompt is empty and the {role} tokenizer has no BOS "
+                                         f"token to start from")
+                ids = [tokenizer.bos_token_id]
+            sequences[role], scored = ids + cont, len(cont)
+        return ScoreItem(sequences, scored)
+
+    def token_item(self, context: Sequence[int], continuation: Sequence[int]) -> ScoreItem:
+        """The same token ids for every role (lm-eval's rolling windows are token-exact)."""
+        return ScoreItem({role: list(context) + list(continuation) for role in self.roles}, len(continuation))
+
+    def score_batch(self, pairs: Sequence[tuple[str, str]], alpha=None) -> list[Score]:
+        items = [self.score_item(prompt, continuation, f"pair {i}") for i, (prompt, continuation) in enumerate(pairs)]
+        return self.score_items(items, alpha=alpha)
+
+    def score_items(self, items: Sequence[ScoreItem], alpha=None, top: int = 0) -> list[Score]:
+        alphas = self._alphas(alpha)
+        return scoring.score(self.schema, self.sources, items, [alphas] * len(items), top=top)
+
+    def role_logits(self, items: Sequence[ScoreItem]) -> list[dict]:
+        """Each role's logits at every scored position (for base alone / expert alone / several α at once)."""
+        return scoring.role_logits(self.schema, self.sources, items)

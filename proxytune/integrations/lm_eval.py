@@ -1,0 +1,123 @@
+"""lm-evaluation-harness model "proxytune": any lm-eval task on a proxy-tuned trio.
+
+    import proxytune.integrations.lm_eval, lm_eval
+    lm_eval.simple_evaluate(model="proxytune", model_args="model=demo,alpha=1.0,dtype=bfloat16", tasks=[...])
+    # or with a loaded tuner:  lm_eval.simple_evaluate(model=ProxyTuneLM(tuner=tuner), tasks=[...])
+
+or from the shell: `proxytune lm-eval --model proxytune --model_args model=demo --tasks ...` (lm-eval finds
+models only in its registry, so the command imports this module before handing over to lm-eval).
+
+loglikelihood uses `ProxyTuner.score_batch` (one full-sequence forward per model, then
+log_softmax(z_base + α(z_expert − z_anti))); generate_until uses batched proxy-tuned decoding.
+"""
+from __future__ import annotations
+
+from itertools import groupby
+
+import torch
+from lm_eval.api.model import LM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+from ..errors import ProxyTuneError
+
+
+def _as_float(value, name: str) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ProxyTuneError(f"model_args {name} must be a number, got {value!r}") from None
+
+
+@register_model("proxytune")
+class ProxyTuneLM(LM):
+    def __init__(self, model: str | None = None, base: str | None = None, expert: str | None = None,
+                 anti_expert: str | None = None, alpha=1.0, dtype: str | None = None, device: str | None = None,
+                 batch_size=8, max_gen_toks=256, max_length=1024, tuner=None, **ignored):
+        super().__init__()
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            device = "cpu"  # lm-eval passes its default --device cuda even on machines without a GPU
+        if tuner is None:
+            from ..facade.tuner import ProxyTuner
+
+            if model and (base or expert or anti_expert):
+                raise ProxyTuneError("model_args: give model=TRIO or base=,expert=,anti_expert=, not both")
+            if model:
+                tuner = ProxyTuner.from_pretrained(model, alpha=_as_float(alpha, "alpha"), device=device, dtype=dtype)
+            elif base and expert and anti_expert:
+                tuner = ProxyTuner.from_pretrained(base, expert, anti_expert, alpha=_as_float(alpha, "alpha"),
+                                                   device=device, dtype=dtype)
+            else:
+                raise ProxyTuneError("model_args must name model=TRIO or base=...,expert=...,anti_expert=...")
+        self.tuner = tuner
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # lm-eval may pass "auto"
+        self.max_gen_toks = int(max_gen_toks)
+        limits = [s.max_length for s in tuner.sources.values() if s.max_length]
+        self.max_length = min([int(max_length), *limits])
+
+    @property
+    def tokenizer_name(self) -> str:
+        return getattr(self.tuner.tokenizer, "name_or_path", "proxytune").replace("/", "__")
+
+    def _record(self, kind: str, args, result) -> None:
+        self.cache_hook.add_partial(kind, args, result)
+
+    # --- scoring --------------------------------------------------------------------------------------
+
+    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        results = []
+        for start in range(0, len(requests), self.batch_size):
+            batch = requests[start:start + self.batch_size]
+            for request, score in zip(batch, self.tuner.score_batch([r.args for r in batch])):
+                results.append((score.total, score.is_greedy))
+                self._record("loglikelihood", request.args, results[-1])
+        return results
+
+    def _prefix_token(self) -> int:
+        tokenizer = self.tuner.tokenizer
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        if prefix is None:
+            raise ProxyTuneError("loglikelihood_rolling needs a BOS or EOS token to condition the first token on")
+        return prefix
+
+    def _score_tokens(self, context: list[int], continuation: list[int]) -> float:
+        """log p̃ of `continuation` token ids after `context` ids (rolling windows are token-exact)."""
+        return self.tuner.score_items([self.tuner.token_item(context, continuation)])[0].total
+
+    def loglikelihood_rolling(self, requests) -> list[float]:
+        results = []
+        for request in requests:
+            (text,) = request.args
+            ids = self.tuner.tokenizer(text, add_special_tokens=False)["input_ids"]
+            windows = get_rolling_token_windows(ids, prefix_token=self._prefix_token(), max_seq_len=self.max_length,
+                                                context_len=1)
+            total = sum(self._score_tokens(*make_disjoint_window(w)) for w in windows)
+            results.append(total)
+            self._record("loglikelihood_rolling", request.args, total)
+        return results
+
+    # --- generation -----------------------------------------------------------------------------------
+
+    def _options(self, gen_kwargs: dict) -> dict:
+        kwargs = dict(gen_kwargs)
+        until = kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
+        if not kwargs.pop("do_sample", temperature > 0):
+            temperature = 0.0
+        return {"stop": until or None, "max_new_tokens": int(kwargs.pop("max_gen_toks", self.max_gen_toks)),
+                "temperature": temperature, "top_p": float(kwargs.pop("top_p", 1.0) or 1.0)}
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        indexed = [(i, r.args[0], self._options(r.args[1])) for i, r in enumerate(requests)]
+        results: list[str | None] = [None] * len(requests)
+        key = lambda item: repr(sorted(item[2].items()))  # noqa: E731 — batch requests that decode alike
+        for _, group in groupby(sorted(indexed, key=key), key=key):
+            group = list(group)
+            options = group[0][2]
+            outputs = self.tuner.generate([context for _, context, _ in group], batch_size=self.batch_size,
+                                          seed=0 if options["temperature"] > 0 else None, **options)
+            for (index, _, _), output in zip(group, outputs):
+                results[index] = output.text
+                self._record("generate_until", requests[index].args, output.text)
+        return results

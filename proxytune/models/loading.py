@@ -1,0 +1,143 @@
+"""Turning model specs (local dirs, GGUF files, peft adapter dirs, registry names) into logit sources.
+
+A peft adapter whose base is also used plainly for another role (the usual expert = LoRA of the
+anti-expert) is loaded once: that role runs the same weights with the adapter switched off.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import registry
+from ..errors import ProxyTuneError
+from .specs import adapter_base, is_llama_cpp, local_path, with_backend
+from ..backends.remote.spec import is_remote_spec
+from ..backends.transformers import TransformersSource
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ProxyTuneError(f"unknown dtype {dtype!r}; use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_plain(spec: str, device: torch.device, dtype: torch.dtype):
+    """(model, tokenizer) from a model directory or a GGUF file."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = local_path(spec)
+    try:
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ProxyTuneError(f"{path} is a file but not a .gguf model")
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        else:
+            if not (path / "config.json").exists():
+                raise ProxyTuneError(f"{path} has no config.json: not a transformers model directory")
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except ProxyTuneError:
+        raise
+    except Exception as error:  # corrupt or unsupported files: name the file, keep the cause
+        raise ProxyTuneError(f"could not load model {spec!r} from {path}: {error}") from error
+    return model.to(device).eval(), tokenizer
+
+
+class Loader:
+    """Loads each distinct spec once and hands out one logit source per role."""
+
+    def __init__(self, device=None, dtype=None, threads: int | None = None, n_ctx: int | None = None):
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.llama_cpp_options = {"threads": threads, "n_ctx": n_ctx}
+        self.llama_cpp = None  # LlamaCppRoles, made when a gguf: spec first appears
+        self.plain: dict[str, tuple] = {}  # spec -> (model, tokenizer)
+        self.adapted: dict[str, object] = {}  # base spec -> peft model built on that base's weights
+        self.sources: dict[tuple, TransformersSource] = {}
+
+    def _plain(self, spec: str):
+        if spec not in self.plain:
+            self.plain[spec] = load_plain(spec, self.device, self.dtype)
+        return self.plain[spec]
+
+    def _adapter(self, spec: str, base_spec: str):
+        from peft import PeftModel
+
+        model, tokenizer = self._plain(base_spec)
+        if base_spec in self.adapted:  # the shared base already carries another adapter: use a copy
+            model, tokenizer = load_plain(base_spec, self.device, self.dtype)
+        try:
+            peft_model = PeftModel.from_pretrained(model, str(local_path(spec)))
+        except Exception as error:
+            raise ProxyTuneError(f"could not load adapter {spec!r} onto {base_spec!r}: {error}") from error
+        self.adapted.setdefault(base_spec, peft_model)
+        return peft_model.eval(), tokenizer
+
+    def source(self, spec: str, role: str) -> tuple[TransformersSource, object]:
+        """(source, tokenizer) for one role. Plain specs that carry an adapter elsewhere run adapter-off."""
+        if spec in self.sources:
+            return self.sources[spec]
+        if is_remote_spec(spec):  # openai:URL?tokenizer=... : a model behind an OpenAI-compatible server
+            from ..backends.remote.source import RemoteSource
+            from ..backends.remote.spec import parse_spec
+
+            from .tokenizers import load_tokenizer
+
+            source = RemoteSource.from_spec(spec, load_tokenizer(parse_spec(spec).tokenizer), name=role)
+            self.sources[spec] = (source, source.tokenizer)
+            return self.sources[spec]
+        if is_llama_cpp(spec):  # gguf:... : a GGUF model (or a LoRA on one) run in-process by llama.cpp
+            from .gguf_roles import LlamaCppRoles
+
+            self.llama_cpp = self.llama_cpp or LlamaCppRoles(**self.llama_cpp_options)
+            self.sources[spec] = self.llama_cpp.source(spec, role)
+            return self.sources[spec]
+        base_spec = adapter_base(local_path(spec))
+        if base_spec is not None:
+            model, tokenizer = self._adapter(spec, base_spec)
+            source = TransformersSource(model, name=role)
+        elif spec in self.adapted:
+            model, tokenizer = self.adapted[spec], self.plain[spec][1]
+            source = TransformersSource(model, name=role, adapter_disabled=True)
+        else:
+            model, tokenizer = self._plain(spec)
+            source = TransformersSource(model, name=role)
+        self.sources[spec] = (source, tokenizer)
+        return source, tokenizer
+
+
+def as_source(model, name: str = "model") -> TransformersSource:
+    """A loaded transformers (or peft) model as a logit source."""
+    return TransformersSource(model, name=name)
+
+
+def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), device=None, dtype=None,
+               backend: str | None = None, threads: int | None = None, n_ctx: int | None = None) -> dict[str, tuple]:
+    """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated; each
+    (expert role, anti-expert role) in `pairs` that is a LoRA adapter on and off runs as one LoraPair.
+    backend="llama.cpp" runs every role in llama.cpp (llama_cpp_roles); threads/n_ctx apply to those."""
+    specs = {role: with_backend(spec, backend) for role, spec in specs.items()}
+    loader = Loader(device, dtype, threads=threads, n_ctx=n_ctx)
+    order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or is_llama_cpp(specs[role])
+                   or adapter_base(local_path(specs[role])) is None)
+    loaded = {role: loader.source(specs[role], role) for role in order}
+    # expert = LoRA of the anti-expert: run both roles in one batched forward (sources/lora_pair.py).
+    from ..backends.lora_pair import pair_lora_roles
+    sources = pair_lora_roles({role: source for role, (source, _) in loaded.items()}, pairs)
+    return {role: (sources[role], loaded[role][1]) for role in specs}

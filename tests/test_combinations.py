@@ -1,0 +1,178 @@
+"""The combination matrix: every backend × every decoding mode gives the plain reference's tokens (fp32).
+
+Backends: transformers, a LoRA expert/anti-expert pair in one forward, a remote base (an
+OpenAI-compatible server over the same model, full top-k by token id, so nothing is lost on the wire),
+llama.cpp in-process (its own plain decoding is the reference: other kernels, other numerics).
+Modes: plain, speculative, rows joining a running batch mid-way, the server with concurrent
+requests, and scoring. What a backend cannot do is refused up front with a message saying what to use.
+"""
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from openai_fake import FakeOpenAI
+
+from proxytune import ProxyTuner, ProxyTuneError
+from proxytune.backends.lora_pair import LoraPair
+from proxytune.backends.protocol import Capabilities
+from proxytune.backends.remote.source import RemoteSource
+from proxytune.backends.remote.spec import parse_spec
+
+PROMPTS = ["The quick brown", "def add(a, b):", "Answer the following question.", "Tuning language"]
+NEW = 10
+
+
+def lora_pair_of(model, seed=0):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    return LoraPair(get_peft_model(copy.deepcopy(model), config).eval())
+
+
+@pytest.fixture(scope="module")
+def backends(trio, tok):
+    """name -> (tuner under test, reference tuner whose plain greedy decoding is the expected output)."""
+    base, expert, anti = trio
+    reference = ProxyTuner(base, expert, anti, tokenizer=tok)
+    made = {"transformers": (reference, reference)}
+    pair = lora_pair_of(anti)
+    from proxytune.backends.transformers import TransformersSource
+    two_model = ProxyTuner(base, TransformersSource(pair.model, name="expert"),
+                           TransformersSource(pair.model, name="anti_expert", adapter_disabled=True), tokenizer=tok)
+    made["lora pair"] = (ProxyTuner(base, pair.expert, pair.anti_expert, tokenizer=tok), two_model)
+    server = FakeOpenAI(base, tok).__enter__()
+    remote = RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=tiny&top_k=320&token_ids=1&send_ids=1"), tok)
+    made["remote base"] = (ProxyTuner(remote, expert, anti, tokenizer=tok), reference)
+    yield made
+    server.__exit__(None, None, None)
+
+
+MATRIX = ["transformers", "lora pair", "remote base"]
+
+
+def plain(tuner, prompts=PROMPTS):
+    return [o.token_ids for o in tuner.generate(prompts, max_new_tokens=NEW)]
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+def test_plain_greedy_equals_the_reference(backends, backend):
+    tuner, reference = backends[backend]
+    assert plain(tuner) == plain(reference)
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+@pytest.mark.parametrize("draft_length", [None, 3])
+def test_speculative_greedy_equals_plain(backends, backend, draft_length):
+    tuner, reference = backends[backend]
+    decoding = tuner.decoding([tuner.request(p, max_new_tokens=NEW) for p in PROMPTS], speculative=True)
+    if draft_length:
+        decoding.draft_length.fixed = draft_length
+    for _ in decoding.steps():
+        pass
+    assert [o.token_ids for o in decoding.outputs()] == plain(reference)
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+@pytest.mark.parametrize("speculative", [False, True])
+def test_rows_joining_mid_way_get_the_tokens_they_get_alone(backends, backend, speculative):
+    tuner, reference = backends[backend]
+    decoding = tuner.decoding([tuner.request(PROMPTS[0], max_new_tokens=NEW)], speculative=speculative)
+    assert decoding.accepts_new_rows
+    for step, _ in enumerate(decoding.steps()):
+        if step == 2:
+            decoding.add([tuner.request(p, max_new_tokens=NEW) for p in PROMPTS[1:3]])
+        if step == 4:
+            decoding.add([tuner.request(PROMPTS[3], max_new_tokens=NEW)])
+    assert [o.token_ids for o in decoding.outputs()] == [plain(reference, [p])[0] for p in PROMPTS]
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+def test_scoring_equals_the_reference(backends, backend):
+    tuner, reference = backends[backend]
+    pairs = [(p, " the lazy dog") for p in PROMPTS]
+    for got, want in zip(tuner.score_batch(pairs), reference.score_batch(pairs)):
+        assert got.token_ids == want.token_ids
+        assert torch.allclose(torch.tensor(got.logprobs), torch.tensor(want.logprobs), atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+def test_the_server_decodes_concurrent_requests_together(backends, backend):
+    from fastapi.testclient import TestClient
+
+    from proxytune.server import create_app
+
+    tuner, reference = backends[backend]
+    expected = [reference.tokenizer.decode(ids, skip_special_tokens=True) for ids in plain(reference)]
+    with TestClient(create_app(tuner)) as client:
+        def ask(prompt):
+            answer = client.post("/v1/completions", json={"model": "proxytune", "prompt": prompt,
+                                                          "max_tokens": NEW, "temperature": 0})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["text"]
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            texts = list(pool.map(ask, PROMPTS))
+        load = client.get("/health").json()
+    assert texts == expected
+    assert load["finished_rows"] == len(PROMPTS)
+
+
+def test_a_session_that_cannot_join_is_served_one_batch_after_another(trio, tok):
+    base, expert, anti = trio
+
+    class Solo:  # a third-party source whose sessions declare nothing beyond plain stepping
+        name, max_length = "solo", None
+
+        def __init__(self, inner):
+            self.inner, self.vocab_size = inner, len(tok)
+
+        def open(self, prompts):
+            session = self.inner.open(prompts)
+
+            class Plain:
+                capabilities = Capabilities()
+                prefill, advance, rewind, select = session.prefill, session.advance, session.rewind, session.select
+            return Plain()
+
+        def sequence_logits(self, sequences):
+            return self.inner.sequence_logits(sequences)
+
+    reference = ProxyTuner(base, expert, anti, tokenizer=tok)
+    tuner = ProxyTuner(Solo(reference.sources["base"]), expert, anti, tokenizer=tok)
+    decoding = tuner.decoding([tuner.request(PROMPTS[0], max_new_tokens=NEW)])
+    assert not decoding.accepts_new_rows
+    with pytest.raises(ProxyTuneError, match="cannot take rows into a running batch"):
+        decoding.add([tuner.request(PROMPTS[1])])
+    with pytest.raises(ProxyTuneError, match="roll back.*without speculative"):
+        tuner.generate(PROMPTS[0], speculative=True)
+    assert plain(tuner) == plain(reference)  # plain decoding needs nothing more
+
+    from fastapi.testclient import TestClient
+
+    from proxytune.server import create_app
+    with TestClient(create_app(tuner)) as client:
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            answers = list(pool.map(lambda p: client.post("/v1/completions", json={
+                "model": "proxytune", "prompt": p, "max_tokens": NEW, "temperature": 0}), PROMPTS))
+    assert [a.status_code for a in answers] == [200] * len(PROMPTS)
+    assert [a.json()["choices"][0]["text"] for a in answers] == [tok.decode(ids, skip_special_tokens=True)
+                                                                 for ids in plain(reference)]
+
+
+def test_seeded_speculative_sampling_does_not_depend_on_k_or_on_batch_mates(trio, tok):
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+
+    def sample(prompts, k, seed=7):
+        requests = [tuner.request(p, max_new_tokens=12, temperature=1.0, seed=seed + i) for i, p in enumerate(prompts)]
+        decoding = tuner.decoding(requests, speculative=True)
+        decoding.draft_length.fixed = k
+        for _ in decoding.steps():
+            pass
+        return [o.token_ids for o in decoding.outputs()]
+
+    (alone,) = sample(PROMPTS[:1], 1)
+    assert sample(PROMPTS[:1], 4) == [alone]
+    assert sample(PROMPTS, 3)[0] == alone
