@@ -7,7 +7,7 @@ WHEELS ?= $(HOME)/.cache/proxytune/wheels
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-llama-cpp install-demo-models test demo bench
+.PHONY: install install-llama-cpp install-demo-models test demo bench device-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,7 @@ demo: install install-demo-models
 
 bench: install
 	$(PY) benchmarks/run.py --quick
+
+# Wheels the GPU machine may lack (it has no network): scripts/device_check.sh installs them from .whl/.
+device-wheels: $(PY)
+	$(PY) -m pip download -q --no-deps -d .whl 'peft==0.21.2' 'accelerate==1.15.0' 'pytest==9.2.0' pluggy iniconfig

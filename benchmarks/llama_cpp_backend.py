@@ -11,7 +11,7 @@
 3. Speed (demo trio, batch 1, greedy, EOS ignored, decode phase only): proxy decoding with every role in
    llama.cpp (Q4_K_M files as packaged, LoRA expert converted) against the transformers bf16 path
    (LoRA expert and anti-expert in one pass), in alternating rounds with per-round ratios; and the
-   1.5B base alone on llama.cpp against its weight-bandwidth floor (GGUF tensor bytes / copy bandwidth).
+   1.5B base alone on llama.cpp against its weight-bandwidth floor (GGUF tensor bytes / read bandwidth).
 (Not named llama_cpp.py: a script's own directory comes first on sys.path and would shadow the package.)
 The last line is machine-readable: RESULT top1_agreement=... alpha0_identical=... speedup=... floor_share=...
 """
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bandwidth import copy_bandwidth  # noqa: E402  (benchmarks/bandwidth.py)
+from bandwidth import read_bandwidth  # noqa: E402  (benchmarks/bandwidth.py)
 from proxytune import ProxyTuner, registry  # noqa: E402
 from proxytune.models.gguf_roles import LlamaCppRoles  # noqa: E402
 from proxytune.backends.llama_cpp.model import available_cores  # noqa: E402
@@ -220,13 +220,13 @@ def speed(rounds: int, n: int, threads: int) -> tuple[float, float]:
                 "transformers-bf16": lambda: proxy_seconds_per_token(on_torch, prompt, n),
                 "llama.cpp base alone": lambda: base_seconds_per_token(base, ids, n)}
     ratios, shares = [], []
-    bandwidth = copy_bandwidth(threads)
+    bandwidth = read_bandwidth(threads)
     for r in range(rounds):
         names = list(variants)
         order = names[r % len(names):] + names[: r % len(names)]
         times = {name: variants[name]() for name in order}
         ratios.append(times["transformers-bf16"] / times["llama.cpp"])
-        bandwidth = max(bandwidth, copy_bandwidth(threads))
+        bandwidth = max(bandwidth, read_bandwidth(threads))
         floor = base.gguf.size_bytes / (bandwidth * 1e9)
         shares.append(floor / times["llama.cpp base alone"])
         print(f"  round {r + 1}: proxy llama.cpp {1 / times['llama.cpp']:.1f} tok/s, transformers-bf16 "

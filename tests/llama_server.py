@@ -44,7 +44,7 @@ class LlamaServer:
     """`with LlamaServer(gguf) as server: server.url` -> http://127.0.0.1:PORT/v1"""
 
     def __init__(self, gguf: str | Path, port: int | None = None, threads: int = 1, n_ctx: int = 2048,
-                 start_timeout: float = 120.0, log: str | Path | None = None):
+                 start_timeout: float = 120.0, log: str | Path | None = None, extra: tuple[str, ...] = ()):
         missing = missing_server_modules()
         if missing:
             raise ProxyTuneError(f"llama.cpp's server needs {', '.join(missing)}: "
@@ -52,7 +52,7 @@ class LlamaServer:
         self.gguf, self.port = Path(gguf), port or free_port()
         self.command = [sys.executable, "-m", "llama_cpp.server", "--model", str(self.gguf), "--host", "127.0.0.1",
                         "--port", str(self.port), "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                        "--n_ctx", str(n_ctx), "--verbose", "false", "--interrupt_requests", "false"]
+                        "--n_ctx", str(n_ctx), "--verbose", "false", "--interrupt_requests", "false", *extra]
         self.start_timeout = start_timeout
         self.log = log
         self.process: subprocess.Popen | None = None

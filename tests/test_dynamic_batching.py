@@ -123,7 +123,7 @@ def test_top_logprobs_are_the_combined_log_softmax(trio, tok):
 
 
 def test_a_lora_pair_trio_joins_too(tmp_path):
-    """expert = a LoRA of the anti-expert runs both roles in one forward (sources/lora_pair.py); its
+    """expert = a LoRA of the anti-expert runs both roles in one forward (backends/lora_pair.py); its
     sessions join like any other."""
     import json
 

@@ -148,7 +148,7 @@ class TransformersSession:
             self.mask[row, self.mask.shape[1] - width + kept:] = 0
         droppable = width - max(keep, default=width)
         if droppable:
-            self.cache.crop(-droppable)  # transformers >= 5.24: a negative count removes tokens
+            self.cache.crop(-droppable)  # a negative count removes tokens (the only form transformers >= 5.24 takes)
             self.mask = self.mask[:, :-droppable]
         self._last_width = 0
 

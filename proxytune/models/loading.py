@@ -137,7 +137,7 @@ def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), dev
     order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or is_llama_cpp(specs[role])
                    or adapter_base(local_path(specs[role])) is None)
     loaded = {role: loader.source(specs[role], role) for role in order}
-    # expert = LoRA of the anti-expert: run both roles in one batched forward (sources/lora_pair.py).
+    # expert = LoRA of the anti-expert: run both roles in one batched forward (backends/lora_pair.py).
     from ..backends.lora_pair import pair_lora_roles
     sources = pair_lora_roles({role: source for role, (source, _) in loaded.items()}, pairs)
     return {role: (sources[role], loaded[role][1]) for role in specs}
