@@ -33,8 +33,19 @@ def lora_pair_of(model, seed=0):
     return LoraPair(get_peft_model(copy.deepcopy(model), config).eval())
 
 
+def llama_cpp_trio(tok, root):
+    """Three tiny random GGUF models over the tests' tokenizer, run by llama.cpp with uniform batches (logits do
+    not depend on how rows are grouped), so its own plain decoding is the reference for every mode."""
+    from tiny_gguf import write_tiny_gguf
+
+    from proxytune.backends.llama_cpp.source import LlamaCppSource
+    sources = [LlamaCppSource(write_tiny_gguf(root / f"tiny-{seed}.gguf", seed=seed), name=f"tiny-{seed}", threads=1,
+                              n_ctx=512, uniform_batches=True) for seed in range(3)]
+    return ProxyTuner(*sources, tokenizer=tok)
+
+
 @pytest.fixture(scope="module")
-def backends(trio, tok):
+def backends(trio, tok, tmp_path_factory):
     """name -> (tuner under test, reference tuner whose plain greedy decoding is the expected output)."""
     base, expert, anti = trio
     reference = ProxyTuner(base, expert, anti, tokenizer=tok)
@@ -47,11 +58,23 @@ def backends(trio, tok):
     server = FakeOpenAI(base, tok).__enter__()
     remote = RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=tiny&top_k=320&token_ids=1&send_ids=1"), tok)
     made["remote base"] = (ProxyTuner(remote, expert, anti, tokenizer=tok), reference)
+    try:
+        import llama_cpp  # noqa: F401
+        on_llama_cpp = llama_cpp_trio(tok, tmp_path_factory.mktemp("gguf"))
+        made["llama.cpp"] = (on_llama_cpp, on_llama_cpp)
+    except ImportError:  # pip install 'proxytune[llama-cpp]'
+        pass
     yield made
     server.__exit__(None, None, None)
 
 
-MATRIX = ["transformers", "lora pair", "remote base"]
+MATRIX = ["transformers", "lora pair", "remote base", "llama.cpp"]
+
+
+def pick(backends, backend):
+    if backend not in backends:
+        pytest.skip(f"{backend} is not installed")
+    return backends[backend]
 
 
 def plain(tuner, prompts=PROMPTS):
@@ -60,14 +83,14 @@ def plain(tuner, prompts=PROMPTS):
 
 @pytest.mark.parametrize("backend", MATRIX)
 def test_plain_greedy_equals_the_reference(backends, backend):
-    tuner, reference = backends[backend]
+    tuner, reference = pick(backends, backend)
     assert plain(tuner) == plain(reference)
 
 
 @pytest.mark.parametrize("backend", MATRIX)
 @pytest.mark.parametrize("draft_length", [None, 3])
 def test_speculative_greedy_equals_plain(backends, backend, draft_length):
-    tuner, reference = backends[backend]
+    tuner, reference = pick(backends, backend)
     decoding = tuner.decoding([tuner.request(p, max_new_tokens=NEW) for p in PROMPTS], speculative=True)
     if draft_length:
         decoding.draft_length.fixed = draft_length
@@ -79,7 +102,7 @@ def test_speculative_greedy_equals_plain(backends, backend, draft_length):
 @pytest.mark.parametrize("backend", MATRIX)
 @pytest.mark.parametrize("speculative", [False, True])
 def test_rows_joining_mid_way_get_the_tokens_they_get_alone(backends, backend, speculative):
-    tuner, reference = backends[backend]
+    tuner, reference = pick(backends, backend)
     decoding = tuner.decoding([tuner.request(PROMPTS[0], max_new_tokens=NEW)], speculative=speculative)
     assert decoding.accepts_new_rows
     for step, _ in enumerate(decoding.steps()):
@@ -92,7 +115,7 @@ def test_rows_joining_mid_way_get_the_tokens_they_get_alone(backends, backend, s
 
 @pytest.mark.parametrize("backend", MATRIX)
 def test_scoring_equals_the_reference(backends, backend):
-    tuner, reference = backends[backend]
+    tuner, reference = pick(backends, backend)
     pairs = [(p, " the lazy dog") for p in PROMPTS]
     for got, want in zip(tuner.score_batch(pairs), reference.score_batch(pairs)):
         assert got.token_ids == want.token_ids
@@ -105,7 +128,7 @@ def test_the_server_decodes_concurrent_requests_together(backends, backend):
 
     from proxytune.server import create_app
 
-    tuner, reference = backends[backend]
+    tuner, reference = pick(backends, backend)
     expected = [reference.tokenizer.decode(ids, skip_special_tokens=True) for ids in plain(reference)]
     with TestClient(create_app(tuner)) as client:
         def ask(prompt):
@@ -176,3 +199,12 @@ def test_seeded_speculative_sampling_does_not_depend_on_k_or_on_batch_mates(trio
     (alone,) = sample(PROMPTS[:1], 1)
     assert sample(PROMPTS[:1], 4) == [alone]
     assert sample(PROMPTS, 3)[0] == alone
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+def test_scoring_a_generated_answer_gives_the_logprobs_it_was_generated_with(backends, backend):
+    tuner, _ = pick(backends, backend)
+    for prompt, output in zip(PROMPTS, tuner.generate(PROMPTS, max_new_tokens=NEW)):
+        (score,) = tuner.score_items([tuner.token_item(tuner.encode(prompt), output.token_ids)])
+        assert torch.allclose(torch.tensor(score.logprobs), torch.tensor(output.logprobs), atol=1e-4)
+        assert score.is_greedy
