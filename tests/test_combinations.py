@@ -167,7 +167,7 @@ def test_a_session_that_cannot_join_is_served_one_batch_after_another(trio, tok)
     tuner = ProxyTuner(Solo(reference.sources["base"]), expert, anti, tokenizer=tok)
     decoding = tuner.decoding([tuner.request(PROMPTS[0], max_new_tokens=NEW)])
     assert not decoding.accepts_new_rows
-    with pytest.raises(ProxyTuneError, match="cannot take rows into a running batch"):
+    with pytest.raises(ProxyTuneError, match="cannot take rows into its running batch"):
         decoding.add([tuner.request(PROMPTS[1])])
     with pytest.raises(ProxyTuneError, match="roll back.*without speculative"):
         tuner.generate(PROMPTS[0], speculative=True)

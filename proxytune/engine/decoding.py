@@ -146,6 +146,7 @@ class Decoding:
         self.session = open_session(base, pairs, requests, self.times)
         self.rows = [self._row(i, r) for i, r in enumerate(requests)]
         self.joining: list[RowState] = []
+        self.failed = False
 
     def _row(self, index: int, request: Request) -> RowState:
         return RowState(index, request, self.tokenizer, self.eos_ids, token_budget(request, self.session.sources))
@@ -154,8 +155,9 @@ class Decoding:
 
     @property
     def accepts_new_rows(self) -> bool:
-        """Whether `add()` may bring rows into this running batch (every session declares join)."""
-        return self.session.can_join
+        """Whether `add()` may bring rows into this running batch (every session declares join, and no
+        model failed in it)."""
+        return self.session.can_join and not self.failed
 
     @property
     def running(self) -> int:
@@ -165,8 +167,9 @@ class Decoding:
     def add(self, requests: Sequence[Request]) -> list[int]:
         """Queue requests to join the batch at the next step; returns their row indices."""
         if not self.accepts_new_rows:
-            raise ProxyTuneError("a source of this decoding cannot take rows into a running batch "
-                                 "(its sessions do not declare join): start another decoding for these requests")
+            reason = "a model failed in it" if self.failed else "its sessions do not declare join"
+            raise ProxyTuneError(f"this decoding cannot take rows into its running batch ({reason}): "
+                                 f"start another decoding for these requests")
         new_rows = [self._row(len(self.rows) + i, r) for i, r in enumerate(requests)]
         self.rows += new_rows
         self.joining += new_rows
@@ -216,7 +219,9 @@ class Decoding:
                     return
                 yield from self.round(rows)
         except SourceFailure as failure:  # a model is unreachable (e.g. a remote server died): keep the text so far
-            yield [row.fail(failure) for row in dict.fromkeys(rows + newcomers) if row.finish_reason is None]
+            self.failed = True  # its sessions are in no known state: later requests need a decoding of their own
+            waiting, self.joining = self.joining, []  # rows added during the failed step end too, never left hanging
+            yield [row.fail(failure) for row in dict.fromkeys(rows + newcomers + waiting) if row.finish_reason is None]
 
     def _running(self, rows: list[RowState]) -> list[RowState]:
         """The rows still running; finished and cancelled ones leave every role's session."""

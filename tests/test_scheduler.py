@@ -1,0 +1,192 @@
+"""The server's scheduler in-process (no subprocess, no HTTP): rotation, failures, cancellation, non-joining sources.
+
+Jobs are submitted as the HTTP handlers submit them and their queues read until "done" or "error"; every
+finished row must carry the tokens the same request gets decoded alone.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxytune import ProxyTuner
+from proxytune.backends.protocol import Capabilities
+from proxytune.errors import SourceFailure
+from proxytune.server import scheduler as scheduler_module
+from proxytune.server.scheduler import Scheduler
+from proxytune.server.schemas import PromptRows
+
+PROMPTS = ["The quick brown", "def add(a, b):", "Answer the following question.", "Tuning language", "The lazy"]
+
+
+@pytest.fixture(scope="module")
+def tuner(trio, tok):
+    return ProxyTuner(*trio, tokenizer=tok)
+
+
+def rows(tuner, prompt, max_new_tokens=8, n=1) -> list[PromptRows]:
+    requests = [tuner.request(prompt, max_new_tokens=max_new_tokens) for _ in range(n)]
+    return [PromptRows(requests[0].prompts["base"], prompt, requests)]
+
+
+async def drain(job, timeout=60.0) -> tuple[str, list]:
+    items = []
+    while True:
+        kind, payload = await asyncio.wait_for(job.queue.get(), timeout)
+        items.append((kind, payload))
+        if kind in ("done", "error"):
+            return kind, items
+
+
+def run(scheduler: Scheduler, coroutine):
+    scheduler.start()
+    try:
+        return asyncio.run(coroutine)
+    finally:
+        scheduler.stop()
+
+
+class Flaky:  # the base fails on its fourth advance call, then works again
+    name, max_length = "flaky", None
+
+    def __init__(self, inner):
+        self.inner, self.vocab_size, self.calls = inner, inner.vocab_size, 0
+
+    def open(self, prompts):
+        session, source = self.inner.open(prompts), self
+
+        class Session:
+            capabilities = Capabilities(rollback=True, join=True, fork=False)
+            inner = session
+            prefill, rewind, select = session.prefill, session.rewind, session.select
+
+            def join(self, other):
+                session.join(other.inner)
+
+            def advance(self, tokens, extend=False):
+                source.calls += 1
+                if source.calls == 4:
+                    raise SourceFailure("the base server went away")
+                return session.advance(tokens, extend=extend)
+        return Session()
+
+    def sequence_logits(self, sequences):
+        return self.inner.sequence_logits(sequences)
+
+
+
+def alone(tuner, prompt, max_new_tokens=8):
+    return tuner.generate(prompt, max_new_tokens=max_new_tokens)[0].token_ids
+
+
+def test_a_decoding_rotates_after_many_rows_and_no_row_notices(tuner, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "ROTATE_AFTER_ROWS", 2)
+    scheduler = Scheduler(tuner, max_batch=8)
+    decodings = set()
+
+    async def go():
+        jobs = [scheduler.submit(rows(tuner, p)) for p in PROMPTS]
+        results = []
+        for job in jobs:
+            while True:  # note which decoding serves the batch while it runs
+                if scheduler.decoding is not None:
+                    decodings.add(id(scheduler.decoding))
+                try:
+                    results.append(await drain(job, timeout=0.01))
+                    break
+                except asyncio.TimeoutError:
+                    continue
+        return results
+
+    results = run(scheduler, go())
+    assert [kind for kind, _ in results] == ["done"] * len(PROMPTS)
+    assert [items[-1][1][0].token_ids for _, items in results] == [alone(tuner, p) for p in PROMPTS]
+    assert len(decodings) >= 2  # at most 2 rows per decoding: later jobs went to fresh ones
+
+
+def test_a_model_failure_mid_batch_ends_its_rows_with_the_reason_and_the_next_request_is_served(tuner, tok):
+    flaky = ProxyTuner(Flaky(tuner.sources["base"]), tuner.sources["expert"], tuner.sources["anti_expert"],
+                       tokenizer=tok)
+    scheduler = Scheduler(flaky, max_batch=8)
+
+    async def go():
+        first = [scheduler.submit(rows(flaky, p, max_new_tokens=12)) for p in PROMPTS[:2]]
+        failed = [await drain(job) for job in first]
+        later = await drain(scheduler.submit(rows(flaky, PROMPTS[2])))
+        return failed, later
+
+    failed, later = run(scheduler, go())
+    for kind, items in failed:
+        events = [event for k, payload in items if k == "events" for _, event in payload]
+        assert events[-1].finish_reason == "error" and "went away" in events[-1].error
+    assert later[0] == "done" and later[1][-1][1][0].token_ids == alone(tuner, PROMPTS[2])
+
+
+def test_a_cancelled_job_leaves_the_batch_at_the_next_step(tuner):
+    scheduler = Scheduler(tuner, max_batch=8)
+
+    async def go():
+        long = scheduler.submit(rows(tuner, PROMPTS[0], max_new_tokens=200, n=3))
+        short = scheduler.submit(rows(tuner, PROMPTS[1]))
+        kind, payload = await long.queue.get()
+        while kind != "events":
+            kind, payload = await long.queue.get()
+        long.cancel()
+        result = await drain(short)
+        for _ in range(50):  # the engine frees the rows within a step or two
+            if scheduler.load["running_rows"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        return result, dict(scheduler.load)
+
+    (kind, items), load = run(scheduler, go())
+    assert kind == "done" and items[-1][1][0].token_ids == alone(tuner, PROMPTS[1])
+    assert load["running_rows"] == 0 and load["cancelled_rows"] == 3
+
+
+def test_a_source_that_cannot_join_is_served_one_batch_after_another(tuner, tok):
+    class Solo:
+        name, max_length = "solo", None
+
+        def __init__(self, inner):
+            self.inner, self.vocab_size = inner, inner.vocab_size
+
+        def open(self, prompts):
+            session = self.inner.open(prompts)
+
+            class Session:
+                capabilities = Capabilities()
+                prefill, advance, rewind, select = session.prefill, session.advance, session.rewind, session.select
+            return Session()
+
+        def sequence_logits(self, sequences):
+            return self.inner.sequence_logits(sequences)
+
+    solo = ProxyTuner(Solo(tuner.sources["base"]), tuner.sources["expert"], tuner.sources["anti_expert"],
+                      tokenizer=tok)
+    scheduler = Scheduler(solo, max_batch=8)
+
+    async def go():
+        jobs = [scheduler.submit(rows(solo, p)) for p in PROMPTS[:3]]
+        return [await drain(job) for job in jobs]
+
+    results = run(scheduler, go())
+    assert [kind for kind, _ in results] == ["done"] * 3
+    assert [items[-1][1][0].token_ids for _, items in results] == [alone(tuner, p) for p in PROMPTS[:3]]
+
+
+def test_after_a_model_failure_every_row_has_ended_and_the_decoding_takes_no_more(tuner, tok):
+    """The server admits between two steps: a decoding whose model failed must not take rows it will never run."""
+    from proxytune import ProxyTuneError
+    flaky = ProxyTuner(Flaky(tuner.sources["base"]), tuner.sources["expert"], tuner.sources["anti_expert"],
+                       tokenizer=tok)
+    decoding = flaky.decoding([flaky.request(PROMPTS[0], max_new_tokens=20)])
+    for events in decoding.steps():
+        if any(e.finish_reason == "error" for e in events):
+            assert not decoding.accepts_new_rows
+            with pytest.raises(ProxyTuneError, match="a model failed"):
+                decoding.add([flaky.request(PROMPTS[2])])
+        else:
+            decoding.add([flaky.request(PROMPTS[1], max_new_tokens=20)])  # one more row joins at every step
+    outputs = decoding.outputs()
+    assert len(outputs) > 2 and all(o.finish_reason == "error" and "went away" in o.error for o in outputs)
