@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from openai_fake import FakeOpenAI
+from wrapped_sources import Solo
 
 from proxytune import ProxyTuner, ProxyTuneError
 from proxytune.backends.lora_pair import LoraPair
-from proxytune.backends.protocol import Capabilities
 from proxytune.backends.remote.source import RemoteSource
 from proxytune.backends.remote.spec import parse_spec
 
@@ -145,23 +145,6 @@ def test_the_server_decodes_concurrent_requests_together(backends, backend):
 
 def test_a_session_that_cannot_join_is_served_one_batch_after_another(trio, tok):
     base, expert, anti = trio
-
-    class Solo:  # a third-party source whose sessions declare nothing beyond plain stepping
-        name, max_length = "solo", None
-
-        def __init__(self, inner):
-            self.inner, self.vocab_size = inner, len(tok)
-
-        def open(self, prompts):
-            session = self.inner.open(prompts)
-
-            class Plain:
-                capabilities = Capabilities()
-                prefill, advance, rewind, select = session.prefill, session.advance, session.rewind, session.select
-            return Plain()
-
-        def sequence_logits(self, sequences):
-            return self.inner.sequence_logits(sequences)
 
     reference = ProxyTuner(base, expert, anti, tokenizer=tok)
     tuner = ProxyTuner(Solo(reference.sources["base"]), expert, anti, tokenizer=tok)

@@ -150,3 +150,9 @@ def test_a_real_gguf_split_over_two_packages_converts_to_the_same_model(tmp_path
         "The quick brown fox", return_tensors="pt").input_ids.tolist()
     with torch.no_grad():
         assert torch.equal(model(ids).logits, direct(ids).logits)
+
+
+def test_every_registered_adapter_ships_inside_the_package():
+    for name in registry.ADAPTERS:
+        path = registry.resolve_model(name)
+        assert (path / "adapter_config.json").exists() and (path / "adapter_model.safetensors").exists()

@@ -10,11 +10,10 @@ import asyncio
 import pytest
 
 from proxytune import ProxyTuner
-from proxytune.backends.protocol import Capabilities
-from proxytune.errors import SourceFailure
 from proxytune.server import scheduler as scheduler_module
 from proxytune.server.scheduler import Scheduler
 from proxytune.server.schemas import PromptRows
+from wrapped_sources import Flaky, Solo
 
 PROMPTS = ["The quick brown", "def add(a, b):", "Answer the following question.", "Tuning language", "The lazy"]
 
@@ -44,35 +43,6 @@ def run(scheduler: Scheduler, coroutine):
         return asyncio.run(coroutine)
     finally:
         scheduler.stop()
-
-
-class Flaky:  # the base fails on its fourth advance call, then works again
-    name, max_length = "flaky", None
-
-    def __init__(self, inner):
-        self.inner, self.vocab_size, self.calls = inner, inner.vocab_size, 0
-
-    def open(self, prompts):
-        session, source = self.inner.open(prompts), self
-
-        class Session:
-            capabilities = Capabilities(rollback=True, join=True, fork=False)
-            inner = session
-            prefill, rewind, select = session.prefill, session.rewind, session.select
-
-            def join(self, other):
-                session.join(other.inner)
-
-            def advance(self, tokens, extend=False):
-                source.calls += 1
-                if source.calls == 4:
-                    raise SourceFailure("the base server went away")
-                return session.advance(tokens, extend=extend)
-        return Session()
-
-    def sequence_logits(self, sequences):
-        return self.inner.sequence_logits(sequences)
-
 
 
 def alone(tuner, prompt, max_new_tokens=8):
@@ -145,23 +115,6 @@ def test_a_cancelled_job_leaves_the_batch_at_the_next_step(tuner):
 
 
 def test_a_source_that_cannot_join_is_served_one_batch_after_another(tuner, tok):
-    class Solo:
-        name, max_length = "solo", None
-
-        def __init__(self, inner):
-            self.inner, self.vocab_size = inner, inner.vocab_size
-
-        def open(self, prompts):
-            session = self.inner.open(prompts)
-
-            class Session:
-                capabilities = Capabilities()
-                prefill, advance, rewind, select = session.prefill, session.advance, session.rewind, session.select
-            return Session()
-
-        def sequence_logits(self, sequences):
-            return self.inner.sequence_logits(sequences)
-
     solo = ProxyTuner(Solo(tuner.sources["base"]), tuner.sources["expert"], tuner.sources["anti_expert"],
                       tokenizer=tok)
     scheduler = Scheduler(solo, max_batch=8)

@@ -21,7 +21,7 @@ from typing import Callable
 
 from ..errors import ProxyTuneError
 
-ADAPTERS_DIR = Path(__file__).parent / "adapters"
+ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"  # proxytune/adapters: package data
 CHUNK = 1 << 22
 
 
