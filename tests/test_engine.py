@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from proxytune import ProxyTuneError, ProxyTuner
+from proxytune import ProxyTuneError, ProxyTuner, Request
 from proxytune.engine.session import combined_logits
 from proxytune.backends.transformers import TransformersSource
 from tiny import tiny_model
@@ -194,7 +194,9 @@ def test_chat_formats_each_role_with_its_own_template_and_the_paper_setting(trio
     assert everyone.prompts["base"] == everyone.prompts["expert"] == templated
     assert paper.prompts["expert"] == templated
     assert paper.prompts["base"] == paper.prompts["anti_expert"] == tok("what is 3 + 4?")["input_ids"]
-    assert tuner.chat(messages, max_new_tokens=5).finish_reason in ("stop", "length")
+    direct = tuner.run([Request({role: templated for role in tuner.roles}, tuner.alphas, max_new_tokens=5)])[0]
+    reply = tuner.chat(messages, max_new_tokens=5)
+    assert (reply.token_ids, reply.finish_reason) == (direct.token_ids, direct.finish_reason)
 
 
 @pytest.mark.parametrize("call, message", [

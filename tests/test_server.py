@@ -88,9 +88,11 @@ def test_streamed_chat_has_openais_chunks_and_usage(client, tuner):
     assert all(c.object == "chat.completion.chunk" and c.id == chunks[0].id for c in chunks)
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
     assert all(c.usage is None for c in chunks[:-1])
-    assert chunks[-2].choices[0].finish_reason in ("stop", "length") and chunks[-2].choices[0].delta.content is None
+    reply = tuner.chat(messages, max_new_tokens=10)
+    assert chunks[-2].choices[0].finish_reason == reply.finish_reason and chunks[-2].choices[0].delta.content is None
+    assert chunks[-1].usage.completion_tokens == len(reply.token_ids)  # as the non-streamed usage counts (no EOS)
     text = "".join(c.choices[0].delta.content or "" for c in chunks[:-1])
-    assert text == tuner.chat(messages, max_new_tokens=10).text
+    assert text == reply.text
 
 
 def test_the_raw_stream_is_server_sent_events_ending_with_done(server, tuner):
