@@ -5,12 +5,10 @@ anti-expert) is loaded once: that role runs the same weights with the adapter sw
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from . import registry
 from ..errors import ProxyTuneError
 from .specs import adapter_base, is_llama_cpp, local_path, with_backend
 from ..backends.remote.spec import is_remote_spec

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import re
-from pathlib import Path
 
 from ...errors import ProxyTuneError
 from .model import GGUFModel
