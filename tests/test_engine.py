@@ -204,6 +204,7 @@ def test_chat_formats_each_role_with_its_own_template_and_the_paper_setting(trio
     (lambda t: t.generate("hi", max_new_tokens=0), "max_new_tokens"),
     (lambda t: t.generate("hi", alpha=float("nan")), "alpha"),
     (lambda t: t.generate("hi", alpha=float("inf")), "alpha"),
+    (lambda t: t.generate("hi", alpha=1e39), "overflows float32"),  # finite in float64, inf where it is used
     (lambda t: t.generate("hi", temperature=-1), "temperature"),
     (lambda t: t.generate("hi", top_p=0), "top_p"),
     (lambda t: t.generate("word " * 300), "context"),

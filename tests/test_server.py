@@ -265,6 +265,7 @@ DONE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
     ("/v1/completions", {**DONE, "prompt": "fox " * 10, "max_tokens": 250}, 400, "max_tokens"),
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 255}, 400, "max_completion_tokens"),
     ("/v1/completions", {**DONE, "alpha": "strong"}, 400, "alpha"),
+    ("/v1/completions", {**DONE, "alpha": 1e39}, 400, "alpha"),  # finite in JSON, inf in float32
     ("/v1/completions", {**DONE, "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {**DONE, "logit_bias": {"5": 10}}, 400, "logit_bias"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),

@@ -127,3 +127,23 @@ def test_cli_reports_errors_in_one_line(tiny_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
     assert main(["tune", "--model", "nope", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_crafted_checkpoint_is_refused_and_never_executed(tiny_dir, tmp_path):
+    """`tune --resume` on a directory someone else wrote: a pickle that runs code on load must not run."""
+    import pickle
+
+    import proxytune.training.tuning as tuning
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    checkpoint = tmp_path / "c" / "expert" / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / tuning.STATE).write_bytes(pickle.dumps({"step": Payload()}))
+    with pytest.raises(ProxyTuneError, match="not a checkpoint this program wrote"):
+        tune(config(tiny_dir, tmp_path / "c", epochs=1, save_every=1, resume=True))
+    assert not marker.exists()

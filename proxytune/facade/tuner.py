@@ -16,9 +16,15 @@ from ..errors import ProxyTuneError, SourceFailure
 from ..models.loading import as_source
 
 
+FLOAT32_MAX = 3.4028234663852886e38  # logits are combined in float32: a larger α becomes inf there
+
+
 def check_alpha(alpha) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ProxyTuneError(f"alpha must be a finite number, got {alpha!r}")
+    if abs(alpha) > FLOAT32_MAX:
+        raise ProxyTuneError(f"alpha {alpha!r} overflows float32, the dtype logits are combined in; use |alpha| <= 3.4e38 "
+                             f"(values far above 10 already let the experts override the base completely)")
     return float(alpha)
 
 

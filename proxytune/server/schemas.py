@@ -14,6 +14,7 @@ from typing import Sequence
 
 from ..engine.decoding import Request
 from ..errors import ProxyTuneError
+from ..facade.tuner import check_alpha
 from ..engine.sampling import SamplingParams
 from .api_errors import APIError, bad_request
 
@@ -112,9 +113,13 @@ def _alpha(body: dict, n_pairs: int):
     if alpha is None:
         return None
     values = alpha if isinstance(alpha, list) else [alpha]
-    if not values or not all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a)
-                             for a in values):
+    if not values:
         raise bad_request(f"alpha must be a finite number or a list of them, got {alpha!r}", "alpha")
+    for value in values:
+        try:
+            check_alpha(value)  # the library's own check: finite, and finite in float32 where it is used
+        except ProxyTuneError as error:
+            raise bad_request(f"{error} (alpha: a number or one per expert pair)", "alpha") from None
     if isinstance(alpha, list) and len(alpha) != n_pairs:
         raise bad_request(f"alpha has {len(alpha)} values for {n_pairs} expert pairs", "alpha")
     return [float(a) for a in alpha] if isinstance(alpha, list) else float(alpha)

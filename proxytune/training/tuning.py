@@ -152,7 +152,11 @@ def restore_checkpoint(output: Path, model, optimizer, config: TuneConfig) -> in
     checkpoint = output / "checkpoint"
     if not checkpoint.exists() and (output / "checkpoint.old").exists():
         (output / "checkpoint.old").rename(checkpoint)  # killed between the two renames
-    state = torch.load(checkpoint / STATE, weights_only=False)
+    try:  # weights_only: tensors, numbers, strings and containers; anything else is refused, never executed
+        state = torch.load(checkpoint / STATE, weights_only=True)
+    except Exception as error:
+        raise ProxyTuneError(f"{checkpoint / STATE} is not a checkpoint this program wrote (it holds more than "
+                             f"tensors and numbers: {type(error).__name__}); delete {checkpoint} to start over") from None
     if config.full:
         from safetensors.torch import load_file
 
