@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
+from proxytune.engine.speculative import SpeculativeDecoding  # noqa: E402
+from run import proxy_decode  # noqa: E402  (benchmarks/run.py: one decode timing for every benchmark)
 
 PROMPT = ("Answer the following question.\n\nQuestion: Tom has 3 boxes with 12 pencils each. He gives away 7 "
           "pencils. How many pencils does he have left?\nAnswer:")
@@ -49,20 +51,18 @@ def width_costs(tuner: ProxyTuner, widths=(1, 2, 4, 8), repeats: int = 3) -> dic
 
 
 def decode(tuner: ProxyTuner, n: int, mode: str) -> tuple[float, list[int], str]:
-    decoding = tuner.decoding([tuner.request(PROMPT, max_new_tokens=n)], speculative=mode != "plain")
+    """run.py's decode timing; "prior costs" keeps k on the acceptance rate and the fixed guesses alone."""
+    measure = SpeculativeDecoding._measure
     if mode == "speculative, prior costs":
-        decoding._measure = lambda: None  # k from the acceptance rate and the fixed guesses alone
-    steps = decoding.steps()
-    next(steps)  # prefill and the first token
-    start = time.perf_counter()
-    for _ in steps:
-        pass
-    seconds = time.perf_counter() - start
-    output = decoding.outputs()[0]
+        SpeculativeDecoding._measure = lambda self: None
+    try:
+        seconds, outputs, decoding = proxy_decode(tuner, [PROMPT], n, speculative=mode != "plain")
+    finally:
+        SpeculativeDecoding._measure = measure
     note = ""
     if mode != "plain":
         note = f"acceptance {decoding.acceptance_rate:.2f}, {decoding.rounds} rounds, last k {decoding.draft_length.next()}"
-    return seconds / (len(output.token_ids) - 1), output.token_ids, note
+    return seconds, outputs[0].token_ids, note
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from openai_fake import FakeOpenAI
+from tiny import lora_of
 from wrapped_sources import Solo
 
 from proxytune import ProxyTuner, ProxyTuneError
@@ -23,14 +24,6 @@ from proxytune.backends.remote.spec import parse_spec
 
 PROMPTS = ["The quick brown", "def add(a, b):", "Answer the following question.", "Tuning language"]
 NEW = 10
-
-
-def lora_pair_of(model, seed=0):
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
-    return LoraPair(get_peft_model(copy.deepcopy(model), config).eval())
 
 
 def llama_cpp_trio(tok, root):
@@ -50,7 +43,7 @@ def backends(trio, tok, tmp_path_factory):
     base, expert, anti = trio
     reference = ProxyTuner(base, expert, anti, tokenizer=tok)
     made = {"transformers": (reference, reference)}
-    pair = lora_pair_of(anti)
+    pair = LoraPair(lora_of(copy.deepcopy(anti)))
     from proxytune.backends.transformers import TransformersSource
     two_model = ProxyTuner(base, TransformersSource(pair.model, name="expert"),
                            TransformersSource(pair.model, name="anti_expert", adapter_disabled=True), tokenizer=tok)

@@ -1,7 +1,8 @@
 """Expert = LoRA of the anti-expert: both roles in one batched forward give the two-model logits."""
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
+from tiny import lora_of
 
 from proxytune import ProxyTuner
 from proxytune.facade.compare import generate_as
@@ -10,13 +11,6 @@ from proxytune.backends.lora_pair import LoraPair, PairedRole
 from proxytune.backends.transformers import TransformersSource
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n", "Answer the following question. Question: what is 3 + 4?"]
-
-
-def lora_of(model, seed=0):
-    torch.manual_seed(seed)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                        init_lora_weights=False)  # random A and B: the adapter really changes the logits
-    return get_peft_model(model, config).eval()
 
 
 @pytest.fixture(scope="module")

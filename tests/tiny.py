@@ -46,3 +46,13 @@ def tiny_model(seed: int, vocab_size: int | None = None, eos: list[int] | int | 
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = 1
     return model
+
+
+def lora_of(model, seed=0):
+    """`model` (changed in place) as a peft model with a random LoRA adapter that really changes its logits."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+                        init_lora_weights=False)  # random A and B: the adapter really changes the logits
+    return get_peft_model(model, config).eval()

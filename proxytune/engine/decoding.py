@@ -157,7 +157,7 @@ class Decoding:
     def accepts_new_rows(self) -> bool:
         """Whether `add()` may bring rows into this running batch (every session declares join, and no
         model failed in it)."""
-        return self.session.can_join and not self.failed
+        return not self.session.lacking("join") and not self.failed
 
     @property
     def running(self) -> int:

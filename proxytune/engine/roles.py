@@ -7,18 +7,15 @@ name or a position: `roles.names` in order, `roles.pairs[i]` (expert name, anti-
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, Iterator, Mapping, Sequence, TypeVar
+from functools import cached_property
+from typing import Iterator, Mapping, Sequence
 
 from ..backends.protocol import LogitSource
-
-KINDS = ("base", "expert", "anti_expert")
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Role:
     name: str  # "base", "expert", "anti_expert", "expert_2", "anti_expert_2", ...
-    kind: str  # one of KINDS
+    kind: str  # "base" | "expert" | "anti_expert"
     pair: int | None = None  # which expert pair (None for the base)
 
     @property
@@ -36,7 +33,7 @@ class Roles:
         if self.n_pairs < 1:
             raise ValueError("a proxy needs at least one expert pair")
 
-    @property
+    @cached_property
     def all(self) -> tuple[Role, ...]:
         roles = [Role("base", "base")]
         for i in range(self.n_pairs):
@@ -44,14 +41,16 @@ class Roles:
             roles += [Role(f"expert{suffix}", "expert", i), Role(f"anti_expert{suffix}", "anti_expert", i)]
         return tuple(roles)
 
-    @property
+    @cached_property
     def names(self) -> list[str]:
         return [role.name for role in self.all]
 
-    @property
+    @cached_property
     def pairs(self) -> list[tuple[str, str]]:
         """(expert name, anti-expert name) of each pair, in order."""
-        return [(f"expert{s}", f"anti_expert{s}") for s in ("" if i == 0 else f"_{i + 1}" for i in range(self.n_pairs))]
+        expert = {role.pair: role.name for role in self.all if role.kind == "expert"}
+        anti = {role.pair: role.name for role in self.all if role.kind == "anti_expert"}
+        return [(expert[i], anti[i]) for i in range(self.n_pairs)]
 
     @property
     def experts(self) -> list[str]:
@@ -73,37 +72,12 @@ class Roles:
     def __iter__(self) -> Iterator[str]:
         return iter(self.names)
 
-    def __len__(self) -> int:
-        return 1 + 2 * self.n_pairs
-
 
 @dataclass
 class ExpertPair:
     expert: LogitSource
     anti_expert: LogitSource
     alpha: float = 1.0
-
-
-@dataclass
-class ByRole(Generic[T]):
-    """One value per role of a schema (sources, tokenizers, prompts, logits)."""
-    roles: Roles
-    values: dict[str, T]
-
-    def __getitem__(self, name: str) -> T:
-        return self.values[name]
-
-    @property
-    def base(self) -> T:
-        return self.values["base"]
-
-    @property
-    def experts(self) -> list[T]:
-        return [self.values[name] for name in self.roles.experts]
-
-    @property
-    def anti_experts(self) -> list[T]:
-        return [self.values[name] for name in self.roles.anti_experts]
 
 
 def pairs_of(roles: Roles, sources: Mapping[str, LogitSource], alphas: Sequence[float]) -> list[ExpertPair]:

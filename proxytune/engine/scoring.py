@@ -60,13 +60,14 @@ def check_items(roles: Roles, items: Sequence[ScoreItem], limits: dict[str, int 
                                  f"({ {r: t[:6] for r, t in targets.items()} }); score token ids instead")
 
 
-def role_logits(roles: Roles, sources: dict[str, LogitSource], items: Sequence[ScoreItem]
-                ) -> list[dict[str, torch.Tensor]]:
-    """For each item, each role's logits [scored, V] at the positions that predict its scored tokens."""
+def role_logits(roles: Roles, sources: dict[str, LogitSource], items: Sequence[ScoreItem],
+                only: Sequence[str] | None = None) -> list[dict[str, torch.Tensor]]:
+    """For each item, each role's logits [scored, V] at the positions that predict its scored tokens
+    (`only`: just these roles, e.g. the base alone, so the other models are not run)."""
     check_items(roles, items, {role: source.max_length for role, source in sources.items()})
     computed: dict[tuple, list[torch.Tensor]] = {}
     results: list[dict[str, torch.Tensor]] = [{} for _ in items]
-    for role in roles:
+    for role in only or roles:
         sequences = [item.sequences[role] for item in items]
         key = (id(sources[role]), tuple(map(tuple, sequences)))
         if key not in computed:

@@ -38,13 +38,6 @@ class RoleLogits:
         return RoleLogits(self.roles, function(self.base), [function(e) for e in self.experts],
                           [function(a) for a in self.anti_experts], function(self.combined))
 
-    def stacked(self, other: "RoleLogits") -> "RoleLogits":
-        """These rows, then `other`'s."""
-        return RoleLogits(self.roles, torch.cat([self.base, other.base]),
-                          [torch.cat(pair) for pair in zip(self.experts, other.experts)],
-                          [torch.cat(pair) for pair in zip(self.anti_experts, other.anti_experts)],
-                          torch.cat([self.combined, other.combined]))
-
 
 def combine(roles: Roles, logits: dict[str, torch.Tensor], alphas: torch.Tensor) -> RoleLogits:
     """RoleLogits from each role's logits ([B, V] or [B, k, V]) and per-row α [B, P]."""
@@ -128,13 +121,11 @@ class ProxySession:
             session.select(rows)
         self.alphas = self.alphas[list(rows)]
 
-    @property
-    def can_join(self) -> bool:
-        return all(s.capabilities.join for s in self.sessions.values())
-
-    @property
-    def can_roll_back(self) -> bool:
-        return all(s.capabilities.rollback for s in self.sessions.values())
+    def lacking(self, capability: str) -> list[str]:
+        """The sessions that do not declare `capability` ("rollback" | "join" | "fork"), as
+        "roles (session type)" for messages; empty when every session declares it."""
+        return [f"{'/'.join(sorted(self.group(key)))} ({type(s).__name__})" for key, s in self.sessions.items()
+                if not getattr(s.capabilities, capability)]
 
     def join(self, other: "ProxySession") -> None:
         """Append the rows of `other` (prefilled, same sources) to this batch: continuous batching.

@@ -152,8 +152,7 @@ class SpeculativeDecoding(Decoding):
                                          or draft_length < 1):
             raise ProxyTuneError(f"draft_length must be an integer >= 1 (or None: adaptive), got {draft_length!r}")
         super().__init__(base, pairs, requests, tokenizer, eos_ids)
-        cannot = [f"{'/'.join(sorted(self.session.group(key)))} ({type(s).__name__})"
-                  for key, s in self.session.sessions.items() if not s.capabilities.rollback]
+        cannot = self.session.lacking("rollback")
         if cannot:
             raise ProxyTuneError(f"speculative decoding needs every role's session to roll back a multi-token draft; "
                                  f"{', '.join(cannot)} cannot: decode without speculative=True")

@@ -86,8 +86,9 @@ class RoleRunner:
     def _score_trio(self, roles: Sequence[Role], pairs: Sequence[tuple[str, str]]) -> dict[str, list[float]]:
         tuner = self.tuner
         items = [tuner.score_item(prompt, option, f"option {i}") for i, (prompt, option) in enumerate(pairs)]
+        needed = tuner.roles if any(r.kind == "proxy" for r in roles) else sorted({r.kind for r in roles})
         totals: dict[str, list[float]] = {role.name: [] for role in roles}
-        for item, logits in zip(items, tuner.role_logits(items)):
+        for item, logits in zip(items, tuner.role_logits(items, only=needed)):
             for role in roles:
                 z = proxy_logits(tuner.schema, logits, [role.alpha]) if role.kind == "proxy" else logits[role.kind]
                 totals[role.name].append(token_scores(z, item.targets()).total)

@@ -261,6 +261,7 @@ class ProxyTuner:
         alphas = self._alphas(alpha)
         return scoring.score(self.schema, self.sources, items, [alphas] * len(items), top=top)
 
-    def role_logits(self, items: Sequence[ScoreItem]) -> list[dict]:
-        """Each role's logits at every scored position (for base alone / expert alone / several α at once)."""
-        return scoring.role_logits(self.schema, self.sources, items)
+    def role_logits(self, items: Sequence[ScoreItem], only: Sequence[str] | None = None) -> list[dict]:
+        """Each role's logits at every scored position (for base alone / expert alone / several α at once);
+        `only` limits them to some roles (the others' models are not run)."""
+        return scoring.role_logits(self.schema, self.sources, items, only)

@@ -97,7 +97,8 @@ class Loader:
 
             from .tokenizers import load_tokenizer
 
-            source = RemoteSource.from_spec(spec, load_tokenizer(parse_spec(spec).tokenizer), name=role)
+            options = parse_spec(spec)
+            source = RemoteSource(options, load_tokenizer(options.tokenizer), name=role)
             self.sources[spec] = (source, source.tokenizer)
             return self.sources[spec]
         if is_llama_cpp(spec):  # gguf:... : a GGUF model (or a LoRA on one) run in-process by llama.cpp

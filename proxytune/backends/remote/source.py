@@ -27,7 +27,7 @@ import torch
 from ...errors import ProxyTuneError
 from ..protocol import Capabilities
 from .http import OpenAIClient, RemoteSourceError, httpx
-from .spec import RemoteOptions, parse_spec
+from .spec import RemoteOptions
 from .token_strings import RowStats, TokenStrings, logit_row
 
 log = logging.getLogger("proxytune.remote")
@@ -92,11 +92,6 @@ class RemoteSource:
                 self.check_tokenizer()
         self._startup_calls = self.client.calls  # stats count decoding calls only
         self._startup_bytes = (self.client.bytes_sent, self.client.bytes_received)
-
-    @classmethod
-    def from_spec(cls, spec: str, tokenizer, name: str = "base") -> "RemoteSource":
-        """`tokenizer`: the served model's own, loaded by the caller (models.tokenizers.load_tokenizer)."""
-        return cls(parse_spec(spec), tokenizer, name)
 
     def __repr__(self) -> str:
         return f"RemoteSource({self.options.base_url!r}, role={self.name!r}, top_k={self.options.top_k})"
