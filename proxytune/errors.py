@@ -8,3 +8,14 @@ class ProxyTuneError(ValueError):
 class SourceFailure(ProxyTuneError):
     """A model source stopped answering mid-generation (a remote server died, kept refusing, timed
     out). Decoding ends the affected rows with finish_reason "error" and keeps their text so far."""
+
+
+class RowFailure(SourceFailure):
+    """A source answered for some rows of a batch and refused the others (a remote server refusing one
+    row's request, e.g. as too long for its context). `rows` are the refused rows' positions in the
+    session's batch; the session's state is as it was before the call, so the engine ends those rows
+    with the reason and runs the step again without them."""
+
+    def __init__(self, message: str, rows):
+        super().__init__(message)
+        self.rows = sorted(set(int(r) for r in rows))

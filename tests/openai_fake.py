@@ -38,6 +38,7 @@ class FakeOpenAI:
         self.auth_headers: list[str | None] = []
         self.client_ports: set[int] = set()  # one per TCP connection a client opened
         self.fault: Fault | None = None
+        self.refuse: str | None = None  # text prompts holding this are answered 400 (as too long for the context)
         self.delay = 0.0  # seconds each completion takes, so that concurrent calls overlap
         self.in_flight = 0
         self.max_in_flight = 0
@@ -139,6 +140,8 @@ class FakeOpenAI:
                         return
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                     return self.answer(fault.status, {"error": {"message": "slow down", "type": "rate_limit"}}, headers)
+                if server.refuse and isinstance(body["prompt"], str) and server.refuse in body["prompt"]:
+                    return self.answer(400, {"error": {"message": "the prompt exceeds the context", "type": "invalid"}})
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self.answer(401, {"error": {"message": "bad key"}})
                 with server.lock:

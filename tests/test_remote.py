@@ -184,6 +184,19 @@ def test_a_server_that_keeps_refusing_ends_the_row_with_its_text_so_far(fake, to
         assert whole.text.startswith(part.text) and part.text
 
 
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_row_the_server_refuses_ends_alone_and_its_batch_mates_decode_as_alone(fake, tok, trio, speculative):
+    """HTTP 400 for one row (its text grew too long for the server, say) is that row's failure, not the server's:
+    the other rows' step runs again without it, and their tokens are those they get alone."""
+    tuner = ProxyTuner(remote(fake, tok, "&tries=1"), trio[1], trio[2], tokenizer=tok)
+    prompts = ["The quick", "The zebra", "def add"]
+    alone = [tuner.generate(p, max_new_tokens=8, speculative=speculative)[0] for p in prompts]
+    fake.refuse = "zebra"
+    together = tuner.generate(prompts, max_new_tokens=8, speculative=speculative)
+    assert together[1].finish_reason == "error" and "refused the request (HTTP 400: the prompt exceeds" in together[1].error
+    assert [o.token_ids for o in (together[0], together[2])] == [alone[0].token_ids, alone[2].token_ids]
+
+
 def test_streaming_raises_after_yielding_the_text_so_far(fake, tok, trio):
     source = remote(fake, tok, "&backoff=0.01&tries=2&send_ids=1&token_ids=1")
     tuner = ProxyTuner(source, trio[1], trio[2], tokenizer=tok)

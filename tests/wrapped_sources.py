@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from proxytune.backends.protocol import Capabilities
-from proxytune.errors import SourceFailure
+from proxytune.errors import RowFailure, SourceFailure
 
 
 class Solo:
@@ -50,6 +50,64 @@ class Flaky:
                 if source.calls == source.fail_at:
                     raise SourceFailure("the base server went away")
                 return session.advance(tokens, extend=extend)
+        return Session()
+
+    def sequence_logits(self, sequences):
+        return self.inner.sequence_logits(sequences)
+
+
+class Poisoned:
+    """A source whose rows with `poison` among their prompt tokens go wrong, the others staying exact:
+
+    how="nan"     their logits are NaN (from the `after`-th call on: prefill is call 0)
+    how="refuse"  the session refuses them (RowFailure naming them, its state untouched), from call `after`
+    how="raise"   a prefill holding one of them raises RuntimeError (the batch cannot say which row)
+    """
+
+    max_length = None
+
+    def __init__(self, inner, poison: int, how: str = "nan", after: int = 0, name: str = "poisoned"):
+        self.inner, self.name, self.vocab_size = inner, name, inner.vocab_size
+        self.poison, self.how, self.after = poison, how, after
+
+    def open(self, prompts):
+        session, source = self.inner.open(prompts), self
+
+        class Session:
+            capabilities = Capabilities(rollback=True, join=True, fork=False)
+
+            def __init__(self):
+                self.inner, self.flags, self.calls = session, [source.poison in p for p in prompts], 0
+
+            def _apply(self, call, *args, **kwargs):
+                bad = [row for row, flag in enumerate(self.flags) if flag]
+                if bad and source.how == "raise" and call == self.inner.prefill:
+                    raise RuntimeError("this prompt breaks the model")
+                if bad and source.how == "refuse" and self.calls >= source.after:
+                    raise RowFailure("the server refused this row: prompt too long", bad)
+                out = call(*args, **kwargs)
+                if bad and source.how == "nan" and self.calls >= source.after:
+                    out = out.clone()
+                    out[bad] = float("nan")
+                self.calls += 1
+                return out
+
+            def prefill(self):
+                return self._apply(self.inner.prefill)
+
+            def advance(self, tokens, extend=False):
+                return self._apply(self.inner.advance, tokens, extend=extend)
+
+            def rewind(self, keep):
+                self.inner.rewind(keep)
+
+            def select(self, rows):
+                self.inner.select(rows)
+                self.flags = [self.flags[r] for r in rows]
+
+            def join(self, other):
+                self.inner.join(other.inner)
+                self.flags += other.flags
         return Session()
 
     def sequence_logits(self, sequences):

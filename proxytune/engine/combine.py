@@ -15,8 +15,10 @@ def combined_logits(base: torch.Tensor, experts: Sequence[torch.Tensor], anti_ex
     """base/experts/anti_experts: [B, V] or [B, k, V]; alphas: [B, P] (one α per row and pair)."""
     z = base.clone()
     for pair, (expert, anti_expert) in enumerate(zip(experts, anti_experts)):
-        # A token both small models forbid (−inf − −inf) gets no shift rather than NaN.
-        shift = torch.nan_to_num(expert - anti_expert, nan=0.0, posinf=float("inf"), neginf=float("-inf"))
+        # A token both small models forbid (−inf − −inf) gets no shift rather than NaN; a NaN a model
+        # produced stays NaN, so the decoder reports it instead of quietly dropping that model's say.
+        shift = expert - anti_expert
+        shift = torch.where(expert.isneginf() & anti_expert.isneginf(), torch.zeros_like(shift), shift)
         alpha = alphas[:, pair].to(z.dtype).reshape(-1, *([1] * (z.dim() - 1)))
         z += torch.where(alpha == 0, torch.zeros_like(shift), alpha * shift)
     return z

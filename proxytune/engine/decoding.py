@@ -10,16 +10,20 @@ CLI, the server and the evaluations all consume these steps.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Generator, Iterator, Sequence
+
+import logging
 
 import torch
 
 from ..backends.protocol import LogitSource
-from ..errors import ProxyTuneError, SourceFailure
+from ..errors import ProxyTuneError, RowFailure, SourceFailure
 from .roles import ExpertPair, Roles
 from .sampling import SamplingParams, choose, make_generator, random_seed
 from .session import ProxySession, RoleLogits, StepTimes
 from .text import TextTracker
+
+log = logging.getLogger("proxytune.engine")
 
 
 @dataclass
@@ -93,10 +97,17 @@ class RowState:
         self.finish_reason: str | None = None
         self.error: str | None = None
 
-    def fail(self, failure: SourceFailure) -> Event:
-        """A model stopped answering: end the row, keeping what it generated so far."""
-        self.finish_reason, self.error = "error", str(failure)
+    def fail(self, reason) -> Event:
+        """End the row with an error (a model stopped answering for it, its logits were unusable),
+        keeping what it generated so far."""
+        self.finish_reason, self.error = "error", str(reason)
         return Event(self.index, None, self.tracker.delta(final=True), None, "error", None, self.error)
+
+    def crashed(self, error: Exception) -> Event:
+        """This row's own part of a step (choosing, verifying, recording) raised: it ends this row alone,
+        never its batch-mates."""
+        log.error("row %d failed", self.index, exc_info=error)
+        return self.fail(f"{type(error).__name__}: {error}")
 
     def record(self, token_id: int, logprob: float, detail: StepDetail | None) -> Event:
         if self.details is not None and detail is not None:
@@ -116,6 +127,27 @@ class RowState:
     def output(self) -> GenerationOutput:
         return GenerationOutput(self.tracker.text, list(self.tracker.token_ids), self.finish_reason or "length",
                                 self.logprobs, self.details, self.error)
+
+
+def unusable_rows(logits: RoleLogits) -> dict[int, str]:
+    """Rows whose combined logits cannot be sampled from, with the reason: NaN or +inf anywhere, or no
+    finite value at all ([B, V] or [B, k, V]). −inf alone is fine: a token no model allows."""
+    def bad(z: torch.Tensor) -> torch.Tensor:
+        flat = z.reshape(z.shape[0], -1)
+        return flat.isnan().any(-1) | flat.isposinf().any(-1) | flat.isneginf().all(-1)
+
+    rows = bad(logits.combined).nonzero().flatten().tolist()
+    if not rows:
+        return {}
+    culprits = {role: bad(z) for role, z in logits.by_role().items()}
+    reasons = {}
+    for row in rows:
+        roles = [role for role, flags in culprits.items() if flags[row]]
+        where = (f"the {', '.join(roles)} model gave NaN, +inf or no finite logit" if roles else
+                 "α·(z_expert − z_anti_expert) overflowed float32")
+        reasons[row] = (f"the proxy-tuned logits of this row are not finite ({where}); "
+                        f"lower alpha or check the models")
+    return reasons
 
 
 def token_budget(request: Request, sources: dict[str, LogitSource]) -> int:
@@ -145,7 +177,8 @@ class Decoding:
         self.times = StepTimes()
         self.session = open_session(base, pairs, requests, self.times)
         self.rows = [self._row(i, r) for i, r in enumerate(requests)]
-        self.joining: list[RowState] = []
+        self.joining: list[list[RowState]] = [list(self.rows)] if self.rows else []  # groups of rows to admit
+        self.started = False  # the first prefill has been tried
         self.failed = False
 
     def _row(self, index: int, request: Request) -> RowState:
@@ -172,7 +205,8 @@ class Decoding:
                                  f"start another decoding for these requests")
         new_rows = [self._row(len(self.rows) + i, r) for i, r in enumerate(requests)]
         self.rows += new_rows
-        self.joining += new_rows
+        if new_rows:
+            self.joining.append(new_rows)
         return [row.index for row in new_rows]
 
     def cancel(self, indices: Sequence[int]) -> None:
@@ -191,37 +225,69 @@ class Decoding:
 
     def choose_and_record(self, rows: list[RowState], logits: RoleLogits) -> list[Event]:
         combined_logprobs = torch.log_softmax(logits.combined.float(), dim=-1)
+        unusable = unusable_rows(logits)
         events = []
         for position, row in enumerate(rows):
             if row.finish_reason is not None:  # cancelled between two steps
                 continue
-            token = choose(logits.combined[position], row.request.params, row.generator)
-            detail = step_detail(logits, position, token, row.request.details) if row.request.details else None
-            events.append(row.record(token, float(combined_logprobs[position, token]), detail))
+            if position in unusable:
+                events.append(row.fail(unusable[position]))
+                continue
+            try:
+                token = choose(logits.combined[position], row.request.params, row.generator)
+                detail = step_detail(logits, position, token, row.request.details) if row.request.details else None
+                events.append(row.record(token, float(combined_logprobs[position, token]), detail))
+            except Exception as error:
+                events.append(row.crashed(error))
         return events
 
     def steps(self) -> Iterator[list[Event]]:
         """Yields lists of Events, one per row that advanced; every row stops on its own."""
-        rows = self.rows[: len(self.rows) - len(self.joining)]  # the rest were added: they join after the first step
-        newcomers: list[RowState] = []
+        rows: list[RowState] = []
+        admitting: list[RowState] = []
         try:
-            yield self.choose_and_record(rows, self.session.prefill())
+            if self.joining and not self.started:  # the first batch, in the session opened in __init__
+                self.started = True
+                admitting = self.joining.pop(0)
+                rows, events = self._admit(rows, [admitting], self.session)
+                admitting = []
+                yield events
             while True:
-                newcomers, self.joining = [row for row in self.joining if row.finish_reason is None], []
-                if newcomers:  # their first token comes from their own prefill
-                    rows, first = self._admit(rows, newcomers)
-                    yield self.choose_and_record(newcomers, first)
-                    newcomers = []
+                groups = [[row for row in group if row.finish_reason is None] for group in self.joining]
+                groups, self.joining = [group for group in groups if group], []
+                if groups:  # their first token comes from their own prefill
+                    admitting = [row for group in groups for row in group]
+                    rows, events = self._admit(rows, groups)
+                    admitting = []
+                    if events:
+                        yield events
                 rows = self._running(rows)
                 if not rows:
-                    if self.joining:
-                        continue
                     return
-                yield from self.round(rows)
+                rows = yield from self._round_without_refused(rows)
         except SourceFailure as failure:  # a model is unreachable (e.g. a remote server died): keep the text so far
             self.failed = True  # its sessions are in no known state: later requests need a decoding of their own
-            waiting, self.joining = self.joining, []  # rows added during the failed step end too, never left hanging
-            yield [row.fail(failure) for row in dict.fromkeys(rows + newcomers + waiting) if row.finish_reason is None]
+            waiting = [row for group in self.joining for row in group]  # rows added during the failed step end too
+            self.joining = []
+            yield [row.fail(failure) for row in dict.fromkeys(rows + admitting + waiting) if row.finish_reason is None]
+
+    def _round_without_refused(self, rows: list[RowState]) -> Generator[list[Event], None, list[RowState]]:
+        """One round. Rows a source refused (RowFailure) end with its reason, and the round runs again
+        without them: the sessions that had already advanced are rolled back first. Returns the rows the
+        sessions now hold."""
+        while rows:
+            try:
+                yield from self.round(rows)
+                self.session.settle()
+                return rows
+            except RowFailure as failure:
+                cannot = self.session.undo_step()
+                if cannot:
+                    raise SourceFailure(f"{failure} (the other rows cannot be retried: {', '.join(cannot)} "
+                                        f"cannot roll back the step)") from failure
+                yield [rows[p].fail(failure) for p in failure.rows if rows[p].finish_reason is None]
+                rows = self._running(rows)
+        return rows
 
     def _running(self, rows: list[RowState]) -> list[RowState]:
         """The rows still running; finished and cancelled ones leave every role's session."""
@@ -230,15 +296,48 @@ class Decoding:
             self.session.select(keep)
         return [rows[p] for p in keep]
 
-    def _admit(self, rows: list[RowState], newcomers: list[RowState]) -> tuple[list[RowState], RoleLogits]:
-        session = open_session(self.base, self.pairs, [row.request for row in newcomers], self.times)
-        first = session.prefill()
+    def _admit(self, rows: list[RowState], groups: list[list[RowState]], session: ProxySession | None = None
+               ) -> tuple[list[RowState], list[Event]]:
+        """Prefill newcomers (every group at once) in a session of their own, choose their first tokens and
+        join them to the running rows. A group is one `add()` (one server request) or the first batch.
+
+        Isolation: if that prefill fails, each group is tried alone, then each row of a group that fails
+        alone; what fails on its own ends with the reason, everything else joins as usual."""
+        newcomers = [row for group in groups for row in group]
+        if session is None:
+            session = open_session(self.base, self.pairs, [row.request for row in newcomers], self.times)
+        try:
+            first = session.prefill()
+        except RowFailure as failure:  # the source named the rows it refused: the others are tried again
+            refused = {id(newcomers[p]) for p in failure.rows}
+            events = [row.fail(failure) for row in newcomers if id(row) in refused]
+            rest = [[row for row in group if id(row) not in refused] for group in groups]
+            rows, more = self._admit(rows, [group for group in rest if group]) if any(rest) else (rows, [])
+            return rows, events + more
+        except SourceFailure:  # a model is unreachable: every row needs it (steps() ends them all)
+            raise
+        except Exception as error:
+            return self._admit_apart(rows, groups, error)
         rows = self._running(rows)
         if rows:
             self.session.join(session)
         else:
             self.session = session
-        return rows + newcomers, first
+        return rows + newcomers, self.choose_and_record(newcomers, first)
+
+    def _admit_apart(self, rows: list[RowState], groups: list[list[RowState]], error: Exception
+                     ) -> tuple[list[RowState], list[Event]]:
+        parts = groups if len(groups) > 1 else [[row] for row in groups[0]]
+        if len(parts) == 1 or self.session.lacking("join"):  # nothing smaller to try (or no way to merge parts)
+            if not isinstance(error, ProxyTuneError):
+                log.error("prefill failed", exc_info=error)
+            reason = error if isinstance(error, ProxyTuneError) else f"{type(error).__name__}: {error}"
+            return rows, [row.fail(reason) for group in groups for row in group]
+        events: list[Event] = []
+        for part in parts:
+            rows, part_events = self._admit(rows, [part])
+            events += part_events
+        return rows, events
 
     def round(self, rows: list[RowState]) -> Iterator[list[Event]]:
         """One token per row: every role advances by the row's last chosen token."""

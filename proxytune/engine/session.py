@@ -86,6 +86,7 @@ class ProxySession:
             self.sources[expert], self.sources[anti] = pair.expert, pair.anti_expert
         self.sessions: dict[tuple, Session] = {}
         self.session_of: dict[str, tuple] = {}
+        self.stepped: dict[tuple, None] = {}  # sessions advanced since the last settle(), in order
         for role, source in self.sources.items():
             key = (id(source), tuple(map(tuple, prompts[role])))
             if key not in self.sessions:
@@ -106,8 +107,25 @@ class ProxySession:
     def advance_session(self, key: tuple, tokens: torch.Tensor, extend: bool = False) -> torch.Tensor:
         """One session's advance, timed."""
         out, seconds = timed(self.sessions[key].advance, tokens, extend=extend)
+        self.stepped[key] = None
         self.times.record(self.group(key), tokens.shape[1], seconds)
         return out
+
+    def settle(self) -> None:
+        """The step went through for every session: nothing of it is to be undone any more."""
+        self.stepped = {}
+
+    def undo_step(self) -> list[str]:
+        """Rewind the sessions that advanced since the last `settle()` (a later one refused some rows and
+        left its own state untouched), so the step can run again without those rows. Returns the sessions
+        that cannot roll back (empty: the step is undone everywhere)."""
+        keys, self.stepped = list(self.stepped), {}
+        cannot = [key for key in keys if not self.sessions[key].capabilities.rollback]
+        if cannot:
+            return [f"{'/'.join(sorted(self.group(key)))} ({type(self.sessions[key]).__name__})" for key in cannot]
+        for key in keys:
+            self.sessions[key].rewind([0] * len(self.alphas))
+        return []
 
     def advance(self, tokens: torch.Tensor) -> RoleLogits:
         return self.collect({key: self.advance_session(key, tokens) for key in self.sessions})

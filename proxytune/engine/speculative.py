@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import ProxyTuneError
-from .decoding import Decoding, Event, RowState, step_detail
+from .decoding import Decoding, Event, RowState, step_detail, unusable_rows
 from .roles import ExpertPair
 from .sampling import SamplingParams, choose, next_token_probs
 from .session import RoleLogits, StepTimes
@@ -196,7 +196,10 @@ class SpeculativeDecoding(Decoding):
         tokens, q_probs = [], []
         for position, row in enumerate(rows):
             params = row.request.params
-            if params.greedy:
+            if not expert_logits[position].isfinite().any() or expert_logits[position].isnan().any():
+                tokens.append(0)  # nothing to draft from: verification finds the row unusable and ends it
+                q_probs.append(None)
+            elif params.greedy:
                 tokens.append(int(expert_logits[position].argmax()))
                 q_probs.append(None)
             else:
@@ -226,20 +229,32 @@ class SpeculativeDecoding(Decoding):
                 outputs[key] = self.session.advance_session(key, fed)
         logits = self.session.collect(outputs)  # p̃ at all k+1 positions, [B, k+1, V]
 
-        chosen: list[list[int]] = []
+        unusable = unusable_rows(logits)
+        chosen: list[list[int]] = []  # [] for a row that failed: it leaves at the next step
+        failures: list[Event] = []
         for position, row in enumerate(rows):
+            if position in unusable:
+                failures.append(row.fail(unusable[position]))
+                chosen.append([])
+                continue
             row_drafts = [int(d[position]) for d in drafts]
-            n, token = verify_row(logits.combined[position], row_drafts, [q[position] for q in q_probs],
-                                  row.request.params, randomness[position])
-            chosen.append(row_drafts[:n] + [token])
-        accepted = sum(len(c) - 1 for c in chosen)
-        rejected = sum(len(c) - 1 < k for c in chosen)
+            try:
+                n, token = verify_row(logits.combined[position], row_drafts, [q[position] for q in q_probs],
+                                      row.request.params, randomness[position])
+                chosen.append(row_drafts[:n] + [token])
+            except Exception as error:
+                failures.append(row.crashed(error))
+                chosen.append([])
+        accepted = sum(max(len(c) - 1, 0) for c in chosen)
+        rejected = sum(0 <= len(c) - 1 < k for c in chosen)
         if k:
             self.draft_length.update(accepted, rejected)
         self.rounds += 1
         self.drafted += k * len(rows)
         self.accepted_total += accepted
-        self.session.rewind([len(c) for c in chosen])  # t and the accepted drafts stay; the new token comes next
+        self.session.rewind([max(len(c), 1) for c in chosen])  # t and the accepted drafts stay; the new token next
+        if failures:
+            yield failures
         yield from self._record(rows, logits, chosen)
 
     def _record(self, rows: list[RowState], logits: RoleLogits, chosen: list[list[int]]) -> Iterator[list[Event]]:
@@ -250,8 +265,11 @@ class SpeculativeDecoding(Decoding):
                 if j >= len(chosen[position]) or row.finish_reason is not None:
                     continue
                 token = chosen[position][j]
-                detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
-                          if row.request.details else None)
-                events.append(row.record(token, float(logprobs[position, j, token]), detail))
+                try:
+                    detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
+                              if row.request.details else None)
+                    events.append(row.record(token, float(logprobs[position, j, token]), detail))
+                except Exception as error:
+                    events.append(row.crashed(error))
             if events:
                 yield events

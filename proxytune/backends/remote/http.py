@@ -21,10 +21,16 @@ except ImportError:  # an optional dependency: only remote models need it
 log = logging.getLogger("proxytune.remote")
 
 RETRIED_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+REFUSED_STATUS = {400, 413, 422}  # the server refused this request's content: the row is at fault, not the server
 
 
 class RemoteSourceError(SourceFailure):
     """A remote model did not answer usefully after all tries; the message names role and URL."""
+
+
+class RemoteRefusal(RemoteSourceError):
+    """The server refused one request for what it holds (HTTP 400/413/422: too long for its context,
+    a token it rejects): that row fails, the other rows of its batch go on."""
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,8 @@ class OpenAIClient:
                                                 f"{response.text[:200]!r}") from None
                 problem = f"HTTP {response.status_code}: {server_message(response)}"
                 if response.status_code not in RETRIED_STATUS:
-                    raise RemoteSourceError(f"{self.role} model at {url} refused the request ({problem})")
+                    error = RemoteRefusal if response.status_code in REFUSED_STATUS else RemoteSourceError
+                    raise error(f"{self.role} model at {url} refused the request ({problem})")
                 retry_after = retry_after_seconds(response)
             if attempt < tries:
                 wait = self.policy.delay(attempt, retry_after)

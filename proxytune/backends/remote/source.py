@@ -24,9 +24,9 @@ from typing import Sequence
 
 import torch
 
-from ...errors import ProxyTuneError
+from ...errors import ProxyTuneError, RowFailure, SourceFailure
 from ..protocol import Capabilities
-from .http import OpenAIClient, RemoteSourceError, httpx
+from .http import OpenAIClient, RemoteRefusal, RemoteSourceError, httpx
 from .spec import RemoteOptions
 from .token_strings import RowStats, TokenStrings, logit_row
 
@@ -257,10 +257,25 @@ class RemoteSource:
         return rows
 
     def map_rows(self, function, items: Sequence) -> list:
-        """function over the rows of a batch, concurrently; the first failure is raised."""
-        if len(items) == 1:
-            return [function(items[0])]
-        return list(self.pool.map(function, items))
+        """function over the rows of a batch, concurrently. Once every row has answered, rows the server
+        refused for their content (RemoteRefusal) are raised together as one RowFailure naming them; any
+        other failure (the server is unreachable) is raised as it is."""
+        futures = [self.pool.submit(function, item) for item in items] if len(items) > 1 else None
+        results, refused, failure = [], {}, None
+        for row, item in enumerate(items):
+            try:
+                results.append(futures[row].result() if futures else function(item))
+            except RemoteRefusal as error:
+                refused[row] = error
+            except RemoteSourceError as error:
+                failure = failure or error
+        if failure is not None:
+            raise failure
+        if refused:
+            first = next(iter(refused.values()))
+            raise RowFailure(f"{first} ({len(refused)} of {len(items)} rows refused)" if len(items) > 1
+                             else str(first), refused)
+        return results
 
     # --- protocol ----------------------------------------------------------------------------------
 
@@ -299,7 +314,16 @@ class RemoteSession:
         width = len(new[0])
         for row, appended in zip(self.rows, new):
             row.extend(int(t) for t in appended)
-        self.appended = width + (self.appended if extend else 0)
+        before, self.appended = self.appended, width + (self.appended if extend else 0)
+        try:
+            return self._score_appended(width)
+        except SourceFailure:  # nothing happened: the engine may retry without the refused rows
+            for row in self.rows:
+                del row[len(row) - width:]
+            self.appended = before
+            raise
+
+    def _score_appended(self, width: int) -> torch.Tensor:
         if width == 1:
             return torch.stack(self.source.map_rows(self.source.next_logits, self.rows))[:, None]
         if self.source.options.echo:  # one call scores the whole draft
