@@ -241,8 +241,9 @@ def test_a_client_that_drops_mid_stream_frees_its_slot_and_stalls_no_one(server,
     assert httpx.get(server.url + "/health").json()["cancelled_rows"] == cancelled_before + 1  # not run to the end
 
 
-def post(server, path, body, key=KEY, raw=None):
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+def post(server, path, body, key=KEY, raw=None, headers=None):
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}),
+               **(headers or {})}
     return httpx.post(server.url + path, json=None if raw is not None else body, content=raw, headers=headers,
                       timeout=30)
 

@@ -18,8 +18,20 @@ def register(subparsers) -> None:
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--api-key", default=os.environ.get("PROXYTUNE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' (default: $PROXYTUNE_API_KEY, else open)")
+    keys = parser.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", default=None,
+                      help="require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-env or "
+                           "--api-key-file; default: $PROXYTUNE_API_KEY, else open)")
+    keys.add_argument("--api-key-env", metavar="VAR", default=None,
+                      help="read the API key from this environment variable")
+    keys.add_argument("--api-key-file", metavar="PATH", default=None,
+                      help="read the API key from this file (its first line)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="a Host (and browser Origin) name the server answers to, besides the loopback names "
+                             "and the --host address; repeat for more; '*' allows any (behind a proxy that checks)")
+    parser.add_argument("--shutdown-grace", type=float, default=10.0,
+                        help="seconds running requests get to finish after SIGTERM before they end with an error "
+                             "(default 10)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model name clients send (default: the --model trio name, else 'proxytune')")
     parser.add_argument("--max-batch", type=int, default=32, help="rows decoded together at most (default 32)")
@@ -42,13 +54,36 @@ def check_options(args: argparse.Namespace) -> None:
             raise ProxyTuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.request_timeout > 0:
         raise ProxyTuneError(f"--request-timeout must be > 0 seconds, got {args.request_timeout}")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ProxyTuneError("--api-key is empty")
+    if not args.shutdown_grace >= 0:
+        raise ProxyTuneError(f"--shutdown-grace must be >= 0 seconds, got {args.shutdown_grace}")
+    args.api_key = api_key(args)
     with socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET) as probe:
         try:  # before minutes of model loading, not after
             probe.bind((args.host, args.port))
         except OSError as error:
             raise ProxyTuneError(f"cannot listen on {args.host}:{args.port}: {error.strerror}") from None
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """From --api-key, --api-key-env VAR, --api-key-file PATH, else $PROXYTUNE_API_KEY; None: open."""
+    if args.api_key_env:
+        key = os.environ.get(args.api_key_env)
+        if key is None:
+            raise ProxyTuneError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+        where = f"${args.api_key_env}"
+    elif args.api_key_file:
+        try:
+            key = open(args.api_key_file, encoding="utf-8").readline().strip()
+        except OSError as error:
+            raise ProxyTuneError(f"--api-key-file: cannot read {args.api_key_file} ({error.strerror})") from None
+        where = args.api_key_file
+    else:
+        key, where = args.api_key, "--api-key"
+        if key is None:
+            key, where = os.environ.get("PROXYTUNE_API_KEY"), "$PROXYTUNE_API_KEY"
+    if key is not None and not key.strip():
+        raise ProxyTuneError(f"the API key from {where} is empty")
+    return key
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +102,21 @@ def run(args: argparse.Namespace) -> int:
     tuner = load_tuner(args)
     name = args.served_model_name or args.model or "proxytune"
     app = create_app(tuner, served_names=[name], api_key=args.api_key, max_batch=args.max_batch,
-                     max_queue=args.max_queue, request_timeout=args.request_timeout, chat_roles=chat_roles)
+                     max_queue=args.max_queue, request_timeout=args.request_timeout, chat_roles=chat_roles,
+                     host=args.host, allowed=args.allowed_host)
     print(f"proxytune serve: model {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    grace = args.shutdown_grace
+
+    class DrainingServer(uvicorn.Server):
+        """SIGTERM / Ctrl-C: new requests get 503 at once, running ones `grace` seconds to finish, then an
+        error event (streams) or error body; uvicorn closes the connections after that."""
+
+        def handle_exit(self, sig, frame):
+            app.state.scheduler.drain(grace)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=grace + 3)
+    DrainingServer(config).run()
     return 0

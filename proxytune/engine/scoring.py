@@ -8,18 +8,22 @@ An item gives every role its own token sequence (each role tokenizes with its ow
 `role_logits` runs one `sequence_logits` per distinct source and token sequences (roles sharing both share
 the forward) and keeps only the rows that predict scored tokens; `score` combines them,
 z = z_base + Σᵢ αᵢ (z_expertᵢ − z_antiᵢ), and reads log_softmax(z) at each scored token.
+
+`score_in_chunks` gives the same numbers for one long item with bounded memory: the roles' sessions
+prefill the context and then advance `chunk` scored tokens at a time, so only one chunk's logits exist at
+once (the server's `echo`, which must also let other requests' decoding steps run in between).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from ..backends.protocol import LogitSource
 from ..errors import ProxyTuneError
-from .roles import Roles
-from .session import combine
+from .roles import ExpertPair, Roles
+from .session import ProxySession, combine
 
 
 @dataclass
@@ -102,3 +106,27 @@ def score(roles: Roles, sources: dict[str, LogitSource], items: Sequence[ScoreIt
     """log p̃ of each item's scored tokens, item i at alphas[i] (one α per pair)."""
     return [token_scores(proxy_logits(roles, logits, item_alphas), item.targets(), top)
             for item, logits, item_alphas in zip(items, role_logits(roles, sources, items), alphas)]
+
+
+def score_in_chunks(base: LogitSource, pairs: Sequence[ExpertPair], item: ScoreItem, alphas: Sequence[float],
+                    top: int = 0, chunk: int = 128) -> Iterator[Score]:
+    """log p̃ of one item's scored tokens, one Score per `chunk` positions (concatenated, they are the
+    item's Score; equal to `score` up to float rounding: cached == recomputed)."""
+    roles = Roles(len(pairs))
+    sources = {"base": base}
+    for (expert, anti), pair in zip(roles.pairs, pairs):
+        sources[expert], sources[anti] = pair.expert, pair.anti_expert
+    check_items(roles, [item], {role: source.max_length for role, source in sources.items()})
+    contexts = {role: [item.sequences[role][:len(item.sequences[role]) - item.scored]] for role in roles}
+    targets = item.targets()
+    session = ProxySession(base, pairs, contexts, torch.tensor([list(alphas)], dtype=torch.float32))
+    logits = session.prefill().combined[:, None]  # [1, 1, V]: predicts targets[0]
+    done = 0
+    while True:
+        yield token_scores(logits[0], targets[done:done + logits.shape[1]], top)
+        done += logits.shape[1]
+        if done == len(targets):
+            return
+        fed = torch.tensor([targets[done - 1:done - 1 + chunk][:len(targets) - done]], dtype=torch.long)
+        logits = session.advance(fed).combined
+        session.settle()

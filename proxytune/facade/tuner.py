@@ -76,6 +76,8 @@ class ProxyTuner:
         by_role = {}
         for role in self.roles:  # one table per distinct tokenizer object
             by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
+        # the most characters one token can stand for: a text longer than context x this cannot fit
+        self._longest_token = {role: max(map(len, filter(None, table)), default=1) for role, table in by_role.items()}
         self.vocab_size = shared_vocab_size(by_role, {r: s.vocab_size for r, s in self.sources.items()})
         for source in self.sources.values():
             source.vocab_size = self.vocab_size
@@ -143,6 +145,14 @@ class ProxyTuner:
                 raise ProxyTuneError(f"{label} has {len(ids)} tokens for the {role} model, whose context holds "
                                      f"{limit}; shorten it to leave room for new tokens")
 
+    def _check_length(self, characters: int, label: str) -> None:
+        """Refuse, before tokenizing it, a text that no tokenization could fit in a role's context (twice
+        context x the longest token in characters: never a text that fits)."""
+        for role, source in self.sources.items():
+            if source.max_length and characters > 2 * source.max_length * self._longest_token[role]:
+                raise ProxyTuneError(f"{label} has {characters} characters, far more than the {role} model's context "
+                                     f"of {source.max_length} tokens can hold; shorten it")
+
     def encode(self, prompt: str, role: str = "base") -> list[int]:
         if not isinstance(prompt, str):
             raise ProxyTuneError(f"prompts must be strings, got {type(prompt).__name__}")
@@ -160,10 +170,22 @@ class ProxyTuner:
             unknown = set(chat_roles) - set(ALL_ROLES)
             if unknown:
                 raise ProxyTuneError(f"chat_roles may name {ALL_ROLES}, got {sorted(unknown)}")
-            prompts = {role: chat_prompt_ids(self.tokenizers[role], messages, self.schema.kind(role) in chat_roles)
-                       for role in self.roles}
+            self._check_length(sum(len(m["content"]) for m in messages), label)
+            encode = lambda role: chat_prompt_ids(self.tokenizers[role], messages,  # noqa: E731
+                                                  self.schema.kind(role) in chat_roles)
+            key = lambda role: (id(self.tokenizers[role]), self.schema.kind(role) in chat_roles)  # noqa: E731
         else:
-            prompts = {role: self.encode(prompt, role) for role in self.roles}
+            if not isinstance(prompt, str):
+                raise ProxyTuneError(f"prompts must be strings, got {type(prompt).__name__}")
+            self._check_length(len(prompt), label)
+            encode = lambda role: self.encode(prompt, role)  # noqa: E731
+            key = lambda role: id(self.tokenizers[role])  # noqa: E731
+        encoded: dict = {}  # once per distinct tokenizer (and template use), not once per role
+        prompts = {}
+        for role in self.roles:
+            if key(role) not in encoded:
+                encoded[key(role)] = encode(role)
+            prompts[role] = list(encoded[key(role)])
         self._check_prompt(prompts, label)
         if isinstance(stop, str):
             stop = [stop]

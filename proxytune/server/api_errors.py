@@ -1,8 +1,9 @@
 """Errors in OpenAI's schema: {"error": {"message", "type", "param", "code"}} with a 4xx/5xx status."""
 from __future__ import annotations
 
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-         405: "invalid_request_error", 503: "server_overloaded", 504: "timeout", 500: "server_error"}
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+         405: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
+         503: "server_overloaded", 504: "timeout", 500: "server_error"}
 
 
 class APIError(Exception):

@@ -15,18 +15,36 @@ from typing import Sequence
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.prompts import ALL_ROLES
 from . import openai_format as fmt
 from .api_errors import APIError
+from .guard import LocalGuard, allowed_hosts
 from .openai_format import Shape, TokenLogprob, TokenStrings
 from .scheduler import Job, Scheduler
-from .schemas import Params, PromptRows, build, check_body_size, context_length, parse, parse_json
+from .schemas import Params, PromptRows, build, context_length, parse, parse_json, read_body
 from .tokenizer_api import add_tokenizer_routes
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's legacy default; chat: a reply's worth
-DISCONNECT_POLL_S = 0.5
+MAX_ECHO_TOKENS = 32_768  # prompt tokens one echo request may have scored (each position's logprobs are kept)
+
+
+def generation_failed(reason: str) -> APIError:
+    """A row ended with finish_reason "error" (a model stopped answering, its logits were unusable)."""
+    return APIError(500, f"generation failed: {reason}", code="generation_failed")
+
+
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Non-streaming requests: the client may time out and close while its rows decode. Once the body is
+    read, the next ASGI message is the disconnect: the job is cancelled and its rows leave at the next step."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            job.queue.put_nowait(("gone", None))
+            return
 
 
 class JobStream(StreamingResponse):
@@ -46,7 +64,8 @@ class JobStream(StreamingResponse):
 
 def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str | None = None,
                max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0,
-               chat_roles: Sequence[str] = ALL_ROLES) -> FastAPI:
+               chat_roles: Sequence[str] = ALL_ROLES, host: str = "127.0.0.1",
+               allowed: Sequence[str] = ()) -> FastAPI:
     scheduler = Scheduler(tuner, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
     context = context_length(tuner)
     text_of = TokenStrings(tuner.tokenizer)
@@ -60,6 +79,7 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
 
     app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
+    app.add_middleware(LocalGuard, hosts=allowed_hosts(host, allowed))
 
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
@@ -93,7 +113,8 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **scheduler.load}
+        state = scheduler.health()
+        return JSONResponse(state, status_code=200 if state["status"] == "ok" else 503)
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models():
@@ -106,19 +127,24 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
         return model_card(name)
 
     async def handle(request: Request, kind: str):
-        raw = await request.body()
-        check_body_size(raw)
+        raw = await read_body(request)
         params = parse(parse_json(raw), kind, list(served_names), len(tuner.pairs), max_batch, context,
                        DEFAULT_MAX_TOKENS[kind])
-        rows = build(tuner, params, chat_roles)
+        rows = await run_in_threadpool(build, tuner, params, chat_roles)  # tokenizing never blocks the loop
         echo_top = params.top_logprobs if params.echo and params.logprobs else None
+        if echo_top is not None and sum(len(r.prompt_ids) for r in rows) > MAX_ECHO_TOKENS:
+            raise APIError(400, f"echo with logprobs scores at most {MAX_ECHO_TOKENS} prompt tokens per request, "
+                                f"these prompts have {sum(len(r.prompt_ids) for r in rows)}: split them over "
+                                f"several requests", "prompt")
         job = scheduler.submit(rows, echo_top, generates=params.max_tokens > 0)
         shape = Shape(kind, params.model)
         if params.stream:
             return JobStream(job, stream(job, shape, params, rows))
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
-            return await respond(job, request, shape, params, rows)
+            return await respond(job, shape, params, rows)
         finally:
+            watcher.cancel()
             job.cancel()
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)])
@@ -141,21 +167,21 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
         return [TokenLogprob(t, lp, details[i].top_logprobs if details else [])
                 for i, (t, lp) in enumerate(zip(token_ids, logprobs))]
 
-    async def respond(job: Job, request: Request, shape: Shape, params: Params, rows: list[PromptRows]):
+    async def respond(job: Job, shape: Shape, params: Params, rows: list[PromptRows]):
         prompt_positions, outputs = None, None
         while outputs is None:
-            try:
-                kind, value = await asyncio.wait_for(job.queue.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody is listening; the slot is freed
-                continue
+            kind, value = await job.queue.get()
+            if kind == "gone":
+                return Response(status_code=499)  # nobody is listening; the rows were freed
             if kind == "error":
                 raise value
             if kind == "prompt":
                 prompt_positions = value
             elif kind == "done":
                 outputs = value
+        failed = next((o for o in outputs if o.finish_reason == "error"), None)
+        if failed is not None:  # never a 200 with empty or cut text: the reason, readable
+            raise generation_failed(failed.error or "a model stopped answering")
         choices = []
         for p, prompt in enumerate(rows):
             for c in range(params.n):
@@ -208,6 +234,9 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                         offsets[index] += len(text_of(event.token_id))
                 if event.delta or logprobs:
                     yield shape.chunk([shape.chunk_choice(index, event.delta, None, logprobs)], usage_null)
+                if event.finish_reason == "error":  # the text so far was sent; then the reason, and the end
+                    yield fmt.sse(generation_failed(event.error or "a model stopped answering").body())
+                    return
                 if event.finish_reason:
                     empty = None if params.kind == "chat" else ""
                     reason = fmt.public_finish_reason(event.finish_reason)

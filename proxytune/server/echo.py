@@ -1,7 +1,9 @@
 """Prompt log-probabilities for `echo` on /v1/completions (what lm-eval's `local-completions` scores).
 
-The engine's one scoring function (`engine/scoring.py`, as `ProxyTuner.score` uses it): one full-sequence forward per distinct
-model, then log_softmax(z_base + α(z_expert − z_anti_expert)) at every position.
+The engine's scoring (`engine/scoring.py`), chunk by chunk: log_softmax(z_base + α(z_expert − z_anti_expert))
+at every prompt position, CHUNK positions per `step()`. The scheduler calls `step()` between two decoding
+steps, so a long prompt never stalls the other requests' streams, and memory holds one chunk's logits
+(plus what the response needs: each position's log p̃ and its best alternatives).
 """
 from __future__ import annotations
 
@@ -9,27 +11,34 @@ from ..engine import scoring
 from ..engine.scoring import ScoreItem
 from .openai_format import TokenLogprob
 
+CHUNK = 128  # positions per step: 128 x vocabulary x 4 bytes per role (25 MB at 49k tokens)
 
-def prompt_logprobs(tuner, prompts: list[dict[str, list[int]]], alphas: list[list[float]], top: int
-                    ) -> list[list[TokenLogprob]]:
+
+class PromptScoring:
     """For each prompt (role -> token ids): its first tokens (no logprob), then log p̃ of each next one.
 
-    Roles may tokenize a prompt to different lengths (one adds BOS): the tokens every role has a
-    token before are scored."""
-    results: list[list[TokenLogprob] | None] = [None] * len(prompts)
-    scorable = []
-    for row, prompt in enumerate(prompts):
-        scored = min(len(ids) for ids in prompt.values()) - 1
-        if scored < 1:
-            results[row] = [TokenLogprob(t, None, None) for t in prompt["base"]]
-        else:
-            scorable.append((row, ScoreItem(prompt, scored)))
-    if scorable:  # one scoring call for all prompts: one full-sequence forward per distinct model
-        scores = scoring.score(tuner.schema, tuner.sources, [item for _, item in scorable],
-                               [alphas[row] for row, _ in scorable], top=top)
-        for (row, item), score in zip(scorable, scores):
-            ids = item.sequences["base"]
-            tops = score.top or [[] for _ in score.logprobs]
-            results[row] = ([TokenLogprob(t, None, None) for t in ids[:len(ids) - item.scored]] +
-                            [TokenLogprob(t, lp, tp) for t, lp, tp in zip(score.token_ids, score.logprobs, tops)])
-    return results
+    Roles may tokenize a prompt to different lengths (one adds BOS): the tokens every role has a token
+    before are scored."""
+
+    def __init__(self, tuner, prompts: list[dict[str, list[int]]], alphas: list[list[float]], top: int):
+        self.tuner, self.top = tuner, top
+        self.results: list[list[TokenLogprob]] = []
+        self.work = self._work(prompts, alphas)
+
+    def _work(self, prompts, alphas):
+        for prompt, prompt_alphas in zip(prompts, alphas):
+            ids = prompt["base"]
+            scored = min(len(p) for p in prompt.values()) - 1
+            positions = [TokenLogprob(t, None, None) for t in ids[:len(ids) - max(scored, 0)]]
+            if scored >= 1:
+                item = ScoreItem(prompt, scored)
+                for part in scoring.score_in_chunks(self.tuner.sources["base"], self.tuner.pairs, item,
+                                                    prompt_alphas, self.top, CHUNK):
+                    tops = part.top or [[] for _ in part.logprobs]
+                    positions += [TokenLogprob(t, lp, tp) for t, lp, tp in zip(part.token_ids, part.logprobs, tops)]
+                    yield
+            self.results.append(positions)
+
+    def step(self) -> bool:
+        """Score the next chunk; True once every prompt is scored (then read `results`)."""
+        return next(self.work, StopIteration) is StopIteration

@@ -5,12 +5,20 @@ waiting jobs into the running batch (`Decoding.add`: they are prefilled on their
 rows that finished leave, and rows whose client went away or whose deadline passed are cancelled,
 so they free their slot at the next step. A row's tokens do not depend on who shares its batch.
 
+Prompt scoring (`echo`) runs chunk by chunk between two decoding steps (echo.py), so streams keep
+flowing while a long prompt is scored; a scored job then waits for a decoding slot like any other.
+
+Health: when a model stops answering (a decoding fails with SourceFailure) the server is *degraded*
+until a step succeeds again; while degraded, `/health` sends a one-token probe request now and then,
+so it recovers without traffic. Shutdown drains: no new requests, running ones get `grace` seconds to
+finish, then end with an error they can read.
+
 HTTP handlers live on the asyncio loop; the engine hands them items through each job's
 asyncio.Queue (`loop.call_soon_threadsafe`):
   ("prompt", [[TokenLogprob]])          prompt log-probabilities (echo), before any token
   ("events", [(choice, Event), ...])    what this job's rows did at one step
   ("done", [GenerationOutput])          every row finished
-  ("error", APIError)                   timeout or engine failure; nothing follows
+  ("error", APIError)                   timeout, shutdown or engine failure; nothing follows
 """
 from __future__ import annotations
 
@@ -21,12 +29,13 @@ import threading
 import time
 
 from .api_errors import APIError
-from .echo import prompt_logprobs
+from .echo import PromptScoring
 from .schemas import PromptRows
 
 log = logging.getLogger("proxytune.server")
 
 ROTATE_AFTER_ROWS = 4096  # a Decoding keeps every row's results: start a fresh one now and then
+PROBE_EVERY_S = 2.0  # while degraded, /health probes the models at most this often
 
 
 class Job:
@@ -44,6 +53,7 @@ class Job:
         self.cancelled = False  # set by the handler when its client is gone
         self.rows: list[int] = []  # row indices in the engine's current Decoding
         self.unfinished = 0
+        self.scoring: PromptScoring | None = None  # echo: the prompt scoring in progress
 
     def emit(self, item) -> None:
         try:
@@ -66,7 +76,12 @@ class Scheduler:
         self.owner: dict[int, tuple[Job, int]] = {}  # row -> (job, choice index)
         self.running_jobs: list[Job] = []
         self.stopping = False
-        self.counts = collections.Counter()  # finished_rows, cancelled_rows, timed_out, rejected
+        self.counts = collections.Counter()  # finished_rows, cancelled_rows, failed_rows, timed_out, rejected
+        self.scoring: collections.deque[Job] = collections.deque()  # echo jobs, scored a chunk per step in turn
+        self.degraded: str | None = None  # why a model is not answering, while it is not
+        self.last_probe = 0.0
+        self.probe_request = None  # built on first use: a one-token request over every role
+        self.drain_deadline: float | None = None  # set on shutdown: running jobs end with an error after it
         self.thread = threading.Thread(target=self._loop, name="proxytune-engine", daemon=True)
 
     # --- the asyncio side --------------------------------------------------------------------------
@@ -83,6 +98,9 @@ class Scheduler:
     def submit(self, prompt_rows: list[PromptRows], echo_top: int | None = None, generates: bool = True) -> Job:
         job = Job(prompt_rows, asyncio.get_running_loop(), self.request_timeout, echo_top, generates)
         with self.condition:
+            if self.drain_deadline is not None:
+                raise APIError(503, "the server is shutting down; retry on another replica or after it restarts",
+                               code="server_shutting_down")
             if len(self.waiting) >= self.max_queue:
                 self.counts["rejected"] += 1
                 raise APIError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly",
@@ -91,25 +109,53 @@ class Scheduler:
             self.condition.notify()
         return job
 
+    def drain(self, grace: float) -> None:
+        """Shutting down: refuse new requests; running ones have `grace` seconds, then end with an error."""
+        with self.condition:
+            if self.drain_deadline is None:
+                self.drain_deadline = time.monotonic() + grace
+            self.condition.notify()
+
     @property
     def load(self) -> dict:
-        return {"running_rows": len(self.owner), "waiting_requests": len(self.waiting), **self.counts}
+        return {"running_rows": len(self.owner), "waiting_requests": len(self.waiting),
+                "scoring_requests": len(self.scoring), **self.counts}
+
+    def health(self) -> dict:
+        """ok / degraded (a model is not answering: the reason) / draining; probes while degraded."""
+        if self.drain_deadline is not None:
+            return {"status": "draining", **self.load}
+        if self.degraded is None:
+            return {"status": "ok", **self.load}
+        now = time.monotonic()
+        if now - self.last_probe >= PROBE_EVERY_S:
+            self.last_probe = now
+            try:
+                self.probe_request = self.probe_request or self.tuner.request("Hello", max_new_tokens=1)
+                probe = PromptRows(self.probe_request.prompts["base"], "Hello", [self.probe_request])
+                self.submit([probe])  # its outcome updates `degraded`; nobody reads its queue
+            except APIError:
+                pass  # a full queue: probe next time
+        return {"status": "degraded", "reason": self.degraded, **self.load}
 
     # --- the engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
         while True:
             with self.condition:
-                while not self.stopping and not self.waiting and self.decoding is None:
+                while not self.stopping and not self.waiting and self.decoding is None and not self.scoring:
                     self.condition.wait(timeout=1.0)
                 if self.stopping:
                     return
             try:
                 self._expire_waiting()
+                self._end_if_drained()
                 self._admit()
                 if self.decoding is not None:
                     self._step()
                     self._drop_cancelled()
+                if self.scoring:
+                    self._score_chunk()
             except Exception as error:  # a bug or a model failure: fail these jobs, keep serving
                 log.exception("engine step failed")
                 self._fail_running(APIError(500, f"the engine failed: {type(error).__name__}: {error}"))
@@ -136,23 +182,52 @@ class Scheduler:
         previous one started (and whether it takes more rows)."""
         while True:
             with self.condition:
-                if not self.waiting or not self._can_join():
+                if not self.waiting:
                     return
                 job = self.waiting[0]
-                if len(self.owner) + len(job.requests) > self.max_batch and self.owner:
+                to_score = job.echo_top is not None and job.scoring is None
+                if not to_score and (not self._can_join() or (
+                        len(self.owner) + len(job.requests) > self.max_batch and self.owner)):
                     return
                 self.waiting.popleft()
+            if to_score:  # prompt scoring first, a chunk per step; then it waits for a slot like any job
+                prompts = [p.requests[0].prompts for p in job.prompt_rows]
+                alphas = [p.requests[0].alphas for p in job.prompt_rows]
+                job.scoring = PromptScoring(self.tuner, prompts, alphas, job.echo_top)
+                self.scoring.append(job)
+                continue
             try:
                 self._start(job)
             except Exception as error:
                 log.exception("could not start a request")
                 job.emit(("error", APIError(500, f"the engine failed: {type(error).__name__}: {error}")))
 
+    def _score_chunk(self) -> None:
+        """One chunk of the first scoring job's prompts; the jobs take turns."""
+        job = self.scoring.popleft()
+        if job.cancelled or job.deadline <= time.monotonic():
+            if not job.cancelled:
+                self.counts["timed_out"] += 1
+                job.emit(("error", timeout_error()))
+            return
+        try:
+            finished = job.scoring.step()
+        except Exception as error:
+            log.exception("prompt scoring failed")
+            job.emit(("error", APIError(500, f"scoring the prompt failed: {type(error).__name__}: {error}",
+                                        code="generation_failed")))
+            return
+        if not finished:
+            self.scoring.append(job)
+            return
+        job.emit(("prompt", job.scoring.results))
+        if not job.generates:
+            job.emit(("done", []))
+            return
+        with self.condition:  # now it decodes: first in line for a slot
+            self.waiting.appendleft(job)
+
     def _start(self, job: Job) -> None:
-        if job.echo_top is not None:
-            prompts = [p.requests[0].prompts for p in job.prompt_rows]
-            alphas = [p.requests[0].alphas for p in job.prompt_rows]
-            job.emit(("prompt", prompt_logprobs(self.tuner, prompts, alphas, job.echo_top)))
         if not job.generates:
             job.emit(("done", []))
             return
@@ -178,6 +253,12 @@ class Scheduler:
                 continue
             job, choice = self.owner[event.row]
             by_job.setdefault(id(job), [job]).append((choice, event))
+            if event.finish_reason == "error":
+                self.counts["failed_rows"] += 1
+                if self.decoding.failed:  # a model stopped answering (not one row's own trouble)
+                    self.degraded = event.error
+            elif event.token_id is not None and not self.decoding.failed:
+                self.degraded = None  # the models answer again
             if event.finish_reason is not None:
                 self.counts["finished_rows"] += 1
                 del self.owner[event.row]
@@ -202,6 +283,20 @@ class Scheduler:
             if not job.cancelled:
                 self.counts["timed_out"] += 1
                 job.emit(("error", timeout_error()))
+
+    def _end_if_drained(self) -> None:
+        """Past the shutdown grace period: every job still here ends with an error event or body."""
+        if self.drain_deadline is None or time.monotonic() < self.drain_deadline:
+            return
+        error = APIError(503, "the server shut down before this request finished", code="server_shutting_down")
+        with self.condition:
+            waiting, self.waiting = list(self.waiting), collections.deque()
+        for job in waiting + list(self.scoring):
+            job.emit(("error", error))
+        self.scoring.clear()
+        if self.decoding is not None:
+            self.decoding.cancel(list(self.owner))
+        self._fail_running(error)
 
     def _fail_running(self, error: APIError) -> None:
         for job in self.running_jobs:

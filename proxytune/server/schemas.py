@@ -1,27 +1,112 @@
 """Request bodies of /v1/completions and /v1/chat/completions -> checked parameters -> engine Requests.
 
-Every mistake is a 400 naming the parameter, the way OpenAI reports it. Two extension fields, sent
-by the openai client through `extra_body`: `alpha` (a number, or one per expert pair) and
-`proxy: false` (the base model alone, i.e. alpha = 0: for A/B comparisons).
+The bodies are pydantic models (FastAPI's own validation library): types are strict (no "8" for 8, no
+true for 1), numbers finite, and a field the model does not declare is refused with 400 naming it, as
+OpenAI refuses it. Every mistake is a 400 whose `param` names the field.
+
+Extension fields (the openai client sends them through `extra_body`), the whole allow-list:
+  alpha   a number, or one per expert pair (finite in float32, where the logits are combined)
+  proxy   false: the base model alone (alpha = 0), for A/B comparisons
+  top_k   keep the k most likely tokens before sampling (0 = off)
+  min_p   drop tokens below min_p x the top token's probability (0 = off)
+OpenAI fields proxytune does not implement are refused unless their value changes nothing.
+
+Bounds where OpenAI is silent or the server needs one: at most MAX_STOP stop strings of at most
+MAX_STOP_CHARS characters each; bodies of at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep; text
+must be valid Unicode (a lone surrogate such as "\\ud800" is refused).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Literal, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..engine.decoding import Request
+from ..engine.sampling import SamplingParams
 from ..errors import ProxyTuneError
 from ..facade.tuner import check_alpha
-from ..engine.sampling import SamplingParams
 from .api_errors import APIError, bad_request
 
 MAX_TOP_LOGPROBS = 20
-UNSUPPORTED = ("logit_bias", "presence_penalty", "frequency_penalty", "suffix", "tools", "functions",
-               "response_format", "best_of")
-NEUTRAL = {"best_of": (None, 1), "response_format": (None, {"type": "text"})}  # values that change nothing
+MAX_STOP = 16  # OpenAI allows 4; each is searched for in every row's new text
+MAX_STOP_CHARS = 256
+MAX_BODY_BYTES = 16 * 1024 * 1024
+MAX_JSON_DEPTH = 32  # the deepest OpenAI body (content parts of a message) is 5
+NEUTRAL = {"best_of": (None, 1), "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
+           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "suffix": (None, ""),
+           "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+           "parallel_tool_calls": (None,)}  # OpenAI fields proxytune does not implement: values that change nothing
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Body):
+    include_usage: bool | None = None
+
+
+class TextPart(Body):
+    type: Literal["text"]
+    text: str
+
+
+class Message(Body):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: Union[str, list[TextPart]]
+    name: str | None = None
+
+
+class Common(Body):
+    """Fields of both routes."""
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=0)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, gt=0, le=1, allow_inf_nan=False)
+    n: int | None = Field(None, ge=1)
+    stop: Union[str, list[str], None] = None
+    seed: int | None = Field(None, ge=-(2 ** 63), le=2 ** 63 - 1)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # OpenAI's end-user id: accepted, unused
+    # the extension fields
+    alpha: Union[float, list[float], None] = Field(None, allow_inf_nan=False)
+    proxy: bool | None = None
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
+    # OpenAI's, not implemented: refused unless neutral (NEUTRAL)
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    functions: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+
+
+TokenIds = list[int]
+
+
+class CompletionBody(Common):
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    best_of: Any = None
+    suffix: Any = None
+
+
+class ChatBody(Common):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+
+BODIES = {"completion": CompletionBody, "chat": ChatBody}
 
 
 @dataclass
@@ -52,64 +137,63 @@ class PromptRows:
 
 
 def parse_json(raw: bytes) -> dict:
+    """The body as a JSON object, refused (400) when it is not JSON, nests deeper than MAX_JSON_DEPTH or
+    holds text that is not valid Unicode."""
     try:
         body = json.loads(raw)
+    except RecursionError:
+        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
     except (ValueError, UnicodeDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
+    check_tree(body)
     return body
 
 
-def _integer(body: dict, name: str, default, low: int, high: int | None = None):
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_request(f"{name} must be an integer, got {value!r}", name)
-    if value < low or (high is not None and value > high):
-        limits = f"between {low} and {high}" if high is not None else f">= {low}"
-        raise bad_request(f"{name} must be {limits}, got {value}", name)
-    return value
+def check_tree(body: dict) -> None:
+    """Depth and Unicode of every value, without recursion (the body may be hostile)."""
+    stack = [(value, 1, key) for key, value in body.items()]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", field)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise bad_request(f"{field} holds text that is not valid Unicode ({error.reason} at character "
+                                  f"{error.start}): send UTF-8 text", field) from None
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if isinstance(key, str):
+                    stack.append((key, depth + 1, field))
+                stack.append((item, depth + 1, field))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, field) for item in value)
 
 
-def _number(body: dict, name: str, default: float, low: float, high: float, low_open: bool = False) -> float:
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad_request(f"{name} must be a number, got {value!r}", name)
-    if value < low or value > high or (low_open and value == low):
-        raise bad_request(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}", name)
-    return float(value)
+def first_problem(error: ValidationError) -> APIError:
+    """OpenAI's way: one message, the field as `param`."""
+    problem = error.errors(include_url=False)[0]
+    loc = [str(part) for part in problem["loc"] if not str(part).startswith(("str", "list[", "float", "int",
+                                                                              "function-", "union["))]
+    param = loc[0] if loc else None
+    if problem["type"] == "extra_forbidden":
+        where = "" if len(loc) == 1 else f" in {'.'.join(loc[:-1])}"
+        return bad_request(f"Unrecognized request argument supplied: {loc[-1]}{where} (proxytune's own fields: "
+                           f"alpha, proxy, top_k, min_p)", param)
+    if problem["type"] == "missing":
+        return bad_request(f"{'.'.join(loc)} is required", param)
+    shown = repr(problem.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return bad_request(f"{'.'.join(loc)}: {problem['msg']}, got {shown}", param)
 
 
-def _boolean(body: dict, name: str, default: bool) -> bool:
-    value = body.get(name)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise bad_request(f"{name} must be true or false, got {value!r}", name)
-    return value
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-        raise bad_request(f"stop must be a string or a list of strings, got {stop!r}", "stop")
-    return tuple(s for s in stop if s)
-
-
-def _alpha(body: dict, n_pairs: int):
-    if body.get("proxy") is not None and not isinstance(body["proxy"], bool):
-        raise bad_request(f"proxy must be true or false, got {body['proxy']!r}", "proxy")
-    alpha = body.get("alpha")
-    if body.get("proxy") is False:
+def _alpha(body: Common, n_pairs: int):
+    if body.proxy is False:
         return [0.0] * n_pairs  # the base model alone: z = z_base exactly
+    alpha = body.alpha
     if alpha is None:
         return None
     values = alpha if isinstance(alpha, list) else [alpha]
@@ -125,85 +209,74 @@ def _alpha(body: dict, n_pairs: int):
     return [float(a) for a in alpha] if isinstance(alpha, list) else float(alpha)
 
 
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("messages must be a non-empty list of {role, content} objects", "messages")
-    plain = []
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise bad_request(f"messages[{i}] must be an object with role and content", "messages")
-        content = message.get("content")
-        if isinstance(content, list):  # content parts: only text can reach a text model
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                       for p in content):
-                raise bad_request(f"messages[{i}].content: only text parts are supported", "messages")
-            content = "".join(p["text"] for p in content)
-        if not isinstance(content, str) or message.get("role") not in ("system", "user", "assistant", "developer"):
-            raise bad_request(f"messages[{i}] needs a role (system, user, assistant) and string content, "
-                              f"got {message!r}", "messages")
-        plain.append({"role": "system" if message["role"] == "developer" else message["role"], "content": content})
-    return plain
+def _prompts(body: CompletionBody) -> list:
+    prompt = body.prompt
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    if not prompts or any(not p for p in prompts):
+        raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of such lists "
+                          "(none of them empty)", "prompt")
+    return prompts
 
 
-def _prompts(body: dict) -> list:
-    prompt = body.get("prompt")
-    is_ids = lambda value: isinstance(value, list) and value and all(  # noqa: E731
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
-    if isinstance(prompt, str) or is_ids(prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
-        return list(prompt)
-    raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of such lists "
-                      "(none of them empty)", "prompt")
+def _messages(body: ChatBody) -> list[dict]:
+    return [{"role": "system" if m.role == "developer" else m.role,
+             "content": m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)}
+            for m in body.messages]
 
 
-def parse(body: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_rows: int,
+def _stop(body: Common) -> tuple[str, ...]:
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"give at most {MAX_STOP} stop strings, got {len(stop)}", "stop")
+    long = [s for s in stop if len(s) > MAX_STOP_CHARS]
+    if long:
+        raise bad_request(f"stop strings may hold at most {MAX_STOP_CHARS} characters; one has {len(long[0])}", "stop")
+    return tuple(s for s in stop if s)
+
+
+def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_rows: int,
           context: int | None, default_max_tokens: int) -> Params:
     """Check every field of a completions (kind="completion") or chat (kind="chat") body."""
-    model = body.get("model")
-    if model is not None and model not in served_names:
-        raise bad_request(f"unknown model {model!r}; this server serves {', '.join(served_names)}", "model",
+    try:
+        body = BODIES[kind].model_validate(raw)
+    except ValidationError as error:
+        raise first_problem(error) from None
+    if body.model is not None and body.model not in served_names:
+        raise bad_request(f"unknown model {body.model!r}; this server serves {', '.join(served_names)}", "model",
                           "model_not_found")
-    for name in UNSUPPORTED:
-        if body.get(name) not in NEUTRAL.get(name, (None, 0, {}, [])):
+    for name, neutral in NEUTRAL.items():
+        if name in type(body).model_fields and getattr(body, name) not in neutral:
             raise bad_request(f"{name} is not supported by proxytune serve", name)
     prompts = [_messages(body)] if kind == "chat" else _prompts(body)
-    echo = kind == "completion" and _boolean(body, "echo", False)
+    echo = kind == "completion" and bool(body.echo)
     token_limit = context or 1_000_000
-    max_tokens = _integer(body, "max_completion_tokens", None, 1, token_limit) if kind == "chat" else None
-    given = max_tokens is not None or body.get("max_tokens") is not None
-    if max_tokens is None:
-        max_tokens = _integer(body, "max_tokens", default_max_tokens, 0 if echo else 1, token_limit)
-    n = _integer(body, "n", 1, 1, max_rows)
+    asked = body.max_completion_tokens if kind == "chat" else None
+    name = "max_completion_tokens" if asked is not None else "max_tokens"
+    asked = asked if asked is not None else body.max_tokens
+    max_tokens = default_max_tokens if asked is None else asked
+    if max_tokens > token_limit or (max_tokens < 1 and not echo):
+        raise bad_request(f"{name} must be between {0 if echo else 1} and {token_limit}, got {max_tokens}", name)
+    n = body.n or 1
     if n * len(prompts) > max_rows:
         raise bad_request(f"{len(prompts)} prompts x n={n} is more than the {max_rows} rows this server decodes "
                           f"at once", "n")
     if kind == "chat":
-        logprobs = _boolean(body, "logprobs", False)
-        top_logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+        logprobs, top_logprobs = bool(body.logprobs), body.top_logprobs or 0
         if top_logprobs and not logprobs:
             raise bad_request("top_logprobs needs logprobs: true", "top_logprobs")
     else:
-        top_logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
-        logprobs = top_logprobs is not None
-        top_logprobs = top_logprobs or 0
-    stream = _boolean(body, "stream", False)
-    options = body.get("stream_options")
-    if options is not None and (not stream or not isinstance(options, dict)):
-        raise bad_request("stream_options is only allowed with stream: true, as an object", "stream_options")
-    include_usage = bool(options) and _boolean(options, "include_usage", False)
+        logprobs, top_logprobs = body.logprobs is not None, body.logprobs or 0
+    stream = bool(body.stream)
+    if body.stream_options is not None and not stream:
+        raise bad_request("stream_options is only allowed with stream: true", "stream_options")
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if stream and echo and logprobs:
         raise bad_request("echo with logprobs is not available while streaming; use stream: false", "echo")
-    try:
-        sampling = SamplingParams(_number(body, "temperature", 1.0, 0.0, 2.0),
-                                  _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True),
-                                  _integer(body, "top_k", 0, 0), _number(body, "min_p", 0.0, 0.0, 1.0))
-    except ProxyTuneError as error:
-        raise bad_request(str(error)) from None
-    seed = _integer(body, "seed", None, -(2 ** 63), 2 ** 63 - 1)
-    return Params(kind, model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), seed, stream,
-                  include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), given)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    sampling = SamplingParams(temperature, top_p, body.top_k or 0, body.min_p or 0.0)
+    return Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
+                  stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), asked is not None)
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
@@ -265,6 +338,15 @@ def context_length(tuner) -> int | None:
     return min(limits) if limits else None
 
 
-def check_body_size(raw: bytes, limit: int = 16 * 1024 * 1024) -> None:
-    if len(raw) > limit:
-        raise APIError(413, f"the request body is larger than {limit} bytes")
+async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read no further than `limit` bytes (413 beyond it, before the rest is even received)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -6,9 +6,10 @@ and needs no local copy of the tokenizer (and no model hub).
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
+from starlette.concurrency import run_in_threadpool
 
 from .api_errors import bad_request
-from .schemas import check_body_size, parse_json
+from .schemas import parse_json, read_body
 
 
 def add_tokenizer_routes(app: FastAPI, tuner, authorize, context: int | None) -> None:
@@ -22,21 +23,19 @@ def add_tokenizer_routes(app: FastAPI, tuner, authorize, context: int | None) ->
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(request: Request):
-        raw = await request.body()
-        check_body_size(raw)
+        raw = await read_body(request)
         body = parse_json(raw)
         prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
         if not isinstance(prompt, str):
             raise bad_request("prompt must be a string", "prompt")
         if not isinstance(special, bool):
             raise bad_request("add_special_tokens must be true or false", "add_special_tokens")
-        tokens = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+        tokens = (await run_in_threadpool(tokenizer, prompt, add_special_tokens=special))["input_ids"]
         return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
     async def detokenize(request: Request):
-        raw = await request.body()
-        check_body_size(raw)
+        raw = await read_body(request)
         tokens = parse_json(raw).get("tokens")
         if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens) \
                 or any(t < 0 or t >= len(tokenizer) for t in tokens):
