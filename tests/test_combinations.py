@@ -123,7 +123,7 @@ def test_the_server_decodes_concurrent_requests_together(backends, backend):
 
     tuner, reference = pick(backends, backend)
     expected = [reference.tokenizer.decode(ids, skip_special_tokens=True) for ids in plain(reference)]
-    with TestClient(create_app(tuner)) as client:
+    with TestClient(create_app(tuner), base_url="http://localhost") as client:
         def ask(prompt):
             answer = client.post("/v1/completions", json={"model": "proxytune", "prompt": prompt,
                                                           "max_tokens": NEW, "temperature": 0})
@@ -152,7 +152,7 @@ def test_a_session_that_cannot_join_is_served_one_batch_after_another(trio, tok)
     from fastapi.testclient import TestClient
 
     from proxytune.server import create_app
-    with TestClient(create_app(tuner)) as client:
+    with TestClient(create_app(tuner), base_url="http://localhost") as client:
         with ThreadPoolExecutor(len(PROMPTS)) as pool:
             answers = list(pool.map(lambda p: client.post("/v1/completions", json={
                 "model": "proxytune", "prompt": p, "max_tokens": NEW, "temperature": 0}), PROMPTS))

@@ -420,7 +420,7 @@ def test_llama_remote_base_works_in_every_mode(llama_server, smollm2):
         if step == 1:
             decoding.add([tuner.request(p, max_new_tokens=8) for p in prompts[1:]])
     joined = [o.token_ids for o in decoding.outputs()]
-    with TestClient(create_app(tuner)) as client:
+    with TestClient(create_app(tuner), base_url="http://localhost") as client:
         with ThreadPoolExecutor(len(prompts)) as pool:
             answers = list(pool.map(lambda p: client.post("/v1/completions", json={
                 "model": "proxytune", "prompt": p, "max_tokens": 8, "temperature": 0}), prompts))

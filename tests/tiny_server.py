@@ -33,12 +33,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, dirs: dict[str, str], *options: str):
+    def __init__(self, dirs: dict[str, str], *options: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         command = [sys.executable, "-m", "proxytune", "serve", "--base", dirs["base"], "--expert", dirs["expert"],
                    "--anti-expert", dirs["anti_expert"], "--port", str(self.port), *options]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
     def wait_ready(self, timeout: float = 120) -> "ServerProcess":

@@ -15,6 +15,13 @@ def register(subparsers) -> None:
     actions.add_parser("list", help="named models, adapters and trios, and whether they are ready")
     prepare = actions.add_parser("prepare", help="verify, assemble and convert named models (or a trio's models)")
     prepare.add_argument("names", nargs="+", metavar="NAME", help="model or trio name, or 'all'")
+    convert = actions.add_parser("to-safetensors", help="convert a model or adapter directory whose weights are "
+                                                         "pickles (pytorch_model.bin) into one with safetensors",
+                                 description="proxytune loads safetensors only. This reads the tensors of a "
+                                             "pickled checkpoint with torch.load(weights_only=True), so no code in "
+                                             "it can run, and writes SOURCE's files to TARGET with safetensors.")
+    convert.add_argument("source", metavar="SOURCE")
+    convert.add_argument("target", metavar="TARGET")
     parser.set_defaults(func=run)
 
 
@@ -65,6 +72,12 @@ def adapter_base_name(adapter: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     if args.action in (None, "list"):
         list_models()
+        return 0
+    if args.action == "to-safetensors":
+        from ..models.loading import to_safetensors
+
+        written = to_safetensors(args.source, args.target)
+        print(f"{args.target}: {', '.join(written)} (load it with --base/--expert/--anti-expert {args.target})")
         return 0
     for name in models_to_prepare(args.names):
         print(f"{name}: {registry.prepare(name)}")

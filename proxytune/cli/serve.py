@@ -29,6 +29,8 @@ def register(subparsers) -> None:
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="a Host (and browser Origin) name the server answers to, besides the loopback names "
                              "and the --host address; repeat for more; '*' allows any (behind a proxy that checks)")
+    parser.add_argument("--max-echo-tokens", type=int, default=32_768,
+                        help="prompt tokens one echo+logprobs request may have scored (default 32768)")
     parser.add_argument("--shutdown-grace", type=float, default=10.0,
                         help="seconds running requests get to finish after SIGTERM before they end with an error "
                              "(default 10)")
@@ -49,7 +51,7 @@ def register(subparsers) -> None:
 def check_options(args: argparse.Namespace) -> None:
     if not 0 < args.port < 65536:
         raise ProxyTuneError(f"--port must be in 1..65535, got {args.port}")
-    for name in ("max_batch", "max_queue"):
+    for name in ("max_batch", "max_queue", "max_echo_tokens"):
         if getattr(args, name) < 1:
             raise ProxyTuneError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.request_timeout > 0:
@@ -103,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "proxytune"
     app = create_app(tuner, served_names=[name], api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout, chat_roles=chat_roles,
-                     host=args.host, allowed=args.allowed_host)
+                     host=args.host, allowed=args.allowed_host, max_echo_tokens=args.max_echo_tokens)
     print(f"proxytune serve: model {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}", flush=True)
     grace = args.shutdown_grace

@@ -34,6 +34,21 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def require_safetensors(path, what: str = "model") -> None:
+    """Weights are read from safetensors only: a pickle (pytorch_model.bin, adapter_model.bin) can run
+    code when loaded. A directory holding only pickles is refused with the one command that converts it."""
+    if any(path.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    found = f"only pickle files ({', '.join(pickles[:3])})" if pickles else "no .safetensors weights"
+    raise ProxyTuneError(f"the {what} directory {path} holds {found}; proxytune loads safetensors only, since "
+                         f"a pickle can run code when it is loaded. Convert it once, reading tensors only: "
+                         f"proxytune models to-safetensors {path} {path}-safetensors")
+
+
 def load_plain(spec: str, device: torch.device, dtype: torch.dtype):
     """(model, tokenizer) from a model directory or a GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,8 +63,9 @@ def load_plain(spec: str, device: torch.device, dtype: torch.dtype):
         else:
             if not (path / "config.json").exists():
                 raise ProxyTuneError(f"{path} has no config.json: not a transformers model directory")
+            require_safetensors(path)
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except ProxyTuneError:
         raise
     except Exception as error:  # corrupt or unsupported files: name the file, keep the cause
@@ -80,8 +96,9 @@ class Loader:
         model, tokenizer = self._plain(base_spec)
         if base_spec in self.adapted:  # the shared base already carries another adapter: use a copy
             model, tokenizer = load_plain(base_spec, self.device, self.dtype)
+        require_safetensors(local_path(spec), "adapter")
         try:
-            peft_model = PeftModel.from_pretrained(model, str(local_path(spec)))
+            peft_model = PeftModel.from_pretrained(model, str(local_path(spec)))  # its .safetensors: checked above
         except Exception as error:
             raise ProxyTuneError(f"could not load adapter {spec!r} onto {base_spec!r}: {error}") from error
         self.adapted.setdefault(base_spec, peft_model)
@@ -140,3 +157,39 @@ def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), dev
     from ..backends.lora_pair import pair_lora_roles
     sources = pair_lora_roles({role: source for role, (source, _) in loaded.items()}, pairs)
     return {role: (sources[role], loaded[role][1]) for role in specs}
+
+
+def to_safetensors(source, target) -> list[str]:
+    """The explicit, opt-in conversion of a pickled model or adapter directory: tensors are read with
+    torch.load(weights_only=True) (no code runs), written as safetensors with the other files copied."""
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    source, target = Path(source).expanduser(), Path(target).expanduser()
+    if not source.is_dir():
+        raise ProxyTuneError(f"{source} is not a directory")
+    if target.exists() and any(target.iterdir()):
+        raise ProxyTuneError(f"{target} exists and is not empty: choose a new directory")
+    target.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file in sorted(source.iterdir()):
+        if file.suffix in PICKLE_SUFFIXES:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as error:
+                raise ProxyTuneError(f"{file} is not a plain tensor file (refused: {type(error).__name__}: "
+                                     f"{str(error)[:200]})") from None
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ProxyTuneError(f"{file} holds no mapping of names to tensors")
+            name = {"pytorch_model": "model", "adapter_model": "adapter_model"}.get(file.stem, file.stem)
+            out = target / f"{name}.safetensors"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
+            written.append(out.name)
+        elif file.is_file() and not file.name.endswith(".index.json"):
+            shutil.copy2(file, target / file.name)
+    if not written:
+        raise ProxyTuneError(f"{source} holds no pickle weights to convert")
+    return written

@@ -65,7 +65,7 @@ class JobStream(StreamingResponse):
 def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str | None = None,
                max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0,
                chat_roles: Sequence[str] = ALL_ROLES, host: str = "127.0.0.1",
-               allowed: Sequence[str] = ()) -> FastAPI:
+               allowed: Sequence[str] = (), max_echo_tokens: int = MAX_ECHO_TOKENS) -> FastAPI:
     scheduler = Scheduler(tuner, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
     context = context_length(tuner)
     text_of = TokenStrings(tuner.tokenizer)
@@ -132,8 +132,8 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                        DEFAULT_MAX_TOKENS[kind])
         rows = await run_in_threadpool(build, tuner, params, chat_roles)  # tokenizing never blocks the loop
         echo_top = params.top_logprobs if params.echo and params.logprobs else None
-        if echo_top is not None and sum(len(r.prompt_ids) for r in rows) > MAX_ECHO_TOKENS:
-            raise APIError(400, f"echo with logprobs scores at most {MAX_ECHO_TOKENS} prompt tokens per request, "
+        if echo_top is not None and sum(len(r.prompt_ids) for r in rows) > max_echo_tokens:
+            raise APIError(400, f"echo with logprobs scores at most {max_echo_tokens} prompt tokens per request, "
                                 f"these prompts have {sum(len(r.prompt_ids) for r in rows)}: split them over "
                                 f"several requests", "prompt")
         job = scheduler.submit(rows, echo_top, generates=params.max_tokens > 0)

@@ -76,7 +76,8 @@ class Scheduler:
         self.owner: dict[int, tuple[Job, int]] = {}  # row -> (job, choice index)
         self.running_jobs: list[Job] = []
         self.stopping = False
-        self.counts = collections.Counter()  # finished_rows, cancelled_rows, failed_rows, timed_out, rejected
+        self.counts = collections.Counter(dict.fromkeys(  # reported by /health
+            ("finished_rows", "cancelled_rows", "failed_rows", "timed_out", "rejected"), 0))
         self.scoring: collections.deque[Job] = collections.deque()  # echo jobs, scored a chunk per step in turn
         self.degraded: str | None = None  # why a model is not answering, while it is not
         self.last_probe = 0.0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence, Union
+from typing import Annotated, Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -60,6 +60,9 @@ class Message(Body):
     name: str | None = None
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
 class Common(Body):
     """Fields of both routes."""
     model: str | None = None
@@ -73,7 +76,7 @@ class Common(Body):
     stream_options: StreamOptions | None = None
     user: str | None = None  # OpenAI's end-user id: accepted, unused
     # the extension fields
-    alpha: Union[float, list[float], None] = Field(None, allow_inf_nan=False)
+    alpha: Union[Finite, list[Finite], None] = None
     proxy: bool | None = None
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
