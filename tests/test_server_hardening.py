@@ -330,3 +330,28 @@ def test_fuzzed_requests_get_4xx_or_200_and_a_concurrent_stream_is_unaffected(se
           f"{latencies[0]:.2f} s alone, {sum(latencies[1:]) / len(latencies[1:]):.2f} s on average beside 50 fuzzed")
     assert not [status for status in statuses if status >= 500], statuses
     assert httpx.get(server.url + "/health").json()["status"] == "ok"
+
+
+def test_logprobs_of_tokens_a_remote_base_never_offered_are_valid_json(fake, tok, trio):
+    """A remote base gives its top-k only: other tokens have log p̃ = −inf, which JSON cannot carry (it was a 500,
+    "Out of range float values are not JSON compliant"). They are sent as OpenAI's −9999."""
+    from fastapi.testclient import TestClient
+
+    from proxytune import ProxyTuner
+    from proxytune.backends.remote.source import RemoteSource
+    from proxytune.backends.remote.spec import parse_spec
+    from proxytune.server import create_app
+
+    base = RemoteSource(parse_spec(f"openai:{fake.url}?tokenizer=tiny&top_k=3"), tok)
+    tuner = ProxyTuner(base, trio[1], trio[2], tokenizer=tok)
+    with TestClient(create_app(tuner), base_url="http://localhost") as client:
+        plain = client.post("/v1/completions", json={**OK, "logprobs": 5})
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 3, "logprobs": True, "top_logprobs": 5})
+        streamed = client.post("/v1/completions", json={**OK, "logprobs": 5, "stream": True})
+    assert plain.status_code == chat.status_code == streamed.status_code == 200
+    tops = plain.json()["choices"][0]["logprobs"]["top_logprobs"]
+    assert all(len(top) >= 1 for top in tops) and -9999.0 in [v for top in tops for v in top.values()]
+    alternatives = chat.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    assert [a["logprob"] for a in alternatives][-1] == -9999.0
+    assert all(json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {"))

@@ -19,7 +19,7 @@ def new_id(prefix: str) -> str:
 
 
 def sse(payload) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(payload, ensure_ascii=False, allow_nan=False)}\n\n"
 
 
 DONE = "data: [DONE]\n\n"
@@ -46,10 +46,20 @@ class TokenLogprob:
     top: list[tuple[int, float]] | None = None
 
 
+IMPOSSIBLE = -9999.0  # OpenAI's logprob for a token that cannot occur; JSON has no -Infinity
+
+
+def json_logprob(logprob: float | None) -> float | None:
+    """A log-probability JSON can carry: −inf (a token outside a remote base's top-k) becomes IMPOSSIBLE."""
+    if logprob is None:
+        return None
+    return logprob if logprob > IMPOSSIBLE else IMPOSSIBLE
+
+
 def chat_logprobs(positions: list[TokenLogprob], text_of: TokenStrings) -> dict:
     def entry(token_id, logprob):
         text = text_of(token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": json_logprob(logprob), "bytes": list(text.encode("utf-8"))}
 
     content = [{**entry(p.token_id, p.logprob), "top_logprobs": [entry(t, lp) for t, lp in p.top or []]}
                for p in positions]
@@ -62,7 +72,7 @@ def completion_logprobs(positions: list[TokenLogprob], text_of: TokenStrings, of
         offsets.append(offset)
         tokens.append(text_of(p.token_id))
         offset += len(tokens[-1])
-    return {"tokens": tokens, "token_logprobs": [p.logprob for p in positions],
+    return {"tokens": tokens, "token_logprobs": [json_logprob(p.logprob) for p in positions],
             "top_logprobs": [None if p.top is None else top_by_text(p.top, text_of) for p in positions],
             "text_offset": offsets}
 
@@ -71,7 +81,7 @@ def top_by_text(top: list[tuple[int, float]], text_of: TokenStrings) -> dict[str
     # Legacy completions key alternatives by text; tokens that print alike (partial UTF-8) keep the best.
     best: dict[str, float] = {}
     for token_id, logprob in top:
-        best.setdefault(text_of(token_id), logprob)
+        best.setdefault(text_of(token_id), json_logprob(logprob))
     return best
 
 
