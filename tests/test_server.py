@@ -329,6 +329,8 @@ def test_a_stream_that_times_out_ends_with_an_error_event(servers):
     (["--base", "BASE"], "missing --expert, --anti-expert"),
     (["--model", "demo", "--port", "PORT"], "cannot listen on 127.0.0.1"),  # the port is taken by the server
     (["--model", "demo", "--max-batch", "0"], "--max-batch must be >= 1"),
+    (["--model", "demo", "--api-key-env", "PROXYTUNE_NO_SUCH_VARIABLE"], "that environment variable is not set"),
+    (["--model", "demo", "--api-key-file", "/nonexistent/key"], "--api-key-file: cannot read /nonexistent/key"),
 ])
 def test_bad_serve_options_are_one_line_and_exit_code_2(dirs, server, options, message, capsys):
     options = [o.replace("BASE", dirs["base"]).replace("PORT", str(server.port)) for o in options]

@@ -1,0 +1,144 @@
+"""What one bad request does to a healthy stream beside it, on a real `proxytune serve`.
+
+Starts the server (any checkout: --tree runs that directory's proxytune, e.g. an older commit in a git
+worktree, for a before/after in one run), then for each input of issue 13 sends it together with a healthy
+greedy stream and reports the bad request's status, whether the healthy stream kept its exact text, and its
+wall time as a ratio to the healthy stream alone (measured in the same round, rounds alternating).
+
+    python benchmarks/hardening.py --rounds 2 -- --base smollm2-135m-instruct --expert smollm2-135m-instruct \
+        --anti-expert smollm2-135m-instruct
+    git worktree add /tmp/before 33ffd84 && python benchmarks/hardening.py --tree /tmp/before -- ...
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+HEALTHY = {"prompt": "Write a short story about a lighthouse keeper.", "max_tokens": 24, "temperature": 0}
+HEADERS = {"Content-Type": "application/json"}
+
+
+def inputs() -> dict[str, tuple[str, bytes]]:
+    long_prompt = "The quick brown fox jumps over the lazy dog. " * 150  # ~1,500 tokens
+    return {
+        "alpha 1e39, temperature 1": ("/v1/completions", json.dumps(
+            {"prompt": "Hello", "max_tokens": 24, "temperature": 1, "alpha": 1e39}).encode()),
+        "alpha 3e38, temperature 1": ("/v1/completions", json.dumps(
+            {"prompt": "Hello", "max_tokens": 24, "temperature": 1, "alpha": 3e38}).encode()),
+        "a lone surrogate": ("/v1/chat/completions",
+                             b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 8}'),
+        "JSON nested 100,000 deep": ("/v1/completions", b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"),
+        "a 10 MB prompt": ("/v1/completions", json.dumps({"prompt": "fox " * 2_500_000, "max_tokens": 2}).encode()),
+        "1,000 stop strings": ("/v1/completions", json.dumps(
+            {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+             "stop": [f"zq{i}x" for i in range(1000)]}).encode()),
+        "echo+logprobs, 4 x 1,500 tokens": ("/v1/completions", json.dumps(
+            {"prompt": [long_prompt] * 4, "max_tokens": 0, "echo": True, "logprobs": 5}).encode()),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start(tree: Path, serve_args: list[str]) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "proxytune", "serve", "--port", str(port), *serve_args],
+                               cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    raise SystemExit("the server did not come up")
+
+
+async def healthy_stream(http: httpx.AsyncClient, url: str) -> tuple[str, float]:
+    start = time.monotonic()
+    text = []
+    async with http.stream("POST", url + "/v1/completions", json={**HEALTHY, "stream": True}) as response:
+        async for line in response.aiter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                if chunk.get("choices"):
+                    text.append(chunk["choices"][0]["text"])
+                elif "error" in chunk:
+                    text.append(f"<error {chunk['error'].get('message', '')[:40]}>")
+    return "".join(text), time.monotonic() - start
+
+
+async def with_bad(http: httpx.AsyncClient, url: str, path: str, raw: bytes) -> tuple[int, str, float]:
+    async def bad():
+        await asyncio.sleep(0.05)  # the healthy stream is running
+        try:
+            return (await http.post(url + path, content=raw, headers=HEADERS, timeout=300)).status_code
+        except httpx.HTTPError as error:
+            return f"{type(error).__name__}"
+    (text, seconds), status = await asyncio.gather(healthy_stream(http, url), bad())
+    return status, text, seconds
+
+
+def peak_rss_gb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+async def measure(url: str, rounds: int) -> list[tuple[str, object, bool, float]]:
+    rows = []
+    async with httpx.AsyncClient(timeout=600) as http:
+        reference, _ = await healthy_stream(http, url)
+        for name, (path, raw) in inputs().items():
+            ratios, same, status = [], True, None
+            for _ in range(rounds):
+                _, alone = await healthy_stream(http, url)
+                status, text, beside = await with_bad(http, url, path, raw)
+                same &= text == reference
+                ratios.append(beside / alone)
+            rows.append((name, status, same, sorted(ratios)[len(ratios) // 2]))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("serve_args", nargs=argparse.REMAINDER)
+    args = parser.parse_args()
+    serve_args = [a for a in args.serve_args if a != "--"]
+    process, url = start(args.tree, serve_args)
+    try:
+        rows = asyncio.run(measure(url, args.rounds))
+        alive = process.poll() is None
+        rss = peak_rss_gb(process.pid)
+    finally:
+        process.terminate()
+        process.wait(30)
+    print(f"server: {args.tree} {' '.join(serve_args)}; healthy stream {HEALTHY['max_tokens']} greedy tokens")
+    print(f"| input | its status | healthy stream's text kept | healthy time beside it / alone (median of {args.rounds}) |")
+    print("|---|---|---|---:|")
+    for name, status, same, ratio in rows:
+        print(f"| {name} | {status} | {'yes' if same else 'NO'} | {ratio:.2f} |")
+    print(f"server still up: {alive}; its peak RSS {rss:.2f} GB")
+
+
+if __name__ == "__main__":
+    main()
