@@ -102,11 +102,13 @@ def peak_rss_gb(pid: int) -> float:
     return float("nan")
 
 
-async def measure(url: str, rounds: int) -> list[tuple[str, object, bool, float]]:
+async def measure(url: str, rounds: int, only: str | None) -> list[tuple[str, object, bool, float]]:
     rows = []
     async with httpx.AsyncClient(timeout=600) as http:
         reference, _ = await healthy_stream(http, url)
         for name, (path, raw) in inputs().items():
+            if only and only not in name:
+                continue
             ratios, same, status = [], True, None
             for _ in range(rounds):
                 _, alone = await healthy_stream(http, url)
@@ -121,12 +123,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run only the inputs whose name holds this text")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
     serve_args = [a for a in args.serve_args if a != "--"]
     process, url = start(args.tree, serve_args)
     try:
-        rows = asyncio.run(measure(url, args.rounds))
+        rows = asyncio.run(measure(url, args.rounds, args.only))
         alive = process.poll() is None
         rss = peak_rss_gb(process.pid)
     finally:

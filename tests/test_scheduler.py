@@ -143,3 +143,54 @@ def test_after_a_model_failure_every_row_has_ended_and_the_decoding_takes_no_mor
             decoding.add([flaky.request(PROMPTS[1], max_new_tokens=20)])  # one more row joins at every step
     outputs = decoding.outputs()
     assert len(outputs) > 2 and all(o.finish_reason == "error" and "went away" in o.error for o in outputs)
+
+
+def test_prompt_scoring_in_chunks_equals_score_whatever_the_chunk_sizes(tuner):
+    """cached == recomputed: the echo path (sessions advancing chunk by chunk, sizes changed on the way) gives
+    score()'s numbers."""
+    import torch
+
+    from proxytune.engine.scoring import score_in_chunks
+
+    item = tuner.score_item("Answer the following question.", " The quick brown fox jumps over the lazy dog")
+    want = tuner.score_items([item], top=3)[0]
+    for sizes in ([1], [3], [128], [2, 5, 1, 7]):
+        parts = score_in_chunks(tuner.sources["base"], tuner.pairs, item, tuner.alphas, top=3, chunk=sizes[0])
+        got, step = [next(parts)], 0
+        while True:
+            step += 1
+            try:
+                got.append(parts.send(sizes[step % len(sizes)]))
+            except StopIteration:
+                break
+        assert [t for g in got for t in g.token_ids] == want.token_ids
+        assert torch.allclose(torch.tensor([lp for g in got for lp in g.logprobs]), torch.tensor(want.logprobs),
+                              atol=1e-4)
+        assert [ids for g in got for ids, _ in (t[0] for t in g.top)] == [t[0][0] for t in want.top]
+
+
+def test_a_long_echo_is_scored_between_decoding_steps_and_never_stalls_a_stream(tuner, monkeypatch):
+    """While rows decode, the engine alternates: one decoding step, one scoring chunk (sized to take at most about
+    two steps), never a whole long prompt between two tokens of a stream."""
+    scheduler = Scheduler(tuner, max_batch=8)
+    prompt = " ".join(["fox"] * 110)  # 220 tokens of the 256 the tiny context holds
+    actions: list[str] = []
+    step, score = Scheduler._step, Scheduler._score_chunk
+    monkeypatch.setattr(Scheduler, "_step", lambda self: (actions.append("step"), step(self))[1])
+    monkeypatch.setattr(Scheduler, "_score_chunk", lambda self: (
+        actions.append("score beside rows" if self.decoding is not None else "score alone"), score(self))[1])
+
+    async def go():
+        stream = scheduler.submit(rows(tuner, PROMPTS[0], max_new_tokens=60))
+        while (await stream.queue.get())[0] != "events":
+            pass
+        echo = scheduler.submit(rows(tuner, prompt, max_new_tokens=1), echo_top=1, generates=False)
+        return await asyncio.gather(drain(stream), drain(echo))
+
+    (stream_kind, _), (echo_kind, items) = run(scheduler, go())
+    assert stream_kind == echo_kind == "done"
+    scored = next(payload for kind, payload in items if kind == "prompt")[0]
+    assert len(scored) == len(rows(tuner, prompt)[0].prompt_ids)
+    beside = [i for i, action in enumerate(actions) if action == "score beside rows"]
+    assert len(beside) >= 2  # the prompt took several chunks while the stream ran
+    assert all(actions[i + 1] == "step" for i in beside if i + 1 < len(actions))  # a step after every chunk

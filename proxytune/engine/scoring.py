@@ -111,7 +111,8 @@ def score(roles: Roles, sources: dict[str, LogitSource], items: Sequence[ScoreIt
 def score_in_chunks(base: LogitSource, pairs: Sequence[ExpertPair], item: ScoreItem, alphas: Sequence[float],
                     top: int = 0, chunk: int = 128) -> Iterator[Score]:
     """log p̃ of one item's scored tokens, one Score per `chunk` positions (concatenated, they are the
-    item's Score; equal to `score` up to float rounding: cached == recomputed)."""
+    item's Score; equal to `score` up to float rounding: cached == recomputed). `send(n)` instead of
+    `next()` sets the next chunk's size (a caller sharing the models with decoding keeps chunks short)."""
     roles = Roles(len(pairs))
     sources = {"base": base}
     for (expert, anti), pair in zip(roles.pairs, pairs):
@@ -123,10 +124,10 @@ def score_in_chunks(base: LogitSource, pairs: Sequence[ExpertPair], item: ScoreI
     logits = session.prefill().combined[:, None]  # [1, 1, V]: predicts targets[0]
     done = 0
     while True:
-        yield token_scores(logits[0], targets[done:done + logits.shape[1]], top)
+        size = (yield token_scores(logits[0], targets[done:done + logits.shape[1]], top)) or chunk
         done += logits.shape[1]
         if done == len(targets):
             return
-        fed = torch.tensor([targets[done - 1:done - 1 + chunk][:len(targets) - done]], dtype=torch.long)
+        fed = torch.tensor([targets[done - 1:done - 1 + max(1, size)][:len(targets) - done]], dtype=torch.long)
         logits = session.advance(fed).combined
         session.settle()

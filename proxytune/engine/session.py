@@ -48,6 +48,11 @@ def combine(roles: Roles, logits: dict[str, torch.Tensor], alphas: torch.Tensor)
     return RoleLogits(roles, base, experts, antis, combined_logits(base, experts, antis, alphas.to(device)))
 
 
+def moving_average(old: float | None, new: float, memory: float = 0.7) -> float:
+    """An exponential moving average: follows a machine whose load changes."""
+    return new if old is None else memory * old + (1 - memory) * new
+
+
 class StepTimes:
     """Seconds per advance call of each group of roles sharing a session, by width (tokens per row):
     an exponential moving average, so it follows a machine whose load changes."""
@@ -59,7 +64,7 @@ class StepTimes:
     def record(self, group: frozenset, width: int, seconds: float) -> None:
         key = (group, width)
         old = self.seconds.get(key)
-        self.seconds[key] = seconds if old is None else self.memory * old + (1 - self.memory) * seconds
+        self.seconds[key] = moving_average(old, seconds, self.memory)
 
     def widths(self, group: frozenset) -> dict[int, float]:
         return {w: s for (g, w), s in self.seconds.items() if g == group}

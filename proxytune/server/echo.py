@@ -11,7 +11,7 @@ from ..engine import scoring
 from ..engine.scoring import ScoreItem
 from .openai_format import TokenLogprob
 
-CHUNK = 128  # positions per step: 128 x vocabulary x 4 bytes per role (25 MB at 49k tokens)
+CHUNK = 128  # the most positions per step: 128 x vocabulary x 4 bytes per role (25 MB at 49k tokens)
 
 
 class PromptScoring:
@@ -24,6 +24,7 @@ class PromptScoring:
         self.tuner, self.top = tuner, top
         self.results: list[list[TokenLogprob]] = []
         self.work = self._work(prompts, alphas)
+        self.started = False
 
     def _work(self, prompts, alphas):
         for prompt, prompt_alphas in zip(prompts, alphas):
@@ -32,13 +33,25 @@ class PromptScoring:
             positions = [TokenLogprob(t, None, None) for t in ids[:len(ids) - max(scored, 0)]]
             if scored >= 1:
                 item = ScoreItem(prompt, scored)
-                for part in scoring.score_in_chunks(self.tuner.sources["base"], self.tuner.pairs, item,
-                                                    prompt_alphas, self.top, CHUNK):
+                parts = scoring.score_in_chunks(self.tuner.sources["base"], self.tuner.pairs, item, prompt_alphas,
+                                                self.top, CHUNK)
+                size = None
+                while True:
+                    try:
+                        part = parts.send(size) if size else next(parts)
+                    except StopIteration:
+                        break
                     tops = part.top or [[] for _ in part.logprobs]
                     positions += [TokenLogprob(t, lp, tp) for t, lp, tp in zip(part.token_ids, part.logprobs, tops)]
-                    yield
+                    size = yield len(part.token_ids)
             self.results.append(positions)
 
-    def step(self) -> bool:
-        """Score the next chunk; True once every prompt is scored (then read `results`)."""
-        return next(self.work, StopIteration) is StopIteration
+    def step(self, size: int = CHUNK) -> int | None:
+        """Score the next chunk of at most `size` positions: how many were scored, or None once every prompt
+        is scored (then read `results`)."""
+        try:
+            return self.work.send(min(size, CHUNK)) if self.started else next(self.work)
+        except StopIteration:
+            return None
+        finally:
+            self.started = True

@@ -6,7 +6,9 @@ rows that finished leave, and rows whose client went away or whose deadline pass
 so they free their slot at the next step. A row's tokens do not depend on who shares its batch.
 
 Prompt scoring (`echo`) runs chunk by chunk between two decoding steps (echo.py), so streams keep
-flowing while a long prompt is scored; a scored job then waits for a decoding slot like any other.
+flowing while a long prompt is scored: while rows decode, a chunk is sized (doubled or halved as
+measured) to take at most about two decoding steps, so streams keep a third of the engine or more. A
+scored job then waits for a decoding slot like any other.
 
 Health: when a model stops answering (a decoding fails with SourceFailure) the server is *degraded*
 until a step succeeds again; while degraded, `/health` sends a one-token probe request now and then,
@@ -28,8 +30,9 @@ import logging
 import threading
 import time
 
+from ..engine.session import moving_average
 from .api_errors import APIError
-from .echo import PromptScoring
+from .echo import CHUNK, PromptScoring
 from .schemas import PromptRows
 
 log = logging.getLogger("proxytune.server")
@@ -83,6 +86,8 @@ class Scheduler:
         self.last_probe = 0.0
         self.probe_request = None  # built on first use: a one-token request over every role
         self.drain_deadline: float | None = None  # set on shutdown: running jobs end with an error after it
+        self.step_seconds: float | None = None  # a decoding step, as measured
+        self.score_size = 8  # prompt positions per scoring chunk while rows decode: adapted to take <= 2 steps
         self.thread = threading.Thread(target=self._loop, name="proxytune-engine", daemon=True)
 
     # --- the asyncio side --------------------------------------------------------------------------
@@ -211,14 +216,23 @@ class Scheduler:
                 self.counts["timed_out"] += 1
                 job.emit(("error", timeout_error()))
             return
+        sharing = self.decoding is not None and self.step_seconds is not None
+        size = self.score_size if sharing else CHUNK
+        start = time.perf_counter()
         try:
-            finished = job.scoring.step()
+            scored = job.scoring.step(size)
         except Exception as error:
             log.exception("prompt scoring failed")
             job.emit(("error", APIError(500, f"scoring the prompt failed: {type(error).__name__}: {error}",
                                         code="generation_failed")))
             return
-        if not finished:
+        if sharing:  # a chunk costs at most about two decoding steps: streams keep a third of the engine or more
+            elapsed, budget = time.perf_counter() - start, 2 * self.step_seconds
+            if elapsed < budget / 2:
+                self.score_size = min(CHUNK, 2 * self.score_size)
+            elif elapsed > budget:
+                self.score_size = max(1, self.score_size // 2)
+        if scored is not None:
             self.scoring.append(job)
             return
         job.emit(("prompt", job.scoring.results))
@@ -243,7 +257,9 @@ class Scheduler:
         self.running_jobs.append(job)
 
     def _step(self) -> None:
+        start = time.perf_counter()
         events = next(self.steps, None)
+        self.step_seconds = moving_average(self.step_seconds, time.perf_counter() - start)
         if events is None:  # every row finished and nobody joined
             self.decoding = self.steps = None
             return
