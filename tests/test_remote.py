@@ -438,3 +438,46 @@ def test_llama_remote_base_works_in_every_mode(llama_server, smollm2):
     assert all(1 <= len(x) <= 8 for x in plain + fast + joined)
     assert agreement([fast, joined]) >= 0.75, (plain, fast, joined)
     assert sum(len(s) for s in served) >= len(prompts)  # the server answered every request with text
+
+
+@needs_llama_server
+def test_llama_server_killed_under_proxytune_serve_is_reported_and_health_recovers():
+    """The issue-13 fault for real: a llama.cpp server as the remote base of a real `proxytune serve`, killed
+    mid-stream. The stream ends with an error event naming it, a request while it is down gets a 500 with the
+    reason (never 200 with empty text), /health says degraded, and comes back by itself once it is restarted."""
+    import json
+
+    import httpx
+    from tiny_server import ServerProcess
+
+    first = LlamaServer(smollm2_gguf()).start()
+    base = f"openai:{first.url}?tokenizer=smollm2-135m-instruct&top_k=20&tries=2&backoff=0.05"
+    local = "smollm2-135m-instruct"
+    serve = ServerProcess({"base": base, "expert": local, "anti_expert": local}).wait_ready(300)
+    body = {"prompt": "Once upon a time", "max_tokens": 60, "temperature": 0}
+    try:
+        lines = []
+        with httpx.stream("POST", serve.url + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+            for line in filter(None, r.iter_lines()):
+                lines.append(line)
+                if len(lines) == 4:
+                    first.stop()
+        error = json.loads(lines[-1][6:])["error"]
+        assert error["code"] == "generation_failed" and "base model at" in error["message"]
+        down = httpx.post(serve.url + "/v1/completions", json=body, timeout=120)
+        assert down.status_code == 500 and "base model at" in down.json()["error"]["message"]
+        assert httpx.get(serve.url + "/health").json()["status"] == "degraded"
+        second = LlamaServer(smollm2_gguf(), port=first.port).start()
+        try:
+            for _ in range(240):
+                if httpx.get(serve.url + "/health").status_code == 200:
+                    break
+                time.sleep(0.5)
+            assert httpx.get(serve.url + "/health").json()["status"] == "ok"
+            again = httpx.post(serve.url + "/v1/completions", json={**body, "max_tokens": 8}, timeout=120)
+            assert again.status_code == 200 and again.json()["choices"][0]["text"]
+        finally:
+            second.stop()
+    finally:
+        serve.stop()
+        first.stop()
