@@ -2,6 +2,8 @@
 that converts it, and that conversion reads tensors only (a pickle that would run code is refused)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -59,3 +61,25 @@ def test_the_conversion_never_runs_a_crafted_pickle(pickled, tmp_path, capsys):
     assert main(["models", "to-safetensors", str(path), str(tmp_path / "out")]) == 2
     assert "not a plain tensor file" in capsys.readouterr().err
     assert not os.path.exists("/tmp/proxytune-pwned")
+
+
+def test_a_sharded_pickled_checkpoint_converts_to_sharded_safetensors_that_load(pickled, tmp_path):
+    path, model = pickled
+    state = model.state_dict()
+    names = sorted(state)
+    (path / "pytorch_model.bin").unlink()
+    shards = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, keys in shards.items():
+        torch.save({k: state[k] for k in keys}, path / shard)
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: shard for shard, keys in shards.items() for k in keys}}))
+    target = tmp_path / "converted"
+    assert main(["models", "to-safetensors", str(path), str(target)]) == 0
+    assert sorted(p.name for p in target.glob("*.safetensors")) == ["model-00001-of-00002.safetensors",
+                                                                    "model-00002-of-00002.safetensors"]
+    tuner = ProxyTuner.from_pretrained(str(target), str(target), str(target), alpha=0.0)
+    ids = tuner.tokenizer("The quick brown fox")["input_ids"]
+    with torch.inference_mode():
+        want = model(torch.tensor([ids])).logits[0, -1].float()
+    assert torch.allclose(tuner.sources["base"].sequence_logits([ids])[0][-1], want[:len(tuner.tokenizer)], atol=1e-5)

@@ -5,6 +5,7 @@ anti-expert) is loaded once: that role runs the same weights with the adapter sw
 """
 from __future__ import annotations
 
+import json
 from typing import Sequence
 
 import torch
@@ -173,7 +174,7 @@ def to_safetensors(source, target) -> list[str]:
     if target.exists() and any(target.iterdir()):
         raise ProxyTuneError(f"{target} exists and is not empty: choose a new directory")
     target.mkdir(parents=True, exist_ok=True)
-    written = []
+    written, weight_map = [], {}
     for file in sorted(source.iterdir()):
         if file.suffix in PICKLE_SUFFIXES:
             try:
@@ -184,12 +185,16 @@ def to_safetensors(source, target) -> list[str]:
             state = state.get("state_dict", state) if isinstance(state, dict) else state
             if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
                 raise ProxyTuneError(f"{file} holds no mapping of names to tensors")
-            name = {"pytorch_model": "model", "adapter_model": "adapter_model"}.get(file.stem, file.stem)
-            out = target / f"{name}.safetensors"
+            out = target / f"{file.stem.replace('pytorch_model', 'model', 1)}.safetensors"  # shards keep their numbers
             save_file({k: v.contiguous() for k, v in state.items()}, str(out), metadata={"format": "pt"})
             written.append(out.name)
-        elif file.is_file() and not file.name.endswith(".index.json"):
+            weight_map.update(dict.fromkeys(state, out.name))
+        elif file.is_file() and not file.name.endswith(".bin.index.json"):  # the pickles' index is rewritten
             shutil.copy2(file, target / file.name)
     if not written:
         raise ProxyTuneError(f"{source} holds no pickle weights to convert")
+    if len(written) > 1:  # a sharded checkpoint: transformers finds the shards through this index
+        index = target / "model.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+        written.append(index.name)
     return written
