@@ -101,3 +101,14 @@ def test_requests_joining_a_running_batch_fail_alone_too(sources, tok):
     plain = tuner_with(sources, tok)
     for output, request in zip(outputs[:3], [batch[0], batch[1], batch[3]]):
         assert output.token_ids == decode(plain, [request])[0].token_ids
+
+
+def test_a_decoding_opened_over_no_rows_admits_added_requests_in_their_own_session(sources, tok):
+    """The session opened in __init__ serves only the rows it was opened over, never later additions."""
+    tuner = tuner_with(sources, tok)
+    batch = requests(tuner)
+    decoding = tuner.decoding([])
+    decoding.add(batch[:2])
+    for _ in decoding.steps():
+        pass
+    assert [o.token_ids for o in decoding.outputs()] == [decode(tuner, [r])[0].token_ids for r in batch[:2]]

@@ -9,10 +9,9 @@ CLI, the server and the evaluations all consume these steps.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Generator, Iterator, Sequence
-
-import logging
 
 import torch
 
@@ -129,17 +128,19 @@ class RowState:
                                 self.logprobs, self.details, self.error)
 
 
-def unusable_rows(logits: RoleLogits) -> dict[int, str]:
-    """Rows whose combined logits cannot be sampled from, with the reason: NaN or +inf anywhere, or no
-    finite value at all ([B, V] or [B, k, V]). −inf alone is fine: a token no model allows."""
-    def bad(z: torch.Tensor) -> torch.Tensor:
-        flat = z.reshape(z.shape[0], -1)
-        return flat.isnan().any(-1) | flat.isposinf().any(-1) | flat.isneginf().all(-1)
+def unsampleable(z: torch.Tensor) -> torch.Tensor:
+    """Per row of logits [B, V] or [B, k, V]: NaN or +inf anywhere, or no finite value at all. −inf alone
+    is fine: a token no model allows."""
+    flat = z.reshape(z.shape[0], -1)
+    return flat.isnan().any(-1) | flat.isposinf().any(-1) | flat.isneginf().all(-1)
 
-    rows = bad(logits.combined).nonzero().flatten().tolist()
+
+def unusable_rows(logits: RoleLogits) -> dict[int, str]:
+    """Rows whose combined logits cannot be sampled from (`unsampleable`), with the reason."""
+    rows = unsampleable(logits.combined).nonzero().flatten().tolist()
     if not rows:
         return {}
-    culprits = {role: bad(z) for role, z in logits.by_role().items()}
+    culprits = {role: unsampleable(z) for role, z in logits.by_role().items()}
     reasons = {}
     for row in rows:
         roles = [role for role, flags in culprits.items() if flags[row]]
@@ -177,8 +178,8 @@ class Decoding:
         self.times = StepTimes()
         self.session = open_session(base, pairs, requests, self.times)
         self.rows = [self._row(i, r) for i, r in enumerate(requests)]
-        self.joining: list[list[RowState]] = [list(self.rows)] if self.rows else []  # groups of rows to admit
-        self.started = False  # the first prefill has been tried
+        self.first_rows = list(self.rows)  # the rows `self.session` was opened over
+        self.joining: list[list[RowState]] = []  # groups of rows added since, to admit at the next step
         self.failed = False
 
     def _row(self, index: int, request: Request) -> RowState:
@@ -244,11 +245,9 @@ class Decoding:
     def steps(self) -> Iterator[list[Event]]:
         """Yields lists of Events, one per row that advanced; every row stops on its own."""
         rows: list[RowState] = []
-        admitting: list[RowState] = []
+        admitting = self.first_rows
         try:
-            if self.joining and not self.started:  # the first batch, in the session opened in __init__
-                self.started = True
-                admitting = self.joining.pop(0)
+            if admitting:  # the first batch, in the session opened in __init__
                 rows, events = self._admit(rows, [admitting], self.session)
                 admitting = []
                 yield events

@@ -23,7 +23,7 @@ import torch
 from ..backends.protocol import LogitSource
 from ..errors import ProxyTuneError
 from .roles import ExpertPair, Roles
-from .session import ProxySession, combine
+from .session import ProxySession, combine, role_sources
 
 
 @dataclass
@@ -113,14 +113,11 @@ def score_in_chunks(base: LogitSource, pairs: Sequence[ExpertPair], item: ScoreI
     """log p̃ of one item's scored tokens, one Score per `chunk` positions (concatenated, they are the
     item's Score; equal to `score` up to float rounding: cached == recomputed). `send(n)` instead of
     `next()` sets the next chunk's size (a caller sharing the models with decoding keeps chunks short)."""
-    roles = Roles(len(pairs))
-    sources = {"base": base}
-    for (expert, anti), pair in zip(roles.pairs, pairs):
-        sources[expert], sources[anti] = pair.expert, pair.anti_expert
-    check_items(roles, [item], {role: source.max_length for role, source in sources.items()})
-    contexts = {role: [item.sequences[role][:len(item.sequences[role]) - item.scored]] for role in roles}
-    targets = item.targets()
+    sources = role_sources(base, pairs)
+    check_items(Roles(len(pairs)), [item], {role: source.max_length for role, source in sources.items()})
+    contexts = {role: [ids[:len(ids) - item.scored]] for role, ids in item.sequences.items()}
     session = ProxySession(base, pairs, contexts, torch.tensor([list(alphas)], dtype=torch.float32))
+    targets = item.targets()
     logits = session.prefill().combined[:, None]  # [1, 1, V]: predicts targets[0]
     done = 0
     while True:

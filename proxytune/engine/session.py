@@ -78,6 +78,14 @@ def timed(function, *args, **kwargs) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
+def role_sources(base: LogitSource, pairs: Sequence[ExpertPair]) -> dict[str, LogitSource]:
+    """Role name -> source: "base", then each pair's expert and anti-expert roles."""
+    sources = {"base": base}
+    for (expert, anti), pair in zip(Roles(len(pairs)).pairs, pairs):
+        sources[expert], sources[anti] = pair.expert, pair.anti_expert
+    return sources
+
+
 class ProxySession:
     """Sessions of every role over one batch of rows; `prefill`/`advance` return the combined logits."""
 
@@ -86,9 +94,7 @@ class ProxySession:
         self.roles = Roles(len(pairs))
         self.alphas = alphas
         self.times = times if times is not None else StepTimes()
-        self.sources: dict[str, LogitSource] = {"base": base}
-        for (expert, anti), pair in zip(self.roles.pairs, pairs):
-            self.sources[expert], self.sources[anti] = pair.expert, pair.anti_expert
+        self.sources = role_sources(base, pairs)
         self.sessions: dict[tuple, Session] = {}
         self.session_of: dict[str, tuple] = {}
         self.stepped: dict[tuple, None] = {}  # sessions advanced since the last settle(), in order
@@ -125,9 +131,9 @@ class ProxySession:
         left its own state untouched), so the step can run again without those rows. Returns the sessions
         that cannot roll back (empty: the step is undone everywhere)."""
         keys, self.stepped = list(self.stepped), {}
-        cannot = [key for key in keys if not self.sessions[key].capabilities.rollback]
+        cannot = [self.label(key) for key in keys if not self.sessions[key].capabilities.rollback]
         if cannot:
-            return [f"{'/'.join(sorted(self.group(key)))} ({type(self.sessions[key]).__name__})" for key in cannot]
+            return cannot
         for key in keys:
             self.sessions[key].rewind([0] * len(self.alphas))
         return []
@@ -147,8 +153,11 @@ class ProxySession:
     def lacking(self, capability: str) -> list[str]:
         """The sessions that do not declare `capability` ("rollback" | "join" | "fork"), as
         "roles (session type)" for messages; empty when every session declares it."""
-        return [f"{'/'.join(sorted(self.group(key)))} ({type(s).__name__})" for key, s in self.sessions.items()
-                if not getattr(s.capabilities, capability)]
+        return [self.label(key) for key, s in self.sessions.items() if not getattr(s.capabilities, capability)]
+
+    def label(self, key: tuple) -> str:
+        """A session for messages: "roles (session type)"."""
+        return f"{'/'.join(sorted(self.group(key)))} ({type(self.sessions[key]).__name__})"
 
     def join(self, other: "ProxySession") -> None:
         """Append the rows of `other` (prefilled, same sources) to this batch: continuous batching.

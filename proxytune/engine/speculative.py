@@ -31,7 +31,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..errors import ProxyTuneError
-from .decoding import Decoding, Event, RowState, step_detail, unusable_rows
+from .decoding import Decoding, Event, RowState, step_detail, unsampleable, unusable_rows
 from .roles import ExpertPair
 from .sampling import SamplingParams, choose, next_token_probs
 from .session import RoleLogits, StepTimes
@@ -194,9 +194,10 @@ class SpeculativeDecoding(Decoding):
                randomness: list[PositionRandomness]) -> tuple[torch.Tensor, list]:
         """Draft j of every row from the expert's logits [B, V], and the warped q it came from."""
         tokens, q_probs = [], []
+        broken = unsampleable(expert_logits).tolist()
         for position, row in enumerate(rows):
             params = row.request.params
-            if not expert_logits[position].isfinite().any() or expert_logits[position].isnan().any():
+            if broken[position]:
                 tokens.append(0)  # nothing to draft from: verification finds the row unusable and ends it
                 q_probs.append(None)
             elif params.greedy:

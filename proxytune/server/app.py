@@ -132,10 +132,10 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                        DEFAULT_MAX_TOKENS[kind])
         rows = await run_in_threadpool(build, tuner, params, chat_roles)  # tokenizing never blocks the loop
         echo_top = params.top_logprobs if params.echo and params.logprobs else None
-        if echo_top is not None and sum(len(r.prompt_ids) for r in rows) > max_echo_tokens:
+        echo_tokens = sum(len(r.prompt_ids) for r in rows) if echo_top is not None else 0
+        if echo_tokens > max_echo_tokens:
             raise APIError(400, f"echo with logprobs scores at most {max_echo_tokens} prompt tokens per request, "
-                                f"these prompts have {sum(len(r.prompt_ids) for r in rows)}: split them over "
-                                f"several requests", "prompt")
+                                f"these prompts have {echo_tokens}: split them over several requests", "prompt")
         job = scheduler.submit(rows, echo_top, generates=params.max_tokens > 0)
         shape = Shape(kind, params.model)
         if params.stream:

@@ -24,34 +24,37 @@ class PromptScoring:
         self.tuner, self.top = tuner, top
         self.results: list[list[TokenLogprob]] = []
         self.work = self._work(prompts, alphas)
-        self.started = False
+        next(self.work)  # to its first `yield`: nothing is computed before the first step()
 
     def _work(self, prompts, alphas):
+        yield  # from here on every step() sends the size of the chunk it wants next
         for prompt, prompt_alphas in zip(prompts, alphas):
             ids = prompt["base"]
             scored = min(len(p) for p in prompt.values()) - 1
             positions = [TokenLogprob(t, None, None) for t in ids[:len(ids) - max(scored, 0)]]
             if scored >= 1:
-                item = ScoreItem(prompt, scored)
-                parts = scoring.score_in_chunks(self.tuner.sources["base"], self.tuner.pairs, item, prompt_alphas,
-                                                self.top, CHUNK)
-                size = None
-                while True:
-                    try:
-                        part = parts.send(size) if size else next(parts)
-                    except StopIteration:
-                        break
+                parts = scoring.score_in_chunks(self.tuner.sources["base"], self.tuner.pairs, ScoreItem(prompt, scored),
+                                                prompt_alphas, self.top, CHUNK)
+                part = next(parts)  # the context's prefill: the first scored position
+                while part is not None:
                     tops = part.top or [[] for _ in part.logprobs]
                     positions += [TokenLogprob(t, lp, tp) for t, lp, tp in zip(part.token_ids, part.logprobs, tops)]
                     size = yield len(part.token_ids)
+                    part = next_part(parts, size)
             self.results.append(positions)
 
     def step(self, size: int = CHUNK) -> int | None:
         """Score the next chunk of at most `size` positions: how many were scored, or None once every prompt
         is scored (then read `results`)."""
         try:
-            return self.work.send(min(size, CHUNK)) if self.started else next(self.work)
+            return self.work.send(min(size, CHUNK))
         except StopIteration:
             return None
-        finally:
-            self.started = True
+
+
+def next_part(parts, size: int):
+    """The next chunk of `size` positions from score_in_chunks, None when it is done."""
+    try:
+        return parts.send(size)
+    except StopIteration:
+        return None

@@ -311,9 +311,7 @@ class Scheduler:
         for job in waiting + list(self.scoring):
             job.emit(("error", error))
         self.scoring.clear()
-        if self.decoding is not None:
-            self.decoding.cancel(list(self.owner))
-        self._fail_running(error)
+        self._fail_running(error)  # the running decoding is dropped with its rows
 
     def _fail_running(self, error: APIError) -> None:
         for job in self.running_jobs:

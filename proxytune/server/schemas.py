@@ -168,10 +168,8 @@ def check_tree(body: dict) -> None:
                 raise bad_request(f"{field} holds text that is not valid Unicode ({error.reason} at character "
                                   f"{error.start}): send UTF-8 text", field) from None
         elif isinstance(value, dict):
-            for key, item in value.items():
-                if isinstance(key, str):
-                    stack.append((key, depth + 1, field))
-                stack.append((item, depth + 1, field))
+            for key, item in value.items():  # JSON keys are strings: checked as text too
+                stack += [(key, depth + 1, field), (item, depth + 1, field)]
         elif isinstance(value, list):
             stack.extend((item, depth + 1, field) for item in value)
 
