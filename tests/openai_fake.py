@@ -1,9 +1,15 @@
 """A small OpenAI-compatible completions server over a local transformers model, for tests.
 
 It behaves like llama.cpp's server where that matters (top-k keyed by detokenized text with
-special tokens as "", raw logprobs whatever the logit_bias, /extras/tokenize) with OpenAI's echo
-layout, and can be told to fail: answer `status` (with Retry-After) for a number of calls, or
-drop connections, from a given completion call on.
+special tokens as "", raw logprobs whatever the logit_bias, /extras/tokenize, generation that stops
+at a special token without reporting it, the sampled token added to its top-k entry) with OpenAI's
+echo layout. It continues a prompt by max_tokens tokens: greedy at temperature 0 (after logit_bias),
+else a seeded sample at that temperature from its top_k (0: all) — every position from its own
+forward over the whole prefix, so a long continuation sees exactly what one-token calls see.
+
+It can be told to fail: answer `status` (with Retry-After) for a number of calls, or drop connections,
+from a given completion call on; cap the logprobs per entry (`logprobs_cap`, as OpenAI's 5) or the
+entries per answer (`entries_cap`); steer its own continuation (`steer`: ids -> forced next id).
 """
 from __future__ import annotations
 
@@ -42,6 +48,11 @@ class FakeOpenAI:
         self.delay = 0.0  # seconds each completion takes, so that concurrent calls overlap
         self.in_flight = 0
         self.max_in_flight = 0
+        self.logprobs_cap: int | None = None
+        self.entries_cap: int | None = None
+        self.steer = None  # callable(ids) -> a token id the server's own continuation must take, or None
+        self.refuse_fields: set[str] = set()  # request fields answered 400 (as OpenAI does with unknown ones)
+        self.generated = 0  # tokens continued, all calls together
         self.lock = threading.Lock()
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True
@@ -70,28 +81,61 @@ class FakeOpenAI:
         entry[self.key(actual, as_ids)] = float(logprobs[actual])
         return entry
 
+    def next_logprobs(self, ids: list[int]) -> torch.Tensor:
+        with torch.inference_mode():
+            return torch.log_softmax(self.model(torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+
     def complete(self, body: dict) -> dict:
         prompt = body["prompt"]
         ids = list(prompt) if isinstance(prompt, list) else self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        with torch.inference_mode():
-            logits = self.model(torch.tensor([ids])).logits[0].float()
-        logprobs = torch.log_softmax(logits, dim=-1)
-        biased = logprobs[-1].clone()
-        for token_id, bias in (body.get("logit_bias") or {}).items():
-            biased[int(token_id)] += float(bias)
-        chosen = int(biased.argmax())
         k, as_ids = int(body.get("logprobs") or 0), bool(body.get("return_tokens_as_token_ids"))
-        entries, tokens = [], []
+        if self.logprobs_cap is not None:
+            k = min(k, self.logprobs_cap)
+        temperature = float(body.get("temperature", 1.0))
+        top_k = int(body.get("top_k") or 0)
+        generator = torch.Generator().manual_seed(int(body.get("seed") or 0))
+        bias = torch.zeros(len(self.tokenizer))
+        for token_id, value in (body.get("logit_bias") or {}).items():
+            bias[int(token_id)] += float(value)
+        entries, tokens, token_logprobs = [], [], []
         if body.get("echo"):
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(self.model(torch.tensor([ids])).logits[0].float(), dim=-1)
             for i, token_id in enumerate(ids):
                 tokens.append(self.key(token_id, as_ids))
                 entries.append(None if i == 0 else self.top(logprobs[i - 1], k, token_id, as_ids))
-        tokens.append(self.key(chosen, as_ids))
-        entries.append(self.top(logprobs[-1], k, chosen, as_ids))
-        text = self.tokenizer.decode([chosen], skip_special_tokens=True)
+                token_logprobs.append(None if i == 0 else float(logprobs[i - 1, token_id]))
+        generated, finish = [], "length"
+        special = set(self.tokenizer.all_special_ids)
+        for _ in range(max(1, int(body.get("max_tokens") or 1))):
+            logprobs = self.next_logprobs(ids + generated)
+            biased = logprobs + bias
+            if temperature == 0:
+                chosen = int(biased.argmax())
+            else:
+                z = biased / temperature
+                if top_k > 0:
+                    z = z.masked_fill(z < z.topk(top_k).values[-1], float("-inf"))
+                chosen = int(torch.multinomial(torch.softmax(z, -1), 1, generator=generator))
+            forced = self.steer(ids + generated) if self.steer else None
+            chosen = chosen if forced is None else forced
+            if chosen in special and not body.get("echo"):  # llama.cpp: an end of generation is not reported
+                finish = "stop"
+                break
+            tokens.append(self.key(chosen, as_ids))
+            entries.append(self.top(logprobs, k, chosen, as_ids))
+            token_logprobs.append(float(logprobs[chosen]))
+            generated.append(chosen)
+        with self.lock:
+            self.generated += len(generated)
+        if self.entries_cap is not None:
+            start = len(entries) - len(generated)
+            entries = entries[:start + self.entries_cap]
+        text = self.tokenizer.decode(generated, skip_special_tokens=True)
         return {"object": "text_completion", "model": "fake",
-                "choices": [{"index": 0, "text": text, "finish_reason": "length",
-                             "logprobs": {"tokens": tokens, "top_logprobs": entries}}]}
+                "choices": [{"index": 0, "text": text, "finish_reason": finish,
+                             "logprobs": {"tokens": tokens, "token_logprobs": token_logprobs,
+                                          "top_logprobs": entries}}]}
 
     def _handler(self):
         server = self
@@ -140,6 +184,10 @@ class FakeOpenAI:
                         return
                     headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
                     return self.answer(fault.status, {"error": {"message": "slow down", "type": "rate_limit"}}, headers)
+                unknown = sorted(server.refuse_fields & set(body))
+                if unknown:
+                    return self.answer(400, {"error": {"message": f"Unrecognized request argument supplied: {unknown[0]}",
+                                                       "type": "invalid_request_error"}})
                 if server.refuse and isinstance(body["prompt"], str) and server.refuse in body["prompt"]:
                     return self.answer(400, {"error": {"message": "the prompt exceeds the context", "type": "invalid"}})
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":

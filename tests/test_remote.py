@@ -102,14 +102,14 @@ def test_outside_the_top_k_is_minus_infinity(fake, tok):
 
 
 def test_remote_base_proxy_equals_local_proxy_and_costs_one_call_per_token(fake, tok, trio):
-    source = remote(fake, tok, "&top_k=320&token_ids=1&send_ids=1")
+    source = remote(fake, tok, "&top_k=320&token_ids=1&send_ids=1&chunk=0")  # plain: one call per token
     through_server = ProxyTuner(source, trio[1], trio[2], tokenizer=tok, alpha=1.0)
     local = ProxyTuner(trio[0], trio[1], trio[2], tokenizer=tok, alpha=1.0)
     got = through_server.generate(PROMPTS, max_new_tokens=12)
     want = local.generate(PROMPTS, max_new_tokens=12)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
     steps = sum(len(o.token_ids) + (o.finish_reason == "stop") for o in got)
-    assert source.stats.calls == source.stats.distributions == steps
+    assert source.stats.calls == source.stats.distributions == source.stats.tokens == steps
     assert all(isinstance(p["prompt"], list) for p in fake.payloads)  # send_ids: ids, never text
 
 
@@ -260,7 +260,7 @@ def test_choose_verb_prints_the_options_and_marks_the_pick(fake, tok, trio, tmp_
     assert main(common + ["--option", " fox", "--option", " dog", "The quick brown"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 2 and sum(line.startswith("*") for line in out.splitlines()) == 1
-    assert "(1.00 per token)" in err
+    assert "base: 3 calls for" in err  # the prompt once, then each option's second token
     assert main(common + ["--option", " fox", "The quick brown"]) == 2
     assert capsys.readouterr().err.strip() == "proxytune choose: error: give at least two options (a list of strings)"
 
@@ -325,7 +325,7 @@ def test_llama_alpha_zero_reproduces_the_servers_own_greedy_completion(llama_ser
             assert top[own["logprobs"]["tokens"][step]] - top.get(texts[step], float("-inf")) < 0.1
         else:
             assert ours.finish_reason == own["finish_reason"]
-    assert source.stats.calls == source.stats.distributions  # one call per generated token
+    assert source.stats.calls < source.stats.tokens / 2  # the server drafts: several tokens per call
 
 
 @needs_llama_server
@@ -382,7 +382,7 @@ def test_llama_server_killed_mid_generation_keeps_the_text_so_far(smollm2):
     finally:
         server.stop()
     output = decoding.outputs()[0]
-    assert output.finish_reason == "error" and len(output.token_ids) == 5 and output.text
+    assert output.finish_reason == "error" and len(output.token_ids) >= 5 and output.text  # the steps' tokens kept
     assert output.error.startswith(f"base model at {server.url}/completions failed after 2 tries (ConnectError")
 
 

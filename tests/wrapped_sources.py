@@ -112,3 +112,53 @@ class Poisoned:
 
     def sequence_logits(self, sequences):
         return self.inner.sequence_logits(sequences)
+
+
+class Scripted:
+    """A source that wants a script: its logits are the inner model's plus `push` on script[i] when it
+    predicts generated token i (past the script, the inner model's own). Rolls back like the inner one."""
+
+    max_length = None
+
+    def __init__(self, inner, script: list[int], push: float = 40.0, name: str = "scripted"):
+        self.inner, self.name, self.vocab_size = inner, name, inner.vocab_size
+        self.script, self.push = script, push
+
+    def open(self, prompts):
+        session, source = self.inner.open(prompts), self
+
+        class Session:
+            capabilities = Capabilities(rollback=True, join=False, fork=False)
+
+            def __init__(self):
+                self.counts, self.span = [0] * len(prompts), 0  # tokens appended per row; the open span's width
+
+            def _pushed(self, out, first):
+                out = out.clone()
+                for row, count in enumerate(self.counts):
+                    for j in range(out.shape[1]):
+                        if first + count + j < len(source.script):
+                            out[row, j, source.script[first + count + j]] += source.push
+                return out
+
+            def prefill(self):
+                return self._pushed(session.prefill()[:, None], 0)[:, 0]
+
+            def advance(self, tokens, extend=False):
+                out = self._pushed(session.advance(tokens, extend=extend), 1)
+                self.counts = [c + tokens.shape[1] for c in self.counts]
+                self.span = tokens.shape[1] + (self.span if extend else 0)
+                return out
+
+            def rewind(self, keep):
+                session.rewind(keep)
+                self.counts = [c - self.span + k for c, k in zip(self.counts, keep)]
+                self.span = 0
+
+            def select(self, rows):
+                session.select(rows)
+                self.counts = [self.counts[r] for r in rows]
+        return Session()
+
+    def sequence_logits(self, sequences):
+        return self.inner.sequence_logits(sequences)

@@ -6,7 +6,8 @@ knows which kind of source it is talking to; roles (base / expert / anti-expert)
 
 What a session can do beyond plain stepping is *declared* in its `capabilities`, never probed:
 the engine reads them to decide whether rows may join a running batch (continuous batching) and
-whether a source can draft for speculative decoding, and refuses up front what a session cannot do.
+whether a source can draft for speculative decoding, whether the base can draft its own continuation
+(chunked decoding of a remote base), and refuses up front what a session cannot do.
 
 Logits are float32 tensors on the CPU or the source's device, with exactly `vocab_size` columns
 (padded embedding rows already cut).
@@ -25,6 +26,23 @@ class Capabilities:
     rollback: bool = False  # advance(..., extend=True) spans several calls and one rewind() reaches back over all
     join: bool = False  # join(other): the rows of another prefilled session of the same source move in
     fork: bool = False  # fork(): an independent copy of the session (needed when a join splits shared roles)
+    draft: bool = False  # draft(): the model continues each row itself, several tokens in one call (a remote base)
+
+
+@dataclass
+class Draft:
+    """A drafting session's own continuation of each row, and its distribution before every drafted token.
+
+    Position j of a row holds the distribution that predicts tokens[:, j]; it is *usable* when it is
+    exactly what a one-token step after the same tokens would have returned. Positions past a row's
+    `usable` count (the server drafted fewer tokens, a drafted token has no exact local id, its text
+    would re-tokenise differently) carry no promise and must not be used.
+    """
+    fed: torch.Tensor  # [B, n]: what the session appended (the fed token, then drafts; 0 as padding): advance the others by it
+    tokens: torch.Tensor  # [B, n]: drafted ids, -1 where a drafted token has no local id or the row has no draft
+    logits: torch.Tensor  # [B, n, V]: row j predicts tokens[:, j]
+    usable: list[int]  # per row, leading positions that are exact (>= 1)
+    q: list[torch.Tensor | None]  # per row: [n, V] the distribution each draft was drawn from; None: the model's greedy choice
 
 
 @runtime_checkable
@@ -58,6 +76,15 @@ class Session(Protocol):
 
     def fork(self) -> "Session":
         """(capabilities.fork) An independent copy that can advance on its own."""
+
+    chunk: int | None  # (capabilities.draft) tokens per draft the session was configured with; None: the caller's choice
+
+    def draft(self, tokens: torch.Tensor, widths: Sequence[int], temperatures: Sequence[float],
+              seeds: Sequence[int]) -> Draft:
+        """(capabilities.draft) Append `tokens` [B, 1]; let the model continue row i by up to widths[i]
+        tokens of its own (temperature 0: its greedy choice; seeds make its sampling reproducible) and
+        return them with the distribution before each. The appended span is `Draft.fed`, of width
+        max(widths), so `rewind` keeps what the caller accepted (the fed token counts as one)."""
 
 
 @runtime_checkable

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..errors import ProxyTuneError
 
@@ -48,3 +49,17 @@ def load_tuner(args: argparse.Namespace):
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
                                       device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
                                       threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None))
+
+
+def remote_usage(tuner) -> list[str]:
+    """One line per role behind an OpenAI-compatible server: calls, tokens, bytes, wall time (RemoteStats)."""
+    if "proxytune.backends.remote.source" not in sys.modules:  # no openai: spec was loaded
+        return []
+    from ..backends.remote.source import RemoteSource
+
+    seen, lines = set(), []
+    for role, source in tuner.sources.items():
+        if isinstance(source, RemoteSource) and id(source) not in seen:
+            seen.add(id(source))
+            lines.append(source.stats.summary(role))
+    return lines

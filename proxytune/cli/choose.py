@@ -7,7 +7,7 @@ import json
 import sys
 
 from ..errors import ProxyTuneError
-from ._models import add_model_options, load_tuner
+from ._models import add_model_options, load_tuner, remote_usage
 from .generate import read_prompt
 
 
@@ -45,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
         for index, (option, score, prob) in enumerate(zip(options, choice.scores, choice.probs)):
             marker = "*" if index == choice.index else " "
             print(f"{marker} {prob:6.1%}  {score:9.3f}  {option!r}")
-    for role, source in tuner.sources.items():
-        if hasattr(source, "stats"):
-            print(source.stats.summary(role), file=sys.stderr)
+    for line in remote_usage(tuner):
+        print(line, file=sys.stderr)
     if choice.index is None:
         raise ProxyTuneError("no option is possible: none is among the remote base's top-k tokens "
                              "(raise top_k= in its openai: spec)")

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from ..errors import ProxyTuneError
-from ._models import add_model_options, load_tuner
+from ._models import add_model_options, load_tuner, remote_usage
 
 
 def register(subparsers) -> None:
@@ -26,7 +27,11 @@ def register(subparsers) -> None:
     parser.add_argument("--compare", action="store_true", help="also print base alone and expert alone")
     parser.add_argument("--speculative", action="store_true",
                         help="exact speculative decoding: the expert drafts, base and anti-expert verify a whole "
-                             "draft per forward (same output, fewer large-model steps)")
+                             "draft per forward (same output, fewer large-model steps); a remote base always "
+                             "drafts its own continuation instead (see its spec's chunk=)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="after the text, one line on standard error: tokens, wall time per token, and for "
+                             "each remote role its calls, tokens per call and bytes per token")
     parser.set_defaults(func=run)
 
 
@@ -48,9 +53,18 @@ def run(args: argparse.Namespace) -> int:
     else:
         request = tuner.request(prompt, **options)
     if not args.compare:
-        for delta in tuner.stream_request(request, speculative=args.speculative):
-            print(delta, end="", flush=True)
+        start = time.perf_counter()
+        tokens = 0
+        for event in tuner.stream_events(request, speculative=args.speculative):
+            tokens += event.token_id is not None
+            print(event.delta, end="", flush=True)
         print()
+        if args.verbose:
+            seconds = time.perf_counter() - start
+            print(f"proxy: {tokens} tokens in {seconds:.2f} s ({1000 * seconds / max(1, tokens):.0f} ms per token)",
+                  file=sys.stderr)
+            for line in remote_usage(tuner):
+                print(line, file=sys.stderr)
         return 0
     from ..facade.compare import compare_roles
 

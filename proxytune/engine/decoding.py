@@ -172,11 +172,11 @@ class Decoding:
     """
 
     def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], requests: Sequence[Request], tokenizer,
-                 eos_ids: set[int]):
+                 eos_ids: set[int], session: ProxySession | None = None):
         self.base, self.pairs = base, list(pairs)
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
-        self.times = StepTimes()
-        self.session = open_session(base, pairs, requests, self.times)
+        self.session = session or open_session(base, pairs, requests)  # `session`: opened over these requests
+        self.times = self.session.times
         self.rows = [self._row(i, r) for i, r in enumerate(requests)]
         self.first_rows = list(self.rows)  # the rows `self.session` was opened over
         self.joining: list[list[RowState]] = []  # groups of rows added since, to admit at the next step

@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-from ..backends.protocol import LogitSource, Session
+from ..backends.protocol import Draft, LogitSource, Session
 from ..errors import ProxyTuneError
 from .combine import combined_logits
 from .roles import ExpertPair, Roles
@@ -121,6 +121,24 @@ class ProxySession:
         self.stepped[key] = None
         self.times.record(self.group(key), tokens.shape[1], seconds)
         return out
+
+    @property
+    def base_session(self) -> Session:
+        return self.sessions[self.session_of["base"]]
+
+    @property
+    def base_drafts(self) -> bool:
+        """Whether the base's session declares `draft` (it can continue rows itself: a remote base)."""
+        return self.base_session.capabilities.draft
+
+    def draft_session(self, key: tuple, tokens: torch.Tensor, widths: Sequence[int], temperatures: Sequence[float],
+                      seeds: Sequence[int]) -> Draft:
+        """One drafting session's draft (see Session.draft), timed like an advance of its width."""
+        start = time.perf_counter()
+        draft = self.sessions[key].draft(tokens, widths, temperatures, seeds)
+        self.stepped[key] = None
+        self.times.record(self.group(key), draft.fed.shape[1], time.perf_counter() - start)
+        return draft
 
     def settle(self) -> None:
         """The step went through for every session: nothing of it is to be undone any more."""

@@ -140,42 +140,30 @@ def verify_row(p_logits: torch.Tensor, drafts: Sequence[int], q_probs: Sequence[
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=randomness(len(drafts), RESAMPLE)))
 
 
-class SpeculativeDecoding(Decoding):
-    """`Decoding` whose rounds draft with the expert and verify with the other roles; same events, same outputs.
+class DraftedDecoding(Decoding):
+    """What every draft-and-verify round shares: k from `DraftLength`, the caps on a draft, the counts,
+    and recording several verified tokens per row as one event list per position (so streams show
+    tokens as soon as they are verified, and a row stopping inside a draft stops there)."""
 
-    draft_length: a fixed k, or None to adapt k to the acceptance rate and the measured costs.
-    """
+    mode = "drafted"
 
     def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], requests, tokenizer, eos_ids: set[int],
-                 draft_length: int | None = None):
+                 draft_length: int | None = None, session=None, lengths: DraftLength | None = None):
         if draft_length is not None and (isinstance(draft_length, bool) or not isinstance(draft_length, int)
                                          or draft_length < 1):
             raise ProxyTuneError(f"draft_length must be an integer >= 1 (or None: adaptive), got {draft_length!r}")
-        super().__init__(base, pairs, requests, tokenizer, eos_ids)
+        super().__init__(base, pairs, requests, tokenizer, eos_ids, session=session)
         cannot = self.session.lacking("rollback")
         if cannot:
-            raise ProxyTuneError(f"speculative decoding needs every role's session to roll back a multi-token draft; "
+            raise ProxyTuneError(f"{self.mode} decoding needs every role's session to roll back a multi-token draft; "
                                  f"{', '.join(cannot)} cannot: decode without speculative=True")
-        self.draft_length = DraftLength(fixed=draft_length)
+        self.draft_length = lengths or DraftLength(fixed=draft_length)
         self.rounds = self.drafted = self.accepted_total = 0
 
     @property
     def acceptance_rate(self) -> float:
         """Share of drafted tokens the proxy accepted so far (0 when nothing was drafted)."""
         return self.accepted_total / self.drafted if self.drafted else 0.0
-
-    def _measure(self) -> None:
-        """Feed the measured step times to the draft-length choice once every session has been timed."""
-        times: StepTimes = self.times
-        drafter = self.session.group(self.session.session_of["expert"])
-        draft = times.widths(drafter).get(1)
-        verifiers = [self.session.group(key) for key in self.session.sessions
-                     if key != self.session.session_of["expert"]]
-        measured = [times.widths(group) for group in verifiers]
-        if draft is None or not all(measured):
-            return
-        costs = [linear_cost(widths, self.draft_length.verify_growth) for widths in measured]
-        self.draft_length.measured(draft, lambda w: sum(cost(w) for cost in costs))
 
     def _cap(self, rows: list[RowState]) -> int:
         """The most drafts worth making: no row can use more than its remaining budget, and no row's
@@ -189,6 +177,55 @@ class SpeculativeDecoding(Decoding):
         rooms = [s.max_length - len(row.request.prompts[role]) for role, s in self.session.sources.items()
                  if s.max_length]
         return min(rooms) if rooms else math.inf
+
+    def _count(self, chosen: list[list[int]], tried: list[int]) -> None:
+        """Feed the round's outcome to the draft length: row i tested tried[i] drafts and kept len(chosen[i]) - 1."""
+        accepted = sum(max(len(c) - 1, 0) for c in chosen)
+        rejected = sum(0 <= len(c) - 1 < t for c, t in zip(chosen, tried))
+        if any(tried):
+            self.draft_length.update(accepted, rejected)
+        self.rounds += 1
+        self.drafted += sum(tried)
+        self.accepted_total += accepted
+
+    def _record(self, rows: list[RowState], logits: RoleLogits, chosen: list[list[int]]) -> Iterator[list[Event]]:
+        logprobs = torch.log_softmax(logits.combined.float(), dim=-1)
+        for j in range(max(map(len, chosen))):
+            events = []
+            for position, row in enumerate(rows):
+                if j >= len(chosen[position]) or row.finish_reason is not None:
+                    continue
+                token = chosen[position][j]
+                try:
+                    detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
+                              if row.request.details else None)
+                    events.append(row.record(token, float(logprobs[position, j, token]), detail))
+                except Exception as error:
+                    events.append(row.crashed(error))
+            if events:
+                yield events
+
+
+class SpeculativeDecoding(DraftedDecoding):
+    """`Decoding` whose rounds draft with the expert and verify with the other roles; same events, same outputs.
+
+    draft_length: a fixed k, or None to adapt k to the acceptance rate and the measured costs.
+    """
+
+    mode = "speculative"
+
+    def _measure(self) -> None:
+        """Feed the measured step times to the draft-length choice once every session has been timed."""
+        times: StepTimes = self.times
+        drafter = self.session.group(self.session.session_of["expert"])
+        draft = times.widths(drafter).get(1)
+        verifiers = [self.session.group(key) for key in self.session.sessions
+                     if key != self.session.session_of["expert"]]
+        measured = [times.widths(group) for group in verifiers]
+        if draft is None or not all(measured):
+            return
+        costs = [linear_cost(widths, self.draft_length.verify_growth) for widths in measured]
+        self.draft_length.measured(draft, lambda w: sum(cost(w) for cost in costs))
 
     def _draft(self, rows: list[RowState], expert_logits: torch.Tensor, j: int,
                randomness: list[PositionRandomness]) -> tuple[torch.Tensor, list]:
@@ -246,31 +283,8 @@ class SpeculativeDecoding(Decoding):
             except Exception as error:
                 failures.append(row.crashed(error))
                 chosen.append([])
-        accepted = sum(max(len(c) - 1, 0) for c in chosen)
-        rejected = sum(0 <= len(c) - 1 < k for c in chosen)
-        if k:
-            self.draft_length.update(accepted, rejected)
-        self.rounds += 1
-        self.drafted += k * len(rows)
-        self.accepted_total += accepted
+        self._count(chosen, [k] * len(rows))
         self.session.rewind([max(len(c), 1) for c in chosen])  # t and the accepted drafts stay; the new token next
         if failures:
             yield failures
         yield from self._record(rows, logits, chosen)
-
-    def _record(self, rows: list[RowState], logits: RoleLogits, chosen: list[list[int]]) -> Iterator[list[Event]]:
-        logprobs = torch.log_softmax(logits.combined.float(), dim=-1)
-        for j in range(max(map(len, chosen))):
-            events = []
-            for position, row in enumerate(rows):
-                if j >= len(chosen[position]) or row.finish_reason is not None:
-                    continue
-                token = chosen[position][j]
-                try:
-                    detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
-                              if row.request.details else None)
-                    events.append(row.record(token, float(logprobs[position, j, token]), detail))
-                except Exception as error:
-                    events.append(row.crashed(error))
-            if events:
-                yield events

@@ -5,6 +5,7 @@ import dataclasses
 from typing import Iterator, TextIO
 
 from ..engine.decoding import Decoding, Request
+from ..engine.modes import start_decoding
 from ..engine.roles import ExpertPair
 
 
@@ -19,7 +20,7 @@ def solo_decoding(tuner, role: str, requests: list[Request]) -> Decoding:
     (shared sessions, so it runs once). `requests` come from `role_alone`."""
     source = tuner.sources[role]
     solo = ExpertPair(source, source, 0.0)
-    return Decoding(source, [solo] * len(tuner.pairs), requests, tuner.tokenizer, tuner.eos_token_ids)
+    return start_decoding(source, [solo] * len(tuner.pairs), requests, tuner.tokenizer, tuner.eos_token_ids)
 
 
 def generate_as(tuner, request: Request, role: str | None) -> str:

@@ -6,7 +6,7 @@ from typing import Iterator, Sequence
 
 from ..backends.protocol import LogitSource
 from ..engine import scoring
-from ..engine.decoding import Decoding, GenerationOutput, Request
+from ..engine.decoding import Decoding, Event, GenerationOutput, Request
 from ..engine.prompts import ALL_ROLES, chat_prompt_ids, validate_messages
 from ..engine.roles import Roles, pairs_of
 from ..engine.sampling import SamplingParams
@@ -199,11 +199,13 @@ class ProxyTuner:
 
     def decoding(self, requests: Sequence[Request], speculative: bool = False) -> Decoding:
         """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`.
-        speculative=True: the expert drafts and the base verifies several tokens per forward (same output)."""
-        if speculative:
-            from ..engine.speculative import SpeculativeDecoding
-            return SpeculativeDecoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
-        return Decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids)
+        speculative=True: the expert drafts and the base verifies several tokens per forward (same output).
+        A remote base always drafts its own continuation instead, several tokens per call (same output;
+        its spec's chunk=0 turns this off)."""
+        from ..engine.modes import start_decoding
+
+        return start_decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids,
+                              speculative=speculative)
 
     def _requests(self, prompts, seed, **kwargs) -> list[Request]:
         if isinstance(prompts, str):
@@ -235,10 +237,15 @@ class ProxyTuner:
         yield from self.stream_request(self.request(prompt, **kwargs), speculative=speculative)
 
     def stream_request(self, request: Request, speculative: bool = False) -> Iterator[str]:
+        for event in self.stream_events(request, speculative=speculative):
+            if event.delta:
+                yield event.delta
+
+    def stream_events(self, request: Request, speculative: bool = False) -> Iterator[Event]:
+        """The row's events as its tokens are decided; raises SourceFailure after the text so far."""
         for events in self.decoding([request], speculative=speculative).steps():
             for event in events:
-                if event.delta:
-                    yield event.delta
+                yield event
                 if event.error:  # the text so far is out; now say why it ends here
                     raise SourceFailure(event.error)
 

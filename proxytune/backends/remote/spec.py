@@ -29,7 +29,14 @@ OPTION_HELP = {
     "max_backoff": "longest single wait, Retry-After included (default 20)",
     "context": "context length in tokens (default: max_model_len from /v1/models when given)",
     "concurrency": "rows of a batch in flight at once (default 8)",
-    "echo": "1: score drafted tokens with one echo call (servers with prompt logprobs; default 0)",
+    "chunk": "tokens the base drafts per call when it is the base: auto (adapts to the acceptance and the "
+             "measured costs; default), N (at most N), 0 (one call per token, no drafting)",
+    "sample_drafts": "1: sampling rows draft by the server's own sampling (temperature, top_k = top_k), exact only "
+                     "with token_ids=1; default 0: the server's greedy tokens are the drafts (exact on any server)",
+    "sampler_fields": "1: with sample_drafts, also send llama.cpp/vLLM fields that switch their other samplers off "
+                      "(min_p 0, repeat_penalty 1; default 1); 0 for servers that refuse fields beyond OpenAI's",
+    "echo": "1: score a sequence's tokens with one echo call (servers with prompt logprobs: scoring, multi-token "
+            "options, the server's echo; default 0: one call per scored token)",
     "send_ids": "1: send token ids instead of text (vLLM, OpenAI; no re-tokenisation at all; default 0)",
     "token_ids": "1: ask for 'token_id:N' keys (vLLM return_tokens_as_token_ids; default 0)",
     "hold_eos": "1: logit_bias −100 on special tokens so the server never stops and every step "
@@ -55,6 +62,9 @@ class RemoteOptions:
     max_backoff: float = 20.0
     context: int | None = None
     concurrency: int = 8
+    chunk: str = "auto"
+    sample_drafts: bool = False
+    sampler_fields: bool = True
     echo: bool = False
     send_ids: bool = False
     token_ids: bool = False
@@ -63,6 +73,11 @@ class RemoteOptions:
     eos_rank: int = 3
     drift: str = "warn"
     verify: bool = True
+
+    @property
+    def chunk_limit(self) -> int | None:
+        """The most tokens one call drafts: None = adaptive, 0 = no drafting."""
+        return None if self.chunk == "auto" else int(self.chunk)
 
     @property
     def policy(self):
@@ -130,6 +145,13 @@ def parse_spec(spec: str) -> RemoteOptions:
         raise ProxyTuneError("openai spec option empty= must be eos or drop")
     if values.get("drift", "warn") not in ("warn", "error", "off"):
         raise ProxyTuneError("openai spec option drift= must be warn, error or off")
+    chunk = values.get("chunk", "auto")
+    if chunk != "auto" and not (chunk.isdigit() and int(chunk) <= 64):
+        raise ProxyTuneError(f"openai spec option chunk= must be auto, 0 (no drafting) or a number of tokens up to 64, "
+                             f"got {chunk!r}")
+    if values.get("sample_drafts") and not values.get("token_ids"):
+        raise ProxyTuneError("openai spec option sample_drafts=1 needs token_ids=1: a sampled draft is exact only when "
+                             "the server names every token by its id (vLLM return_tokens_as_token_ids)")
     for name in ("top_k", "tries", "concurrency"):
         if values.get(name, 1) < 1:
             raise ProxyTuneError(f"openai spec option {name}= must be >= 1")

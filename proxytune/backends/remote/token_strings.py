@@ -44,6 +44,7 @@ class TokenStrings:
     ids_by_text: dict[str, int]
     special_texts: dict[str, int]
     eos_id: int | None
+    shared: frozenset[str] = frozenset()  # texts several ids show (and ""): a key that cannot name one token
 
     @classmethod
     def build(cls, tokenizer, vocab_size: int) -> "TokenStrings":
@@ -59,7 +60,8 @@ class TokenStrings:
             else:
                 ids_by_text[text] = ids[0]
         special = {tokenizer.convert_ids_to_tokens(i): i for i in tokenizer.all_special_ids if i < vocab_size}
-        return cls(texts, ids_by_text, special, tokenizer.eos_token_id)
+        shared = frozenset(text for text, ids in groups.items() if len(ids) > 1) | {""}
+        return cls(texts, ids_by_text, special, tokenizer.eos_token_id, shared)
 
     def to_id(self, key: str, empty_is_eos: bool) -> int | None:
         if key.startswith(TOKEN_ID_PREFIX):
@@ -70,6 +72,14 @@ class TokenStrings:
             return self.special_texts[key]
         return self.ids_by_text.get(key)
 
+    def exact_id(self, key: str) -> int | None:
+        """The id of the one token this key can stand for (a "token_id:N" key, or a text only one id
+        shows), else None: what the server really produced under this key is then unknown."""
+        if key.startswith(TOKEN_ID_PREFIX):
+            return int(key[len(TOKEN_ID_PREFIX):])
+        if key in self.shared or key in self.special_texts:
+            return None
+        return self.ids_by_text.get(key)
 
 
 @dataclass

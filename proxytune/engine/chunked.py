@@ -1,0 +1,110 @@
+"""Chunked decoding: the base drafts its own continuation, the local pair verifies it.
+
+A base behind an API costs one call per token in plain decoding. Here a base whose session declares
+`draft` (a remote base) continues every row by up to n tokens of its own in one call and returns the
+distribution before each; the expert and anti-expert score the same n positions in one forward each.
+The base's distribution at position j is exact (what a one-token call after the same tokens returns:
+the session promises this for `Draft.usable` positions), so the proxy distribution p̃ is known at every
+position, and per row:
+
+* greedy: accept the base's tokens while argmax p̃ equals them; at the first difference take argmax p̃
+  and start the next chunk there;
+* sampling: speculative acceptance (Leviathan et al. 2023) with q = the distribution the draft was drawn
+  from: the server's own sampling distribution (sample_drafts) or, for greedy drafts, a point mass on
+  the drafted token (accept it with probability p̃(d), else sample p̃ without d). Either way every
+  position is an exact draw from p̃, so the output distribution is that of plain decoding.
+
+A position past the usable ones is decided in a later round from a fresh call, so nothing inexact is
+ever used. Every position is decided by the rule `verify_row` applies in speculative decoding, its
+random draws keyed by (row seed, output position): greedy drafts make a seeded row's tokens independent
+of n and of its batch-mates. n follows `DraftLength` with the measured cost of a round (the base's call
+for n tokens plus the pair's forwards of n tokens).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from .decoding import Event, RowState, unusable_rows
+from .speculative import DraftedDecoding, DraftLength, PositionRandomness, linear_cost, verify_row
+
+SEED_RANGE = 2 ** 31  # servers take 32-bit seeds (llama.cpp), some signed
+
+
+def draft_distributions(given: torch.Tensor | None, tokens: list[int], vocab: int) -> list[torch.Tensor]:
+    """q for each draft: the distribution the session says it drew the draft from, or, for its greedy
+    drafts, a point mass on each (the base's deterministic choice after that prefix)."""
+    if given is not None:
+        return list(given[:len(tokens)])
+    q = torch.zeros(len(tokens), vocab)
+    q[torch.arange(len(tokens)), torch.tensor(tokens, dtype=torch.long)] = 1.0
+    return list(q)
+
+
+class ChunkedDecoding(DraftedDecoding):
+    """`Decoding` whose rounds let the base draft up to n tokens per row in one call; same outputs as plain.
+
+    draft_length: this many tokens per call (None: the base session's own `chunk`, else adaptive)."""
+
+    mode = "chunked"
+
+    def __init__(self, base, pairs, requests, tokenizer, eos_ids, draft_length: int | None = None, session=None):
+        lengths = DraftLength(draft_cost=0.0, verify_growth=0.1, maximum=15,
+                              fixed=None if draft_length is None else draft_length - 1)
+        super().__init__(base, pairs, requests, tokenizer, eos_ids, draft_length, session, lengths)
+        if draft_length is None and self.session.base_session.chunk:  # the base was configured with a length
+            self.draft_length.fixed = self.session.base_session.chunk - 1
+
+    def _measure(self) -> None:
+        """A round costs the base's call for n tokens and the other sessions' forwards of n tokens."""
+        measured = [self.times.widths(self.session.group(key)) for key in self.session.sessions]
+        if not all(measured):
+            return
+        costs = [linear_cost(widths, self.draft_length.verify_growth) for widths in measured]
+        self.draft_length.measured(0.0, lambda w: sum(cost(w) for cost in costs))
+
+    def round(self, rows: list[RowState]) -> Iterator[list[Event]]:
+        self._measure()
+        n = 1 + min(self.draft_length.next(), self._cap(rows))
+        widths = [max(1, min(n, row.budget - len(row.tracker.token_ids))) for row in rows]
+        starts = [len(row.tracker.token_ids) for row in rows]
+        seeds = [(row.seed * 1_000_003 + start) % SEED_RANGE for row, start in zip(rows, starts)]
+        last = torch.tensor([[row.tracker.token_ids[-1]] for row in rows], dtype=torch.long)
+        base_key = self.session.session_of["base"]
+        draft = self.session.draft_session(base_key, last, widths,
+                                           [row.request.params.temperature for row in rows], seeds)
+        outputs = {base_key: draft.logits}
+        for key in self.session.sessions:
+            if key != base_key:
+                outputs[key] = self.session.advance_session(key, draft.fed)
+        logits = self.session.collect(outputs)  # p̃ at every drafted position, [B, n, V]
+
+        chosen: list[list[int]] = []  # [] for a row that failed: it leaves at the next step
+        tried: list[int] = []
+        failures: list[Event] = []
+        for position, (row, start) in enumerate(zip(rows, starts)):
+            usable = draft.usable[position]
+            tried.append(usable - 1)
+            unusable = unusable_rows(logits.map(lambda z: z[position:position + 1, :usable]))
+            if unusable:
+                failures.append(row.fail(unusable[0]))
+                chosen.append([])
+                continue
+            drafts = draft.tokens[position, :usable].tolist()
+            if drafts[-1] < 0:  # the last usable position has no draft of its own: decided afresh
+                drafts = drafts[:-1]
+            params = row.request.params
+            q = None if params.greedy else draft_distributions(draft.q[position], drafts, logits.combined.shape[-1])
+            try:
+                accepted, token = verify_row(logits.combined[position, :usable], drafts, q, params,
+                                             PositionRandomness(row.seed, start))
+                chosen.append(drafts[:accepted] + [token])
+            except Exception as error:
+                failures.append(row.crashed(error))
+                chosen.append([])
+        self._count(chosen, tried)
+        self.session.rewind([max(len(c), 1) for c in chosen])  # the fed token and the accepted drafts stay
+        if failures:
+            yield failures
+        yield from self._record(rows, logits, chosen)
