@@ -51,6 +51,7 @@ class FakeOpenAI:
         self.logprobs_cap: int | None = None
         self.entries_cap: int | None = None
         self.steer = None  # callable(ids) -> a token id the server's own continuation must take, or None
+        self.chat_only = False  # only /v1/chat/completions (as many hosted models): completions answer 404
         self.refuse_fields: set[str] = set()  # request fields answered 400 (as OpenAI does with unknown ones)
         self.generated = 0  # tokens continued, all calls together
         self.lock = threading.Lock()
@@ -137,6 +138,22 @@ class FakeOpenAI:
                              "logprobs": {"tokens": tokens, "token_logprobs": token_logprobs,
                                           "top_logprobs": entries}}]}
 
+    def chat(self, body: dict) -> dict:
+        """A chat completion: the conversation rendered with the tokenizer's template, then continued; the
+        logprobs in the chat layout (a list of {token, logprob} per reply token, best first)."""
+        ids = self.tokenizer.apply_chat_template(body["messages"], tokenize=True, add_generation_prompt=True,
+                                                 return_dict=False)
+        choice = self.complete({**body, "prompt": list(ids), "logprobs": body.get("top_logprobs") or 0})["choices"][0]
+        content = [{"token": token, "logprob": logprob, "bytes": None,
+                    "top_logprobs": [{"token": t, "logprob": v, "bytes": None}
+                                     for t, v in sorted(top.items(), key=lambda item: -item[1])]}
+                   for token, logprob, top in zip(choice["logprobs"]["tokens"], choice["logprobs"]["token_logprobs"],
+                                                  choice["logprobs"]["top_logprobs"])]
+        return {"object": "chat.completion", "model": "fake",
+                "choices": [{"index": 0, "finish_reason": choice["finish_reason"],
+                             "message": {"role": "assistant", "content": choice["text"]},
+                             "logprobs": {"content": content}}]}
+
     def _handler(self):
         server = self
 
@@ -168,7 +185,8 @@ class FakeOpenAI:
                 if self.path == "/extras/tokenize":
                     ids = server.tokenizer(body["input"], add_special_tokens=False)["input_ids"]
                     return self.answer(200, {"tokens": ids})
-                if self.path != "/v1/completions":
+                chat = self.path == "/v1/chat/completions"
+                if not chat and (self.path != "/v1/completions" or server.chat_only):
                     return self.answer(404, {"error": {"message": "not found"}})
                 with server.lock:
                     call = server.completions
@@ -188,7 +206,7 @@ class FakeOpenAI:
                 if unknown:
                     return self.answer(400, {"error": {"message": f"Unrecognized request argument supplied: {unknown[0]}",
                                                        "type": "invalid_request_error"}})
-                if server.refuse and isinstance(body["prompt"], str) and server.refuse in body["prompt"]:
+                if server.refuse and isinstance(body.get("prompt"), str) and server.refuse in body["prompt"]:
                     return self.answer(400, {"error": {"message": "the prompt exceeds the context", "type": "invalid"}})
                 if server.api_key and self.headers.get("Authorization") != f"Bearer {server.api_key}":
                     return self.answer(401, {"error": {"message": "bad key"}})
@@ -197,7 +215,7 @@ class FakeOpenAI:
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                 try:
                     time.sleep(server.delay)
-                    answer = server.complete(body)
+                    answer = server.chat(body) if chat else server.complete(body)
                 finally:
                     with server.lock:
                         server.in_flight -= 1

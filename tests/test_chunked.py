@@ -251,3 +251,41 @@ def test_a_server_that_refuses_llama_cpp_sampler_fields_is_asked_again_without_t
     assert chunked.sources["base"].sampler_fields is False
     first_without = next(i for i, p in enumerate(fake.payloads) if p["max_tokens"] > 1 and "min_p" not in p)
     assert not any("min_p" in p for p in fake.payloads[first_without + 2:])  # two rows were in flight
+
+
+# --- chat-only bases ----------------------------------------------------------------------------------
+
+def test_a_chat_only_base_serves_choose_and_refuses_generation_with_a_pointer(fake, tok, trio):
+    from proxytune.facade.choice import choose
+
+    fake.chat_only = True
+    source = remote(fake, tok, "&top_k=320&api=chat")
+    tuner = ProxyTuner(source, trio[1], trio[2], tokenizer=tok, alpha=1.0)
+    with pytest.raises(ProxyTuneError, match="chat-only .*Use `choose`"):
+        tuner.generate("The quick", max_new_tokens=4)
+    messages = [{"role": "user", "content": "The quick brown"}]
+    options = [tok.decode([i]) for i in (44, 56, 38)]  # three one-token answers
+    got = choose(tuner, options, messages=messages)
+    assert fake.payloads[-1]["messages"] == messages and fake.payloads[-1]["top_logprobs"] == 320
+    # the same choice as a completions base given the chat-formatted prompt (what the chat endpoint renders)
+    fake.chat_only = False
+    local = ProxyTuner(remote(fake, tok, "&top_k=320"), trio[1], trio[2], tokenizer=tok, alpha=1.0)
+    want = choose(local, options, messages=messages)
+    assert got.index == want.index and got.scores == pytest.approx(want.scores, abs=1e-4)
+    with pytest.raises(ProxyTuneError, match="one-token options"):
+        choose(tuner, ["The quick", "def add"], messages=messages)
+
+
+def test_generate_verbose_prints_the_cost_in_one_line_per_remote_role(fake, tok, trio, tmp_path, capsys):
+    from proxytune.cli import main
+
+    for name, model in (("expert", trio[1]), ("anti", trio[2])):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    base = f"openai:{fake.url}?tokenizer={tmp_path / 'expert'}&top_k=320&token_ids=1&send_ids=1"
+    assert main(["generate", "--base", base, "--expert", str(tmp_path / "expert"), "--anti-expert",
+                 str(tmp_path / "anti"), "--alpha", "0", "--max-new-tokens", "12", "--verbose", "The quick"]) == 0
+    err = capsys.readouterr().err
+    assert "proxy: 12 tokens in" in err and "ms per token" in err
+    line = next(line for line in err.splitlines() if line.startswith("base: "))
+    assert "generated tokens" in line and "tokens per call" in line and "B sent" in line

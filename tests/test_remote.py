@@ -481,3 +481,46 @@ def test_llama_server_killed_under_proxytune_serve_is_reported_and_health_recove
     finally:
         serve.stop()
         first.stop()
+
+
+@needs_llama_server
+def test_llama_chunked_decoding_equals_plain_remote_decoding_at_a_fraction_of_the_calls(llama_server, smollm2):
+    """The pirate setting at α = 0.5: the server drafts its own continuation; every reply equals plain
+    one-call-per-token decoding, or parts from it only at a near-tie of the plain path (llama.cpp's
+    logprobs move by ~0.01-0.07 with how a prefix was evaluated)."""
+    model, tokenizer = smollm2
+    sources = {chunk: smol_remote(llama_server, tokenizer, f"&top_k=20&chunk={chunk}") for chunk in ("0", "auto")}
+    outputs = {}
+    for chunk, source in sources.items():
+        tuner = ProxyTuner(source, model, model, tokenizer=tokenizer)
+        requests = []
+        for question in QUESTIONS:
+            plain, pirate = chat_ids(tokenizer, question), chat_ids(tokenizer, question, PIRATE)
+            requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, [0.5],
+                                    max_new_tokens=32, details=2))
+        outputs[chunk] = tuner.run(requests, batch_size=1)
+    for plain, chunked in zip(outputs["0"], outputs["auto"]):
+        if plain.token_ids != chunked.token_ids:
+            step = next(i for i, (a, b) in enumerate(zip(plain.token_ids, chunked.token_ids)) if a != b)
+            ranked = dict(plain.details[step].top_logprobs)
+            assert ranked[plain.token_ids[step]] - ranked.get(chunked.token_ids[step], float("-inf")) < 0.1
+        assert chunked.finish_reason != "error"
+    assert sources["0"].stats.calls_per_token == 1.0
+    assert sources["auto"].stats.calls_per_token < 0.5
+
+
+@needs_llama_server
+def test_llama_chat_endpoint_serves_choose(llama_server, smollm2):
+    """api=chat: one /v1/chat/completions call per question; its first reply token's top-k is the base row,
+    so the choice equals the completions base's on the chat-formatted prompt (up to llama.cpp's numerics)."""
+    from proxytune.facade.choice import choose
+
+    model, tokenizer = smollm2
+    messages = [{"role": "user", "content": "Is the sky blue on a clear day? Answer Yes or No."}]
+    chat = ProxyTuner(smol_remote(llama_server, tokenizer, "&top_k=20&api=chat"), model, model, tokenizer=tokenizer)
+    completions = ProxyTuner(smol_remote(llama_server, tokenizer, "&top_k=20"), model, model, tokenizer=tokenizer)
+    got, want = (choose(t, ["Yes", "No"], messages=messages, alpha=0.0) for t in (chat, completions))
+    assert got.index == want.index
+    assert got.scores == pytest.approx(want.scores, abs=0.1)
+    with pytest.raises(ProxyTuneError, match="chat-only"):
+        chat.generate("Hello", max_new_tokens=2)

@@ -11,7 +11,9 @@ the options renormalised over the options alone. A remote base only knows its to
 each position: an option token outside them scores −inf (the paper restricts to the returned set).
 
 Cost with a remote base: one call for the prompt (shared by all options), plus one call per extra
-token of each multi-token option (or one echo call per option with echo=1).
+token of each multi-token option (or one echo call per option with echo=1). A chat-only base
+(api=chat) answers through /v1/chat/completions with top_logprobs: one call per question, options of
+one token each (its first reply token is all a chat endpoint reveals).
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from typing import Sequence
 
 import torch
 
+from ..backends.protocol import Capabilities
 from ..errors import ProxyTuneError
 from ..engine.decoding import open_session
 from ..engine.scoring import token_scores
@@ -64,6 +67,45 @@ def option_scores(session: ProxySession, options_ids: Sequence[list[int]]) -> li
     return scores
 
 
+class KnownRow:
+    """A base whose next-token logits after the prompt are already known (a chat-only API's first reply
+    token): prefill gives them; it cannot go further, so options must be one token."""
+
+    max_length = None
+
+    def __init__(self, row: torch.Tensor, name: str = "base"):
+        self.row, self.name, self.vocab_size = row, name, row.shape[-1]
+
+    def open(self, prompts):
+        row = self.row
+
+        class Session:
+            capabilities = Capabilities()
+
+            def prefill(self):
+                return row[None]
+
+            def advance(self, tokens, extend=False):
+                raise ProxyTuneError("a chat-only base reveals only its first reply token: give one-token options")
+
+        return Session()
+
+    def sequence_logits(self, sequences):
+        raise ProxyTuneError("a chat-only base cannot score sequences")
+
+
+def chat_base(tuner):
+    """The base when it is a chat-only remote model (api=chat), else None."""
+    import sys
+
+    if "proxytune.backends.remote.source" not in sys.modules:
+        return None
+    from ..backends.remote.source import RemoteSource
+
+    base = tuner.sources["base"]
+    return base if isinstance(base, RemoteSource) and base.options.api == "chat" else None
+
+
 def decide(options: list[str], scores: list[float]) -> Choice:
     values = torch.tensor(scores, dtype=torch.float64)
     if torch.isinf(values).all():
@@ -81,6 +123,9 @@ def choose(tuner, options: Sequence[str], prompt: str | None = None, messages=No
     give them with the separator they need, e.g. " A" after "Answer:".
     """
     options = check_options(options)
+    chat_only = chat_base(tuner)
+    if chat_only is not None and messages is None:  # a chat endpoint takes the prompt as the user's message
+        messages = [{"role": "user", "content": prompt}]
     kwargs = {"messages": messages} if messages is not None else {"prompt": prompt}
     if chat_roles is not None:
         kwargs["chat_roles"] = tuple(chat_roles)
@@ -89,4 +134,11 @@ def choose(tuner, options: Sequence[str], prompt: str | None = None, messages=No
     for option, ids in zip(options, options_ids):
         if not ids:
             raise ProxyTuneError(f"option {option!r} has no tokens")
-    return decide(options, option_scores(open_session(tuner.sources["base"], tuner.pairs, [request]), options_ids))
+    base = tuner.sources["base"]
+    if chat_only is not None:
+        long = [o for o, ids in zip(options, options_ids) if len(ids) > 1]
+        if long:
+            raise ProxyTuneError(f"options {long} are several tokens each; a chat-only base reveals only its first "
+                                 f"reply token: give one-token options (e.g. 'A', 'B')")
+        base = KnownRow(chat_only.chat_next_logits(list(messages)), name="base")
+    return decide(options, option_scores(open_session(base, tuner.pairs, [request]), options_ids))

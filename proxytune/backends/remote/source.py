@@ -158,6 +158,8 @@ class RemoteSource:
                                                             "add_special_tokens": False})
         if answer is not None and isinstance(answer.get("tokens"), list):
             return [int(t) for t in answer["tokens"]]
+        if self.options.api == "chat":
+            return []  # no echo without completions: nothing to compare with
         response = self.completion(text, echo=True, logprobs=0)
         return list(response["logprobs"]["tokens"])
 
@@ -170,6 +172,10 @@ class RemoteSource:
         for probe in probes:
             local = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
             server = self.server_tokens(probe)
+            if not server:
+                log.warning("the %s model's server has no tokenize endpoint and no completions: its tokenizer "
+                            "cannot be checked against %r", self.name, self.options.tokenizer)
+                return
             if server and isinstance(server[0], int):
                 if server[:1] == [bos] and local[:1] != [bos]:
                     server = server[1:]
@@ -414,13 +420,44 @@ class RemoteSource:
 
     # --- protocol ----------------------------------------------------------------------------------
 
+    def _chat_only(self, what: str) -> ProxyTuneError:
+        return ProxyTuneError(
+            f"the {self.name} model at {self.options.base_url} is chat-only (api=chat): {what} needs "
+            f"/v1/completions, since a chat endpoint cannot continue a partial reply token by token. Use "
+            f"`choose` (one-token answers such as A/B/C/D: the paper's GPT-3.5 setting), or a server with "
+            f"completions (vLLM, llama.cpp)")
+
     def open(self, prompts: Sequence[Sequence[int]]) -> "RemoteSession":
         """A drafting session (the engine's chunked decoding uses it when this is the base) unless chunk=0."""
+        if self.options.api == "chat":
+            raise self._chat_only("generation")
         return (RemoteSession if self.options.chunk_limit == 0 else DraftingRemoteSession)(self, prompts)
+
+    def chat_next_logits(self, messages: list[dict]) -> torch.Tensor:
+        """[V]: the top-k of the first reply token to a conversation, through /v1/chat/completions. One call."""
+        payload = {"messages": messages, "max_tokens": 1, "temperature": 0.0, "logprobs": True,
+                   "top_logprobs": self.options.top_k, "stream": False}
+        if self.model:
+            payload["model"] = self.model
+        if self.logit_bias:
+            payload["logit_bias"] = self.logit_bias
+        answer = self.client.post("chat/completions", payload)
+        try:
+            entry = answer["choices"][0]["logprobs"]["content"][0]
+            top: dict[str, float] = {}
+            for item in entry["top_logprobs"]:  # best first; a text shown twice keeps its first (best) value
+                top.setdefault(item["token"], item["logprob"])
+        except (KeyError, IndexError, TypeError):
+            raise RemoteSourceError(f"{self.name} model at {self.client.url('chat/completions')} answered without "
+                                    f"top_logprobs ({str(answer)[:200]}); does it support logprobs?") from None
+        self.count_tokens(1)
+        return self._row(top)
 
     def sequence_logits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Scoring mode through echo: row t is the top-k distribution after the first t + 1 tokens
         (a row the server cannot give, e.g. after the first token on llama.cpp, is all −inf)."""
+        if self.options.api == "chat":
+            raise self._chat_only("scoring")
         return [torch.stack(rows) for rows in self.map_rows(lambda seq: self.after_each(seq, 1), sequences)]
 
 

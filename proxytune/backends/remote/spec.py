@@ -29,6 +29,9 @@ OPTION_HELP = {
     "max_backoff": "longest single wait, Retry-After included (default 20)",
     "context": "context length in tokens (default: max_model_len from /v1/models when given)",
     "concurrency": "rows of a batch in flight at once (default 8)",
+    "api": "completions | chat: the endpoint the server has (default completions); a chat-only model cannot "
+           "continue a partial reply, so it serves `choose` (one-token answers, the paper's GPT-3.5 setting), "
+           "not generation",
     "chunk": "tokens the base drafts per call when it is the base: auto (adapts to the acceptance and the "
              "measured costs; default), N (at most N), 0 (one call per token, no drafting)",
     "sample_drafts": "1: sampling rows draft by the server's own sampling (temperature, top_k = top_k), exact only "
@@ -62,6 +65,7 @@ class RemoteOptions:
     max_backoff: float = 20.0
     context: int | None = None
     concurrency: int = 8
+    api: str = "completions"
     chunk: str = "auto"
     sample_drafts: bool = False
     sampler_fields: bool = True
@@ -145,6 +149,8 @@ def parse_spec(spec: str) -> RemoteOptions:
         raise ProxyTuneError("openai spec option empty= must be eos or drop")
     if values.get("drift", "warn") not in ("warn", "error", "off"):
         raise ProxyTuneError("openai spec option drift= must be warn, error or off")
+    if values.get("api", "completions") not in ("completions", "chat"):
+        raise ProxyTuneError("openai spec option api= must be completions or chat")
     chunk = values.get("chunk", "auto")
     if chunk != "auto" and not (chunk.isdigit() and int(chunk) <= 64):
         raise ProxyTuneError(f"openai spec option chunk= must be auto, 0 (no drafting) or a number of tokens up to 64, "
