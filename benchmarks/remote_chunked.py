@@ -2,8 +2,8 @@
 
 The pirate setting of docs/remote.md: SmolLM2-135M-Instruct in every role, the base behind
 llama-cpp-python's OpenAI-compatible server (started here, one thread), the expert (system prompt:
-answer like a pirate) and the anti-expert (default system prompt) in-process llama.cpp on the same
-GGUF, one thread. For each α and top-k the same greedy requests are decoded plainly (chunk=0: one call
+answer like a pirate) and the anti-expert (default system prompt) local: transformers fp32 (default)
+or in-process llama.cpp on the same GGUF (--local llama.cpp), one thread. For each α and top-k the same greedy requests are decoded plainly (chunk=0: one call
 per token) and in chunks (chunk=auto, or the --chunks given), in alternating rounds, and we report calls
 per generated token, wall time per token, chunked/plain ratios, and whether every reply is identical.
 Where a reply differs, the first differing step is shown with the plain decoding's margin there (log p̃
@@ -21,6 +21,7 @@ costs about n one-token calls and only the round trip can be saved.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import threading
@@ -39,6 +40,7 @@ from proxytune import ProxyTuner  # noqa: E402
 from proxytune.backends.llama_cpp.source import LlamaCppSource  # noqa: E402
 from proxytune.backends.remote.source import RemoteSource  # noqa: E402
 from proxytune.backends.remote.spec import parse_spec  # noqa: E402
+from proxytune.models.loading import load_plain  # noqa: E402
 from proxytune.models.tokenizers import load_tokenizer  # noqa: E402
 from llama_server import LlamaServer, smollm2_gguf  # noqa: E402
 
@@ -81,16 +83,18 @@ class Latency:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
 
-def noise(plain, chunked) -> float:
-    """The largest |log p̃ plain − log p̃ chunked| of a chosen token over the steps both replies took alike:
-    how much the two call patterns' server numerics (and the local pair's, batched or not) move p̃."""
+def noise(plain, chunked, role: str) -> float:
+    """The largest |log p plain − log p chunked| of a chosen token under `role` over the steps both replies
+    took alike: how much the two call patterns move that role's numbers (the server's: its prefix cache
+    and batch splits; the local pair's: one n-token forward instead of n one-token steps)."""
     worst = 0.0
     for a, b in zip(plain, chunked):
         for step, (x, y) in enumerate(zip(a.token_ids, b.token_ids)):
             if x != y:
                 break
-            worst = max(worst, abs(dict(a.details[step].top_logprobs).get(x, 0.0)
-                                   - dict(b.details[step].top_logprobs).get(x, 0.0)))
+            p, q = a.details[step].chosen_prob[role], b.details[step].chosen_prob[role]
+            if p > 0 and q > 0:
+                worst = max(worst, abs(math.log(p) - math.log(q)))
     return worst
 
 
@@ -101,7 +105,7 @@ def decode(url: str, tokenizer, local, alpha: float, k: int, chunk: str, max_new
     tuner = ProxyTuner(source, local, local, tokenizer=tokenizer)
     requests = requests_for(tokenizer, alpha, max_new_tokens)
     for request in requests:
-        request.details = 2
+        request.details = 5
     start = time.perf_counter()
     outputs = tuner.run(requests, batch_size=1)  # one row at a time: llama.cpp's one-slot prefix cache holds
     seconds = time.perf_counter() - start
@@ -129,14 +133,21 @@ def main() -> None:
     parser.add_argument("--chunks", nargs="+", default=["auto"], help="chunk= values to compare with chunk=0")
     parser.add_argument("--rounds", type=int, default=2, help="alternating plain/chunked rounds per setting")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--local", choices=["llama.cpp", "transformers"], default="transformers",
+                        help="the local pair: transformers fp32 (default: a one-n-token forward equals n one-token "
+                             "steps to ~1e-6) or in-process llama.cpp (its Q4 kernels differ by batch width)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds each call is held (a remote round trip)")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the other core serves the base
     tokenizer = load_tokenizer("smollm2-135m-instruct")
-    local = LlamaCppSource(smollm2_gguf(), name="local", threads=1)
+    if args.local == "llama.cpp":
+        local = LlamaCppSource(smollm2_gguf(), name="local", threads=1)
+    else:
+        local, _ = load_plain("smollm2-135m-instruct", torch.device("cpu"), torch.float32)
+    print(f"local pair: {args.local}")
     print(f"round trip added: {1000 * args.latency:.0f} ms per call")
     print("| α | k | chunk | tokens | calls/token plain | calls/token chunked | tokens/call | ms/token plain | "
-          "ms/token chunked | wall chunked/plain | identical replies | p̃ noise on equal steps |")
+          "ms/token chunked | wall chunked/plain | identical replies | noise: base (server) / expert (local) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     with LlamaServer(smollm2_gguf()) as llama:
         server = Latency(llama.url, args.latency) if args.latency else llama
@@ -158,7 +169,8 @@ def main() -> None:
                     (pc, pt, ps), (cc, ct, cs) = totals["0"], totals[chunk]
                     print(f"| {alpha:g} | {k} | {chunk} | {ct // args.rounds} | {pc / pt:.2f} | {cc / ct:.2f} | "
                           f"{ct / cc:.1f} | {1000 * ps / pt:.0f} | {1000 * cs / ct:.0f} | "
-                          f"{(cs / ct) / (ps / pt):.2f} | {same} of {len(plain)} | {noise(plain, chunked):.3f} |",
+                          f"{(cs / ct) / (ps / pt):.2f} | {same} of {len(plain)} | "
+                          f"{noise(plain, chunked, 'base'):.3f} / {noise(plain, chunked, 'expert'):.3f} |",
                           flush=True)
                     for index, (a, b) in enumerate(zip(plain, chunked)):
                         if a.token_ids != b.token_ids:
