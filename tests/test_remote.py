@@ -489,7 +489,7 @@ def test_llama_chunked_decoding_equals_plain_remote_decoding_at_a_fraction_of_th
     one-call-per-token decoding, or parts from it only at a near-tie of the plain path (llama.cpp's
     logprobs move by ~0.01-0.07 with how a prefix was evaluated)."""
     model, tokenizer = smollm2
-    sources = {chunk: smol_remote(llama_server, tokenizer, f"&top_k=20&chunk={chunk}") for chunk in ("0", "auto")}
+    sources = {chunk: smol_remote(llama_server, tokenizer, f"&top_k=20&chunk={chunk}") for chunk in ("0", "8")}
     outputs = {}
     for chunk, source in sources.items():
         tuner = ProxyTuner(source, model, model, tokenizer=tokenizer)
@@ -499,14 +499,14 @@ def test_llama_chunked_decoding_equals_plain_remote_decoding_at_a_fraction_of_th
             requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, [0.5],
                                     max_new_tokens=32, details=2))
         outputs[chunk] = tuner.run(requests, batch_size=1)
-    for plain, chunked in zip(outputs["0"], outputs["auto"]):
+    for plain, chunked in zip(outputs["0"], outputs["8"]):
         if plain.token_ids != chunked.token_ids:
             step = next(i for i, (a, b) in enumerate(zip(plain.token_ids, chunked.token_ids)) if a != b)
             ranked = dict(plain.details[step].top_logprobs)
             assert ranked[plain.token_ids[step]] - ranked.get(chunked.token_ids[step], float("-inf")) < 0.1
         assert chunked.finish_reason != "error"
     assert sources["0"].stats.calls_per_token == 1.0
-    assert sources["auto"].stats.calls_per_token < 0.5
+    assert sources["8"].stats.calls_per_token < 0.5  # fixed chunks: auto keeps them short on localhost (see docs)
 
 
 @needs_llama_server
