@@ -236,12 +236,7 @@ class RemoteSource:
             payload.update(self._sampler_fields())
         if self.options.token_ids:
             payload["return_tokens_as_token_ids"] = True
-        start = time.perf_counter()
-        try:
-            answer = self._post_drafting(payload) if max_tokens > 1 else self.client.post("completions", payload)
-        finally:
-            with self._lock:
-                self._span = [self._span[0] if self._span else start, time.perf_counter()]
+        answer = self._timed(self._post_drafting if max_tokens > 1 else self.client.post, "completions", payload)
         try:
             choice = answer["choices"][0]
             if not isinstance(choice.get("logprobs"), dict):
@@ -251,20 +246,29 @@ class RemoteSource:
                                     f"logprobs ({str(answer)[:200]}); does the server support logprobs?") from None
         return choice
 
+    def _timed(self, post, path: str, payload: dict) -> dict:
+        """A decoding call, its time added to the span `stats.seconds` measures."""
+        start = time.perf_counter()
+        try:
+            return post(path, payload)
+        finally:
+            with self._lock:
+                self._span = [self._span[0] if self._span else start, time.perf_counter()]
+
     def _sampler_fields(self) -> dict:
         """llama.cpp applies a repeat penalty (1.1), min_p (0.05) and more to its own continuation unless told
         not to; other servers ignore or refuse these fields."""
         return {"repeat_penalty": 1.0, "min_p": 0.0, "typical_p": 1.0} if self.sampler_fields else {}
 
-    def _post_drafting(self, payload: dict) -> dict:
+    def _post_drafting(self, path: str, payload: dict) -> dict:
         """A drafting call; a server that refuses the llama.cpp sampler fields gets the call again without them
         (and never again with them)."""
         try:
-            return self.client.post("completions", payload)
+            return self.client.post(path, payload)
         except RemoteRefusal:
             if not self.sampler_fields:
                 raise
-            answer = self.client.post("completions", {k: v for k, v in payload.items() if k not in self._sampler_fields()})
+            answer = self.client.post(path, {k: v for k, v in payload.items() if k not in self._sampler_fields()})
             self.sampler_fields = False
             log.info("the %s model's server refused llama.cpp's sampler fields; sending none from now on", self.name)
             return answer
@@ -441,7 +445,7 @@ class RemoteSource:
             payload["model"] = self.model
         if self.logit_bias:
             payload["logit_bias"] = self.logit_bias
-        answer = self.client.post("chat/completions", payload)
+        answer = self._timed(self.client.post, "chat/completions", payload)
         try:
             entry = answer["choices"][0]["logprobs"]["content"][0]
             top: dict[str, float] = {}
