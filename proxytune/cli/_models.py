@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from ..errors import ProxyTuneError
 
@@ -53,13 +52,4 @@ def load_tuner(args: argparse.Namespace):
 
 def remote_usage(tuner) -> list[str]:
     """One line per role behind an OpenAI-compatible server: calls, tokens, bytes, wall time (RemoteStats)."""
-    if "proxytune.backends.remote.source" not in sys.modules:  # no openai: spec was loaded
-        return []
-    from ..backends.remote.source import RemoteSource
-
-    seen, lines = set(), []
-    for role, source in tuner.sources.items():
-        if isinstance(source, RemoteSource) and id(source) not in seen:
-            seen.add(id(source))
-            lines.append(source.stats.summary(role))
-    return lines
+    return [source.stats.summary(role) for role, source in tuner.remote_sources().items()]

@@ -50,11 +50,11 @@ class ChunkedDecoding(DraftedDecoding):
     mode = "chunked"
 
     def __init__(self, base, pairs, requests, tokenizer, eos_ids, draft_length: int | None = None, session=None):
-        lengths = DraftLength(draft_cost=0.0, verify_growth=0.1, maximum=15,
-                              fixed=None if draft_length is None else draft_length - 1)
+        lengths = DraftLength(draft_cost=0.0, verify_growth=0.1, maximum=15)
         super().__init__(base, pairs, requests, tokenizer, eos_ids, draft_length, session, lengths)
-        if draft_length is None and self.session.base_session.chunk:  # the base was configured with a length
-            self.draft_length.fixed = self.session.base_session.chunk - 1
+        tokens = draft_length or self.session.base_session.chunk  # asked for, or the base's configured length
+        if tokens:
+            self.draft_length.fixed = tokens - 1  # k drafts beyond the first position
 
     def _measure(self) -> None:
         """A round costs the base's call for n tokens and the other sessions' forwards of n tokens."""

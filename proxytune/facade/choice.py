@@ -96,14 +96,8 @@ class KnownRow:
 
 def chat_base(tuner):
     """The base when it is a chat-only remote model (api=chat), else None."""
-    import sys
-
-    if "proxytune.backends.remote.source" not in sys.modules:
-        return None
-    from ..backends.remote.source import RemoteSource
-
-    base = tuner.sources["base"]
-    return base if isinstance(base, RemoteSource) and base.options.api == "chat" else None
+    base = tuner.remote_sources().get("base")
+    return base if base is not None and base.options.api == "chat" else None
 
 
 def decide(options: list[str], scores: list[float]) -> Choice:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import Iterator, Sequence
 
 from ..backends.protocol import LogitSource
@@ -120,6 +121,18 @@ class ProxyTuner:
         loaded = load_roles(specs, schema.pairs, device=device, dtype=dtype, backend=backend, threads=threads, n_ctx=n_ctx)
         pairs = [(loaded[e][0], loaded[a][0], alpha) for (e, a), (_, _, alpha) in zip(schema.pairs, pair_specs)]
         return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema})
+
+    def remote_sources(self) -> dict:
+        """Role -> source for the roles behind an OpenAI-compatible server (each source once, by its first role)."""
+        if "proxytune.backends.remote.source" not in sys.modules:  # no openai: spec was loaded
+            return {}
+        from ..backends.remote.source import RemoteSource
+
+        found: dict = {}
+        for role, source in self.sources.items():
+            if isinstance(source, RemoteSource) and source not in found.values():
+                found[role] = source
+        return found
 
     # --- building requests -------------------------------------------------------------------------
 

@@ -170,7 +170,7 @@ class RemoteSource:
                                                              tokenize=False, add_generation_prompt=True))
         bos = self.tokenizer.bos_token_id
         for probe in probes:
-            local = self.tokenizer(probe, add_special_tokens=False)["input_ids"]
+            local = self._read(probe)
             server = self.server_tokens(probe)
             if not server:
                 log.warning("the %s model's server has no tokenize endpoint and no completions: its tokenizer "
@@ -192,17 +192,31 @@ class RemoteSource:
 
     def wire_prompt(self, ids: Sequence[int]):
         """What to send for these ids: the ids themselves (send_ids=1), or their text, checked for drift."""
-        ids = list(ids)
+        return self._wire(ids)[0]
+
+    def _wire(self, ids: Sequence[int], read: bool = False) -> tuple:
+        """(what to send for these ids, the tokens the server reads from it). The reading is the local
+        tokenizer's (checked equal to the server's at start-up), computed for the drift check or when asked
+        (`read`); None with send_ids (the server reads the ids themselves) or when not computed."""
         if self.options.send_ids:
-            return ids
-        if self.strip_bos and ids[:1] == [self.tokenizer.bos_token_id]:
-            ids = ids[1:]
-        text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if self.options.drift != "off":
-            again = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if again != ids:
-                self._drift(ids, again)
-        return text
+            return list(ids), None
+        sent = self._sent(ids)
+        text = self._text(sent)
+        again = self._read(text) if read or self.options.drift != "off" else None
+        if self.options.drift != "off" and again != sent:
+            self._drift(sent, again)
+        return text, again
+
+    def _sent(self, ids: Sequence[int]) -> list[int]:
+        """The ids whose text is sent: without a leading BOS when the server adds its own."""
+        ids = list(ids)
+        return ids[1:] if self.strip_bos and ids[:1] == [self.tokenizer.bos_token_id] else ids
+
+    def _text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _read(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _drift(self, ids: list[int], again: list[int]) -> None:
         at = next((i for i, (a, b) in enumerate(zip(ids, again)) if a != b), min(len(ids), len(again)))
@@ -232,11 +246,12 @@ class RemoteSource:
             payload.update(temperature=float(temperature), top_k=self.options.top_k, top_p=1.0, seed=seed)
         elif self.logit_bias:
             payload["logit_bias"] = self.logit_bias
-        if max_tokens > 1 or sampling is not None:
+        drafting = max_tokens > 1 or sampling is not None  # the server's own continuation matters
+        if drafting:
             payload.update(self._sampler_fields())
         if self.options.token_ids:
             payload["return_tokens_as_token_ids"] = True
-        answer = self._timed(self._post_drafting if max_tokens > 1 else self.client.post, "completions", payload)
+        answer = self._timed(self._post_drafting if drafting else self.client.post, "completions", payload)
         try:
             choice = answer["choices"][0]
             if not isinstance(choice.get("logprobs"), dict):
@@ -307,7 +322,7 @@ class RemoteSource:
         draft is a point mass). With sample_drafts (token_ids=1) a sampling row's drafts are the server's
         own samples at `temperature` from its top-k, q [n, V] their distributions."""
         sampled = temperature > 0 and self.options.sample_drafts
-        prompt = self.wire_prompt(ids)
+        prompt, conditioned = self._wire(ids, read=True)
         choice = self.completion(prompt, max_tokens=width, sampling=(temperature, seed) if sampled else None)
         keys = list(choice["logprobs"].get("tokens") or [])
         tops = list(choice["logprobs"].get("top_logprobs") or [])
@@ -318,7 +333,6 @@ class RemoteSource:
             raise RemoteSourceError(f"{self.name} model at {self.options.base_url} drafted no token with logprobs "
                                     f"(finish_reason {choice.get('finish_reason')!r}; hold_eos=1 keeps llama.cpp "
                                     f"from stopping)")
-        conditioned = None if self.options.send_ids else self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         rows, drafts, qs = [], [], []
         for j in range(present):
             if not tops[j]:
@@ -337,12 +351,8 @@ class RemoteSource:
                 break
         with self._lock:
             self._stats.drafted += present
-        q = None
-        if sampled:
-            q = torch.zeros(len(rows), self.vocab_size)
-            for j, row_q in enumerate(qs):
-                if row_q is not None:
-                    q[j] = row_q
+        # a position without q has no draft of its own (-1): its zeros are never read
+        q = torch.stack([torch.zeros(self.vocab_size) if row_q is None else row_q for row_q in qs]) if sampled else None
         return drafts, rows, q
 
     def _sampled_q(self, row: torch.Tensor, top: dict, temperature: float) -> torch.Tensor | None:
@@ -359,11 +369,7 @@ class RemoteSource:
         conditioned on (its tokenization of the sent text, then the drafts)."""
         if conditioned is None:
             return True
-        full = list(ids) + drafts
-        if self.strip_bos and full[:1] == [self.tokenizer.bos_token_id]:
-            full = full[1:]
-        text = self.tokenizer.decode(full, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"] == conditioned + drafts
+        return self._read(self._text(self._sent(list(ids) + drafts))) == conditioned + drafts
 
     def after_each(self, ids: Sequence[int], first: int) -> list[torch.Tensor]:
         """[V] rows for the distributions after ids[:t], t = first .. len(ids): one echo call, or one call
@@ -374,9 +380,7 @@ class RemoteSource:
         more entry for the generated token. llama-cpp-python without a BOS token returns one entry
         fewer, each shifted by one (entry i predicts token i + 1): told apart by the entry count.
         """
-        sent = list(ids)
-        if self.strip_bos and sent[:1] == [self.tokenizer.bos_token_id]:
-            sent = sent[1:]
+        sent = self._sent(ids)
         offset = len(ids) - len(sent)
         response = self.completion(self.wire_prompt(ids), echo=True)["logprobs"]
         entries, n = response["top_logprobs"], len(sent)
@@ -398,8 +402,7 @@ class RemoteSource:
         if self.options.token_ids or len(echoed) < len(sent):
             return True  # id keys, or a layout without every prompt token: the entry count decides
         special = set(self.strings.special_texts.values())
-        return all(i in special or key == self.strings.texts[i] or key.startswith("token_id:")
-                   for key, i in zip(echoed, sent))
+        return all(i in special or key == self.strings.texts[i] for key, i in zip(echoed, sent))
 
     def map_rows(self, function, items: Sequence) -> list:
         """function over the rows of a batch, concurrently. Once every row has answered, rows the server
@@ -511,10 +514,8 @@ class RemoteSession:
             self._take_back(width)
             self.appended = before
             raise
-        if not extend:
-            self.counted = 0
-        if width == 1 and not extend:  # an ordinary step: every row's distribution decides a token
-            self.counted = len(self.rows)
+        if not extend:  # a new span; an ordinary step's distributions decide a token each
+            self.counted = len(self.rows) if width == 1 else 0
             self.source.count_tokens(self.counted)
         return out
 
@@ -567,7 +568,6 @@ class DraftingRemoteSession(RemoteSession):
         fed_now = tokens.reshape(tokens.shape[0], -1).tolist()
         if len(fed_now) != len(self.rows) or len(widths) != len(self.rows):
             raise ValueError(f"draft got {len(fed_now)} rows and {len(widths)} widths for a session of {len(self.rows)}")
-        widths = [max(1, min(w, self.chunk)) if self.chunk else max(1, w) for w in widths]  # chunk=N: N at most
         self._append(fed_now)
         try:
             chunks = self.source.map_rows(lambda args: self.source.chunk(*args),
