@@ -51,6 +51,8 @@ def backends(trio, tok, tmp_path_factory):
     server = FakeOpenAI(base, tok).__enter__()
     remote = RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=tiny&top_k=320&token_ids=1&send_ids=1"), tok)
     made["remote base"] = (ProxyTuner(remote, expert, anti, tokenizer=tok), reference)
+    # a remote base drafting in chunks, verified by the one-pass LoRA pair
+    made["remote base + lora pair"] = (ProxyTuner(remote, pair.expert, pair.anti_expert, tokenizer=tok), two_model)
     try:
         import llama_cpp  # noqa: F401
         on_llama_cpp = llama_cpp_trio(tok, tmp_path_factory.mktemp("gguf"))
@@ -61,7 +63,7 @@ def backends(trio, tok, tmp_path_factory):
     server.__exit__(None, None, None)
 
 
-MATRIX = ["transformers", "lora pair", "remote base", "llama.cpp"]
+MATRIX = ["transformers", "lora pair", "remote base", "remote base + lora pair", "llama.cpp"]
 
 
 def pick(backends, backend):
