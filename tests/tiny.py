@@ -4,6 +4,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import json
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -30,6 +32,37 @@ def tiny_tokenizer(chat_template: bool = True) -> PreTrainedTokenizerFast:
     if chat_template:
         fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_sentencepiece_tokenizer() -> PreTrainedTokenizerFast:
+    """Another family's vocabulary: SentencePiece-style ("▁" for a space, <0xNN> byte fallback), other merges."""
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    trained.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "<eos>", "<bos>"]))
+    state = json.loads(trained.to_str())["model"]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    for piece, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1]):
+        vocab.setdefault(piece, len(vocab))
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE.replace("</s>", "<eos>")
+    return fast
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A vocabulary of single bytes (no merges) and an end of text: every text has exactly one tokenization,
+    and every token writes text or ends it."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=257, special_tokens=["</s>"],
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>")
 
 
 def tiny_model(seed: int, vocab_size: int | None = None, eos: list[int] | int | None = None,

@@ -155,10 +155,11 @@ class JointSession:
 class HalfSession:
     """A role's view of a JointSession (or, with no partner, a plain session of that role alone).
 
-    It cannot fork: a copy of one half would leave its partner's rows behind. The engine never needs
-    to, since the two halves belong to two roles that never share a session."""
+    A half running alone can be copied (`fork`: the byte-level view branches its rows); a half of a joint
+    session cannot, since a copy of one half would leave its partner's rows behind. The engine's own
+    joins never need to, since the two halves belong to two roles that never share a session."""
 
-    capabilities = Capabilities(rollback=True, join=True, fork=False)
+    capabilities = Capabilities(rollback=True, join=True, fork=True)
 
     def __init__(self, role: PairedRole, prompts):
         self.role = role
@@ -203,6 +204,13 @@ class HalfSession:
         if self.alone is not None:
             return self.alone.select(rows)
         self.joint.select(self.role.side, rows)
+
+    def fork(self, rows: Sequence[int] | None = None) -> "HalfSession":
+        if self.alone is None:
+            raise RuntimeError("a half of a joint LoRA-pair session cannot be copied without its partner")
+        twin = HalfSession(self.role, self.prompts if rows is None else [self.prompts[r] for r in rows])
+        twin.alone = self.alone.fork(rows)
+        return twin
 
     def join(self, other: "HalfSession") -> None:
         if self.alone is not None and other.alone is not None:

@@ -74,8 +74,9 @@ class Session(Protocol):
     def join(self, other: "Session") -> None:
         """(capabilities.join) Append the rows of `other`, prefilled on the same source, after these rows."""
 
-    def fork(self) -> "Session":
-        """(capabilities.fork) An independent copy that can advance on its own."""
+    def fork(self, rows: Sequence[int] | None = None) -> "Session":
+        """(capabilities.fork) An independent copy that can advance on its own; `rows`: a copy of these
+        rows only, in this order (a row may repeat: the byte-level view branches a row's token paths)."""
 
     chunk: int | None  # (capabilities.draft) tokens per draft the session was configured with; None: the caller's choice
 

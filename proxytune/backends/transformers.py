@@ -182,12 +182,30 @@ class TransformersSession:
         self._last_width = 0  # a rewind cannot reach back across a join
         self._drop_leading_padding()
 
-    def fork(self) -> "TransformersSession":
-        """An independent copy (cache included) that can then advance on its own."""
-        twin = TransformersSession(self.source, self.prompts)
-        twin.cache = copy.deepcopy(self.cache)
-        twin.mask = None if self.mask is None else self.mask.clone()
-        twin._last_width = self._last_width
+    def fork(self, rows: Sequence[int] | None = None) -> "TransformersSession":
+        """An independent copy (cache included) that can then advance on its own; `rows`: of these rows
+        only, in this order (a row may repeat), copying nothing of the others."""
+        if rows is None:
+            twin = TransformersSession(self.source, self.prompts)
+            twin.cache = copy.deepcopy(self.cache)
+            twin.mask = None if self.mask is None else self.mask.clone()
+            twin._last_width = self._last_width
+            return twin
+        if self.mask is None:
+            raise ValueError("prefill the session before copying its rows")
+        index = torch.tensor(list(rows), dtype=torch.long)
+        twin = TransformersSession(self.source, [self.prompts[r] for r in rows])
+        for layer in self.cache.layers:
+            if type(layer) is not DynamicLayer:
+                raise ValueError(f"cannot copy rows of {type(layer).__name__} caches (sliding or static layers)")
+        on_device = index.to(self.source.device)
+        for layer in self.cache.layers:
+            copied = DynamicLayer()
+            copied.lazy_initialization(layer.keys, layer.values)
+            copied.keys, copied.values = layer.keys[on_device], layer.values[on_device]
+            twin.cache.layers.append(copied)
+        twin.mask = self.mask[index]
+        twin._drop_leading_padding()
         return twin
 
     def _drop_leading_padding(self) -> None:

@@ -102,10 +102,12 @@ def proxy_logits(roles: Roles, logits: dict[str, torch.Tensor], alphas: Sequence
 
 
 def score(roles: Roles, sources: dict[str, LogitSource], items: Sequence[ScoreItem],
-          alphas: Sequence[Sequence[float]], top: int = 0) -> list[Score]:
-    """log p̃ of each item's scored tokens, item i at alphas[i] (one α per pair)."""
-    return [token_scores(proxy_logits(roles, logits, item_alphas), item.targets(), top)
-            for item, logits, item_alphas in zip(items, role_logits(roles, sources, items), alphas)]
+          alphas: Sequence[Sequence[float]], top: int = 0, logits: Sequence[dict] | None = None) -> list[Score]:
+    """log p̃ of each item's scored tokens, item i at alphas[i] (one α per pair). `logits`: each role's
+    logits per item when they were read another way (the byte-level view reads them through sessions)."""
+    per_item = role_logits(roles, sources, items) if logits is None else logits
+    return [token_scores(proxy_logits(roles, item_logits, item_alphas), item.targets(), top)
+            for item, item_logits, item_alphas in zip(items, per_item, alphas)]
 
 
 def score_in_chunks(base: LogitSource, pairs: Sequence[ExpertPair], item: ScoreItem, alphas: Sequence[float],

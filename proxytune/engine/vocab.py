@@ -10,6 +10,12 @@ def token_table(tokenizer) -> list[str]:
     return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
+def vocabularies_agree(tables: dict[str, list[str]]) -> bool:
+    """Whether every role's id -> token table agrees with the first role's over their shared range."""
+    reference = next(iter(tables.values()))
+    return all(table is reference or table[:len(reference)] == reference[:len(table)] for table in tables.values())
+
+
 def shared_vocab_size(tables: dict[str, list[str]], logit_widths: dict[str, int]) -> int:
     """Check that every role's id -> token table agrees with the base's over their shared range and
     return the number of logit columns all roles share."""
@@ -24,7 +30,7 @@ def shared_vocab_size(tables: dict[str, list[str]], logit_widths: dict[str, int]
             raise ProxyTuneError(
                 f"the {role} model's vocabulary differs from the {reference_role} model's at {len(differing)} of "
                 f"{n} shared ids ({examples}). Proxy-tuning adds logits token by token, so all models must share "
-                f"one tokenizer: use models of the same family.")
+                f"one tokenizer: use models of the same family, or decode byte by byte (byte_level=True, --byte-level).")
     size = min(min(len(t) for t in tables.values()), min(logit_widths.values()))
     if size <= 0:
         raise ProxyTuneError("the models share no vocabulary")

