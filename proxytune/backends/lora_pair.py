@@ -208,8 +208,9 @@ class HalfSession:
     def fork(self, rows: Sequence[int] | None = None) -> "HalfSession":
         if self.alone is None:
             raise RuntimeError("a half of a joint LoRA-pair session cannot be copied without its partner")
-        twin = HalfSession(self.role, self.prompts if rows is None else [self.prompts[r] for r in rows])
-        twin.alone = self.alone.fork(rows)
+        copy = self.alone.fork(rows)
+        twin = HalfSession(self.role, copy.prompts)
+        twin.alone = copy
         return twin
 
     def join(self, other: "HalfSession") -> None:

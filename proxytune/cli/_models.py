@@ -21,6 +21,15 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="llama.cpp threads per model; models run one after another (default: all cores)")
     group.add_argument("--ctx", type=int, default=None, dest="n_ctx",
                        help="llama.cpp KV cells per model, shared by the rows of a batch (default: 8192)")
+    level = group.add_mutually_exclusive_group()
+    level.add_argument("--byte-level", dest="byte_level", action="store_const", const=True, default=None,
+                       help="combine the roles byte by byte even when they share a vocabulary (default: only when "
+                            "their vocabularies differ; lengths then count bytes)")
+    level.add_argument("--token-level", dest="byte_level", action="store_const", const=False,
+                       help="refuse roles whose vocabularies differ instead of decoding byte by byte")
+    group.add_argument("--prune", type=float, default=1e-7,
+                       help="byte level: drop token paths below this share of the text's probability (default 1e-7; "
+                            "0 keeps every path)")
 
 
 def model_specs(args: argparse.Namespace) -> dict[str, str]:
@@ -47,7 +56,24 @@ def load_tuner(args: argparse.Namespace):
     specs = model_specs(args)
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
                                       device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
-                                      threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None))
+                                      threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None),
+                                      byte_level=getattr(args, "byte_level", None), prune=getattr(args, "prune", 1e-7))
+
+
+def byte_usage(tuner) -> list[str]:
+    """One line per role read byte by byte: forwards and token paths per byte, hypotheses, pruned mass."""
+    if not tuner.byte_level:
+        return []
+    lines, seen = [], set()
+    for role, source in tuner.sources.items():
+        if id(source) in seen:
+            continue
+        seen.add(id(source))
+        s = source.stats.as_dict()
+        lines.append(f"{role} (bytes): {s['bytes']} bytes, {s['forwards']} forwards, {s['paths_per_byte']} token paths "
+                     f"per byte, {s['mean_hypotheses']} hypotheses per byte (most {s['most_hypotheses']}), pruned "
+                     f"mass {s['pruned_mass']:.1e}")
+    return lines
 
 
 def remote_usage(tuner) -> list[str]:

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..errors import ProxyTuneError
-from ._models import add_model_options, load_tuner, remote_usage
+from ._models import add_model_options, byte_usage, load_tuner, remote_usage
 
 
 def register(subparsers) -> None:
@@ -61,9 +61,10 @@ def run(args: argparse.Namespace) -> int:
         print()
         if args.verbose:
             seconds = time.perf_counter() - start
-            print(f"proxy: {tokens} tokens in {seconds:.2f} s ({1000 * seconds / max(1, tokens):.0f} ms per token)",
-                  file=sys.stderr)
-            for line in remote_usage(tuner):
+            unit = "bytes" if tuner.byte_level else "tokens"
+            print(f"proxy: {tokens} {unit} in {seconds:.2f} s ({1000 * seconds / max(1, tokens):.0f} ms per "
+                  f"{unit[:-1]})", file=sys.stderr)
+            for line in byte_usage(tuner) + remote_usage(tuner):
                 print(line, file=sys.stderr)
         return 0
     from ..facade.compare import compare_roles

@@ -109,10 +109,13 @@ class ProxyTuner:
     def from_pretrained(cls, base: str, expert: str | None = None, anti_expert: str | None = None,
                         alpha: float = 1.0, device=None, dtype=None,
                         experts: Sequence[tuple] | None = None, backend: str | None = None,
-                        threads: int | None = None, n_ctx: int | None = None) -> "ProxyTuner":
+                        threads: int | None = None, n_ctx: int | None = None, byte_level: bool | None = None,
+                        prune: float = 1e-7) -> "ProxyTuner":
         """Load by spec: a model directory, a .gguf file, a peft adapter directory, or a registered name.
         A registered trio name (e.g. "demo") alone gives all three roles. `gguf:SPEC` runs a role in
-        llama.cpp; backend="llama.cpp" runs every role there (threads, n_ctx: its settings)."""
+        llama.cpp; backend="llama.cpp" runs every role there (threads, n_ctx: its settings). Roles whose
+        vocabularies differ are combined byte by byte (byte_level=None: automatic; True forces it, False
+        refuses them; prune: see engine/bytelevel/source.py)."""
         from ..models import registry
         from ..models.loading import load_roles
 
@@ -128,7 +131,8 @@ class ProxyTuner:
             specs[expert_role], specs[anti_role] = e, a
         loaded = load_roles(specs, schema.pairs, device=device, dtype=dtype, backend=backend, threads=threads, n_ctx=n_ctx)
         pairs = [(loaded[e][0], loaded[a][0], alpha) for (e, a), (_, _, alpha) in zip(schema.pairs, pair_specs)]
-        return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema})
+        return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema},
+                   byte_level=byte_level, prune=prune)
 
     def remote_sources(self) -> dict:
         """Role -> source for the roles behind an OpenAI-compatible server (each source once, by its first role)."""
