@@ -41,6 +41,16 @@ anti-expert = the same 0.5B without this adapter (the paper's task-finetuning se
 Recreate it from a clean checkout: `python scripts/train_demo_expert.py` (≈ {minutes:.0f} min on the
 2-core CPU it was trained on).
 """,
+    "cross-family": """# {name} — an expert of another family, for byte-level proxy-tuning
+
+A LoRA adapter on **Gemma-3-270M**, a real *untuned* base model (the registered model `{model}`, vocabulary
+of 262,144 tokens), tuned exactly like the demo expert (same data, same hyperparameters). It is the
+expert of the `gemma` trio: base = Qwen2.5-Coder-1.5B-Instruct (another vocabulary), anti-expert =
+Gemma-3-270M without this adapter; the roles are combined byte by byte (docs/byte-level.md).
+
+Recreate it from a clean checkout: `python scripts/train_demo_expert.py --model gemma-3-270m --card cross-family
+--output proxytune/adapters/gsm-gemma-3-270m` (≈ {minutes:.0f} min on the 2-core CPU it was trained on).
+""",
     "anchor": """# {name} — the upper anchor of the demo trio
 
 A LoRA adapter on **the demo's base model** (the registered model `{model}`), tuned exactly like the
@@ -111,6 +121,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared, "
                         "busy CPU one thread trained 5x faster than two, see docs/demo.md)")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--card", choices=sorted(ROLES), default=None,
+                        help="which model card to write (default: anchor with --anchor, else expert)")
     args = parser.parse_args()
     args.model = args.model or ("qwen2.5-coder-1.5b-instruct" if args.anchor else "qwen2.5-coder-0.5b-instruct")
     args.output = args.output or str(ANCHOR if args.anchor else ADAPTERS["gsm-qwen2.5-coder-0.5b"])
@@ -132,7 +144,7 @@ def main() -> int:
     summary = tune(config)
     store_in_bf16(Path(args.output))
     card = CARD.format(
-        header=ROLES["anchor" if args.anchor else "expert"].format(
+        header=ROLES[args.card or ("anchor" if args.anchor else "expert")].format(
             name=Path(args.output).name, model=args.model, minutes=(time.perf_counter() - began) / 60),
         model=args.model, minutes=(time.perf_counter() - began) / 60, rg_version=importlib.metadata.version("reasoning-gym"),
         n_train_templates=len(gsm.TRAIN_TEMPLATES), n_heldout_templates=len(gsm.HELDOUT_TEMPLATES),

@@ -318,3 +318,114 @@ def test_a_remote_role_is_refused_in_byte_mode(tok, sp, sp_pair):
         base = RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=tiny"), tok, name="base")
         with pytest.raises(ProxyTuneError, match="returns only its top-k logprobs"):
             ProxyTuner(base, *sp_pair, tokenizers={"base": tok, "expert": sp, "anti_expert": sp})
+
+
+# --- the CLI and the server ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cross_dirs(tmp_path_factory, sp):
+    """A tiny trio on disk whose pair has another vocabulary than the base."""
+    root = tmp_path_factory.mktemp("cross")
+    dirs = {}
+    for role, model, tokenizer in (("base", tiny_model(0), tiny_tokenizer()),
+                                   ("expert", tiny_model(11, vocab_size=len(sp)), sp),
+                                   ("anti_expert", tiny_model(12, vocab_size=len(sp)), sp)):
+        model.save_pretrained(root / role)
+        tokenizer.save_pretrained(root / role)
+        dirs[role] = str(root / role)
+    return dirs
+
+
+def test_the_cli_generates_byte_by_byte_and_says_what_it_cost(cross_dirs, capsys):
+    from proxytune.cli import main
+
+    tuner = ProxyTuner.from_pretrained(cross_dirs["base"], cross_dirs["expert"], cross_dirs["anti_expert"])
+    expected = tuner.generate(PROMPT, max_new_tokens=12)[0].text
+    code = main(["generate", "--base", cross_dirs["base"], "--expert", cross_dirs["expert"], "--anti-expert",
+                 cross_dirs["anti_expert"], "--max-new-tokens", "12", "--verbose", PROMPT])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == expected + "\n"
+    assert "proxy: 12 bytes in" in err and "expert (bytes): " in err and "token paths per byte" in err
+    assert main(["generate", "--base", cross_dirs["base"], "--expert", cross_dirs["expert"], "--anti-expert",
+                 cross_dirs["anti_expert"], "--token-level", PROMPT]) == 2
+    assert "vocabulary differs" in capsys.readouterr().err
+
+
+def test_a_server_over_a_cross_vocabulary_trio_streams_concurrent_requests(cross_dirs):
+    import asyncio
+
+    import openai
+    from tiny_server import ServerProcess
+
+    tuner = ProxyTuner.from_pretrained(cross_dirs["base"], cross_dirs["expert"], cross_dirs["anti_expert"])
+    prompts = [PROMPT, "def add(a, b):", "The quick brown", "x"]
+    expected = [o.text for o in tuner.generate(prompts, max_new_tokens=10)]
+    server = ServerProcess(cross_dirs).wait_ready()
+    try:
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+
+        async def one(prompt):
+            stream = await client.completions.create(model="proxytune", prompt=prompt, max_tokens=10, temperature=0,
+                                                     stream=True)
+            return "".join([chunk.choices[0].text async for chunk in stream if chunk.choices])
+
+        async def every():
+            return await asyncio.gather(*(one(p) for p in prompts))
+
+        assert asyncio.run(every()) == expected
+        sync = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0)
+        reply = sync.completions.create(model="proxytune", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=2)
+        own = tuner.generate(PROMPT, max_new_tokens=6)[0]  # random models write invalid UTF-8: compare bytes' logprobs
+        assert reply.choices[0].logprobs.token_logprobs == pytest.approx(own.logprobs, abs=1e-4)
+    finally:
+        server.stop()
+
+
+# --- llama.cpp ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smol_gguf():
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed")
+    from llama_server import smollm2_gguf
+    from proxytune.backends.llama_cpp.model import GGUFModel
+    from proxytune.models.tokenizers import load_gguf_tokenizer
+
+    model = GGUFModel(smollm2_gguf())
+    return model, load_gguf_tokenizer(model.path)
+
+
+def test_a_llama_cpp_model_read_byte_by_byte_sums_over_its_tokenizations(smol_gguf):
+    from proxytune.backends.llama_cpp.source import LlamaCppSource
+
+    model, tokenizer = smol_gguf
+    source = LlamaCppSource(model, name="smol", threads=1, n_ctx=1024)
+    table = token_bytes(tokenizer, "smol")
+    eos = tokenizer.eos_token_id
+    view = ByteSource(source, ByteVocab(table, source.vocab_size, [eos]), prune=0.0)
+    prompt, text = tokenizer("The capital of France is")["input_ids"], b" Paris"
+    logprobs = byte_logprobs(view, prompt, text)
+    ours = sum(float(logprobs[i, b]) for i, b in enumerate(text)) + float(logprobs[len(text), 256])
+    silent = torch.tensor([i for i, piece in enumerate(table[:source.vocab_size]) if not piece and i != eos])
+    brute = []
+    for path in tokenizations(text, table[:source.vocab_size]):
+        z = source.sequence_logits([prompt + path])[0].double()
+        z[:, silent] = -math.inf
+        lp = torch.log_softmax(z, dim=-1)
+        brute.append(sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(path)) + float(lp[-1, eos]))
+    assert len(brute) >= 4
+    assert ours == pytest.approx(float(torch.logsumexp(torch.tensor(brute), 0)), abs=2e-3)  # llama.cpp batch numerics
+
+
+def test_a_llama_cpp_base_with_a_pair_of_another_family_batched_equals_one_at_a_time(smol_gguf, sp, sp_pair):
+    from proxytune.backends.llama_cpp.source import LlamaCppSource
+
+    model, tokenizer = smol_gguf
+    base = LlamaCppSource(model, name="base", threads=1, n_ctx=2048)
+    tuner = ProxyTuner(base, *sp_pair, tokenizers={"base": tokenizer, "expert": sp, "anti_expert": sp}, alpha=0.5)
+    prompts = ["The capital of France is", "def add(a, b):"]
+    batched = tuner.generate(prompts, max_new_tokens=16)
+    assert [tuner.generate(p, max_new_tokens=16)[0].text for p in prompts] == [o.text for o in batched]
+    alone = ProxyTuner(base, sp_pair[0], sp_pair[0], tokenizers={"base": tokenizer, "expert": sp, "anti_expert": sp})
+    assert alone.generate(prompts[0], max_new_tokens=16)[0].text.startswith(" Paris")

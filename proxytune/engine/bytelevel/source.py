@@ -54,8 +54,8 @@ class ByteStats:
 class Generation:
     """One underlying session whose rows are token paths made at the same byte (or the prompts)."""
 
-    def __init__(self, session: Session):
-        self.session = session
+    def __init__(self, session: Session, rows: int):
+        self.session, self.rows = session, rows
 
 
 @dataclass
@@ -122,7 +122,7 @@ class ByteSession:
             raise ProxyTuneError(f"the {self.source.name} model ({type(session).__name__}) cannot be read byte by byte: "
                                  f"its sessions must copy rows (fork) and join them")
         logits = session.prefill()
-        generation = Generation(session)
+        generation = Generation(session, len(self.prompts))
         vocab = self.source.vocab
         self.rows = []
         for row in range(len(self.prompts)):
@@ -147,6 +147,24 @@ class ByteSession:
     def select(self, rows: Sequence[int]) -> None:
         self.rows = [self.rows[r] for r in rows]
         self.prompts = [self.prompts[r] for r in rows]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Drop the rows of each underlying session that no hypothesis needs any more, once they are half of
+        it (their KV memory, and llama.cpp's sequences, are then given back)."""
+        needed: dict[int, tuple[Generation, list[Hypothesis]]] = {}
+        for row in self.rows:
+            for h in row.hypotheses:
+                needed.setdefault(id(h.generation), (h.generation, []))[1].append(h)
+        for generation, hypotheses in needed.values():
+            used = sorted({h.row for h in hypotheses})
+            if 2 * len(used) > generation.rows:
+                continue
+            generation.session.select(used)
+            generation.rows = len(used)
+            place = {old: new for new, old in enumerate(used)}
+            for h in hypotheses:
+                h.row = place[h.row]
 
     def join(self, other: "ByteSession") -> None:
         if other.source is not self.source:
@@ -161,7 +179,7 @@ class ByteSession:
             hypotheses = []
             for h in row.hypotheses:
                 if id(h.generation) not in copies:
-                    copies[id(h.generation)] = Generation(h.generation.session.fork())
+                    copies[id(h.generation)] = Generation(h.generation.session.fork(), h.generation.rows)
                 hypotheses.append(Hypothesis(h.start, h.weight, h.probs, h.eos, h.span, copies[id(h.generation)],
                                              h.row, h.tokens))
             twin.rows.append(RowBytes(bytearray(row.text), hypotheses, row.pruned))
@@ -207,6 +225,7 @@ class ByteSession:
         stats.bytes += len(self.rows)
         if children:
             self._run(children)
+        self._compact()
 
     def _prune(self, row: RowBytes, pending: list, made: list) -> tuple[list, list]:
         """Renormalise the row's hypotheses over the new text; drop those below the pruning share (and
@@ -243,7 +262,7 @@ class ByteSession:
             session.join(part)
         tokens = torch.tensor([[children[n][2]] for n in order], dtype=torch.long)
         logits = session.advance(tokens)[:, -1]
-        generation = Generation(session)
+        generation = Generation(session, len(order))
         vocab = self.source.vocab
         self.source.stats.forwards += 1
         self.source.stats.paths += len(order)
