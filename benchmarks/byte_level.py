@@ -66,6 +66,31 @@ def run_once(tuner: ProxyTuner, prompts: list[str], budget: int) -> tuple[float,
     return seconds, sum(len(o.text) for o in outs), [o.text for o in outs]
 
 
+def prune_error(tuner: ProxyTuner, examples, prunes, reference: float = 1e-10) -> None:
+    """The error pruning makes: each prune's log p̃ of the reference answers' bytes against a (nearly)
+    unpruned reading (prune 1e-10, up to 256 hypotheses per row), per byte and in total."""
+    items = [tuner.score_item(e.prompt, e.completion) for e in examples]
+    sources = list({id(s): s for s in tuner.sources.values()}.values())
+
+    def scores(prune, most):
+        for source in sources:
+            source.prune, source.max_hypotheses, source.stats = prune, most, type(source.stats)()
+        start = time.perf_counter()
+        out = tuner.score_items(items)
+        return out, time.perf_counter() - start, {s.name: s.stats.as_dict() for s in sources}
+
+    exact, seconds, stats = scores(reference, 256)
+    print(f"reference prune {reference:g}: {seconds:.1f} s, paths/byte "
+          + ", ".join(f"{role} {s['paths_per_byte']}" for role, s in stats.items()))
+    print(f"{'prune':>8} {'max |Δ log p̃| per byte':>24} {'max |Δ total|':>14} {'seconds':>8}  paths/byte per role")
+    for prune in prunes:
+        got, seconds, stats = scores(prune, 64)
+        per_byte = max(max(abs(a - b) for a, b in zip(g.logprobs, e.logprobs)) for g, e in zip(got, exact))
+        total = max(abs(g.total - e.total) for g, e in zip(got, exact))
+        print(f"{prune:>8g} {per_byte:>24.2e} {total:>14.2e} {seconds:>8.1f}  "
+              + ", ".join(f"{role} {s['paths_per_byte']}" for role, s in stats.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=4)
@@ -77,11 +102,19 @@ def main() -> None:
     parser.add_argument("--gemma-expert", default=None, help="the GSM LoRA on Gemma-3-270M (a `proxytune tune` output)")
     parser.add_argument("--variants", nargs="+", default=["token", "bytes-same", "bytes-gemma"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--prune-error", type=int, default=0, metavar="N",
+                        help="instead of timing: the error of each pruning threshold on N reference answers")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = [example.prompt for example in gsm.heldout_examples(args.prompts, seed=0)]
     all_tuners = tuners(args)
+    if args.prune_error:
+        for variant in [v for v in args.variants if v != "token"]:
+            print(f"\n{variant}, α={args.alpha:g}")
+            prune_error(all_tuners[variant], gsm.heldout_examples(args.prune_error, seed=0),
+                        [1e-4, 1e-5, 1e-6, 1e-7])
+        return
     results: dict[str, list[tuple[float, int]]] = {v: [] for v in args.variants}
     texts: dict[str, list[str]] = {}
     stats: dict[str, dict] = {}

@@ -27,8 +27,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "their vocabularies differ; lengths then count bytes)")
     level.add_argument("--token-level", dest="byte_level", action="store_const", const=False,
                        help="refuse roles whose vocabularies differ instead of decoding byte by byte")
-    group.add_argument("--prune", type=float, default=1e-7,
-                       help="byte level: drop token paths below this share of the text's probability (default 1e-7; "
+    group.add_argument("--prune", type=float, default=1e-5,
+                       help="byte level: drop token paths below this share of the text's probability (default 1e-5; "
                             "0 keeps every path)")
 
 
@@ -57,7 +57,7 @@ def load_tuner(args: argparse.Namespace):
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
                                       device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
                                       threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None),
-                                      byte_level=getattr(args, "byte_level", None), prune=getattr(args, "prune", 1e-7))
+                                      byte_level=getattr(args, "byte_level", None), prune=getattr(args, "prune", 1e-5))
 
 
 def byte_usage(tuner) -> list[str]:

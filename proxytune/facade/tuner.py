@@ -53,7 +53,7 @@ class ProxyTuner:
 
     def __init__(self, base, expert=None, anti_expert=None, tokenizer=None, alpha: float = 1.0,
                  experts: Sequence[tuple] | None = None, tokenizers: dict | None = None,
-                 byte_level: bool | None = None, prune: float = 1e-7):
+                 byte_level: bool | None = None, prune: float = 1e-5):
         if experts is None:
             if expert is None or anti_expert is None:
                 raise ProxyTuneError("give expert and anti_expert, or experts=[(expert, anti_expert, alpha), ...]")
@@ -110,7 +110,7 @@ class ProxyTuner:
                         alpha: float = 1.0, device=None, dtype=None,
                         experts: Sequence[tuple] | None = None, backend: str | None = None,
                         threads: int | None = None, n_ctx: int | None = None, byte_level: bool | None = None,
-                        prune: float = 1e-7) -> "ProxyTuner":
+                        prune: float = 1e-5) -> "ProxyTuner":
         """Load by spec: a model directory, a .gguf file, a peft adapter directory, or a registered name.
         A registered trio name (e.g. "demo") alone gives all three roles. `gguf:SPEC` runs a role in
         llama.cpp; backend="llama.cpp" runs every role there (threads, n_ctx: its settings). Roles whose

@@ -126,12 +126,15 @@ MODELS: dict[str, ModelEntry] = {entry.name: entry for entry in (
 )}
 
 # Adapters shipped inside this package, usable by name wherever a model spec is expected.
-ADAPTERS: dict[str, Path] = {"gsm-qwen2.5-coder-0.5b": ADAPTERS_DIR / "gsm-qwen2.5-coder-0.5b"}
+ADAPTERS: dict[str, Path] = {"gsm-qwen2.5-coder-0.5b": ADAPTERS_DIR / "gsm-qwen2.5-coder-0.5b",
+                              "gsm-gemma-3-270m": ADAPTERS_DIR / "gsm-gemma-3-270m"}
 
 # The paper's task-finetuning setting, at sizes this machine can run: tune a small model, steer a large one.
 TRIOS: dict[str, dict[str, str]] = {
     "demo": {"base": "qwen2.5-coder-1.5b-instruct", "expert": "gsm-qwen2.5-coder-0.5b",
              "anti_expert": "qwen2.5-coder-0.5b-instruct"},
+    # An expert pair of another family (Gemma's vocabulary of 262,144 vs Qwen's 151,936): combined byte by byte.
+    "gemma": {"base": "qwen2.5-coder-1.5b-instruct", "expert": "gsm-gemma-3-270m", "anti_expert": "gemma-3-270m"},
     # The same trio on llama.cpp: the packaged GGUF files as they are, the LoRA converted once (docs/llama-cpp.md).
     "demo-gguf": {"base": "gguf:qwen2.5-coder-1.5b-instruct", "expert": "gguf:gsm-qwen2.5-coder-0.5b",
                   "anti_expert": "gguf:qwen2.5-coder-0.5b-instruct"},

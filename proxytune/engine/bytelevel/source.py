@@ -13,7 +13,7 @@ path + t (aligned at the new end, needing one forward), and it stays pending whi
 begin with remainder + b. Children of every row are run in one batched forward, each in a copy of its
 parent's rows (`fork(rows)`, so shared prefixes are never recomputed; llama.cpp shares the cells).
 
-Pruning is explicit: a hypothesis whose share of P(x) falls below `prune` (default 1e-7) is dropped and the
+Pruning is explicit: a hypothesis whose share of P(x) falls below `prune` (default 1e-5) is dropped and the
 rest renormalised; the dropped mass is added up per row (`ByteStats.pruned`), so its error is visible.
 Prompts stay token ids in each model's own tokenization (chat templates, special tokens); the byte
 level starts where the prompt ends, exactly as token-level decoding conditions on the prompt's tokens.
@@ -83,7 +83,7 @@ class ByteSource:
 
     vocab_size = BYTE_VOCAB
 
-    def __init__(self, inner: LogitSource, vocab: ByteVocab, name: str | None = None, prune: float = 1e-7,
+    def __init__(self, inner: LogitSource, vocab: ByteVocab, name: str | None = None, prune: float = 1e-5,
                  max_hypotheses: int = 64):
         if not (isinstance(prune, (int, float)) and 0 <= prune < 1):
             raise ProxyTuneError(f"prune must be in [0, 1) (a share of the text's probability), got {prune!r}")
