@@ -291,15 +291,14 @@ def test_speculative_decoding_is_refused_with_a_reason(tok, sp, sp_pair):
 
 
 def test_a_vocabulary_without_byte_fallback_is_refused_naming_the_role_and_the_text(tok, sp_pair):
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))  # SentencePiece-style, but no <0xNN> tokens to fall back on
+    raw.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never")
     raw.train_from_iterator(["abc def 3 + 4 ? : Question what is Answer"] * 5,
                             trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "</s>"]))
-    from tokenizers import decoders
-    raw.decoder = decoders.BPEDecoder()
+    raw.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse()])
     narrow = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", eos_token="</s>")
     expert = tiny_model(11, vocab_size=len(narrow))
     tuner = ProxyTuner(tiny_model(0), expert, expert, tokenizers={"base": tok, "expert": narrow, "anti_expert": narrow})

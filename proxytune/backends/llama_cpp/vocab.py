@@ -8,44 +8,9 @@ and a transformers role are checked exactly as two transformers roles are.
 """
 from __future__ import annotations
 
-import functools
-import re
-
 from ...errors import ProxyTuneError
+from ..token_bytes import hf_token_bytes
 from .model import GGUFModel
-
-SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
-
-
-@functools.lru_cache(maxsize=1)
-def byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level BPE writes each byte as a printable character; this inverts that map."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
-        range(ord("®"), ord("ÿ") + 1))
-    characters = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            characters.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, characters)}
-
-
-def hf_token_bytes(token: str, kind: str, special: bool) -> bytes | None:
-    """The bytes of one HF token string; None when this kind of vocabulary has no fixed rule."""
-    if special:
-        return token.encode()
-    if kind == "gpt2":
-        decoder = byte_decoder()
-        if all(c in decoder for c in token):
-            return bytes(decoder[c] for c in token)
-        return token.encode()  # an added token kept as plain text
-    if kind == "llama":
-        match = SPM_BYTE.match(token)
-        return bytes([int(match.group(1), 16)]) if match else token.replace("▁", " ").encode()
-    return None
-
 
 def check_tokenizer_matches(model: GGUFModel, tokenizer) -> None:
     """Every id the HF tokenizer knows must be the same bytes in llama.cpp, else a ProxyTuneError."""

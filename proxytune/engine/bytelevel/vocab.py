@@ -11,30 +11,14 @@ from __future__ import annotations
 
 import bisect
 import json
-import re
-from functools import lru_cache
 from typing import Sequence
 
 import torch
 
+from ...backends.token_bytes import hf_token_bytes
 from ...errors import ProxyTuneError
 
-BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 PROBE = "Hello, world!  12.5 × 3 = 37.5\n\tdef f(x):\n    return x ** 2  # ñandú, 東京, 🙂"
-
-
-@lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """The inverse of GPT-2's bytes-to-unicode map (byte-level BPE writes each byte as a printable
-    character: printable ASCII and Latin-1 as themselves, the rest shifted above 255)."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    chars, shifted = list(keep), 0
-    for byte in range(256):
-        if byte not in keep:
-            keep.append(byte)
-            chars.append(256 + shifted)
-            shifted += 1
-    return {chr(c): b for b, c in zip(keep, chars)}
 
 
 def _decoder_kinds(tokenizer) -> set[str]:
@@ -67,22 +51,18 @@ def token_bytes(tokenizer, role: str = "model") -> list[bytes]:
     checked against the tokenizer's own decoding of a probe text, so a vocabulary read wrongly is refused
     instead of giving wrong probabilities."""
     kinds = _decoder_kinds(tokenizer)
+    kind = "gpt2" if "ByteLevel" in kinds else "llama" if kinds & {"ByteFallback", "Replace", "Metaspace"} else None
+    if kind is None:
+        raise ProxyTuneError(f"the {role} tokenizer's decoder ({sorted(kinds)}) has no known rule for the bytes of "
+                             f"its tokens, so it cannot be read byte by byte")
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
-    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+    added = tokenizer.added_tokens_decoder
     table: list[bytes] = []
     for token_id, piece in enumerate(pieces):
-        if token_id in added:
-            token = added[token_id]
-            table.append(b"" if token.special else token.content.encode())
-        elif piece is None:
-            table.append(b"")
-        elif alphabet is not None:
-            table.append(bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode())
-        elif "ByteFallback" in kinds and BYTE_FALLBACK.match(piece):
-            table.append(bytes([int(piece[3:5], 16)]))
+        if token_id in added:  # special tokens write nothing; other added tokens write their text
+            table.append(b"" if added[token_id].special else added[token_id].content.encode())
         else:
-            table.append(piece.replace("▁", " ").encode())
+            table.append(hf_token_bytes(piece or "", kind, special=False))
     _check(tokenizer, table, role)
     return table
 
