@@ -256,3 +256,14 @@ def test_the_output_layer_gets_one_plain_matrix_when_a_batch_is_prefilled(trio, 
     assert hidden.stride(0) == hidden.stride(1) * hidden.shape[1]
     alone = [TransformersSource(base).open([tok.encode(p)]).prefill()[0] for p in PROMPTS]
     assert torch.allclose(logits, torch.stack(alone), atol=1e-4)
+
+
+def test_where_every_model_must_write_what_is_chosen_any_models_minus_inf_rules_a_token_out():
+    inf = float("inf")
+    base = torch.tensor([[0.0, 1.0, 2.0, -inf, 1.0]])
+    expert = torch.tensor([[3.0, -inf, 0.5, 1.0, -inf]])
+    anti = torch.tensor([[1.0, 0.0, -inf, 1.0, -inf]])
+    alphas = torch.tensor([[2.0]])
+    assert combined_logits(base, [expert], [anti], alphas).tolist() == [[4.0, -inf, inf, -inf, 1.0]]
+    assert combined_logits(base, [expert], [anti], alphas, every_model_writes=True).tolist() == \
+        [[4.0, -inf, -inf, -inf, -inf]]

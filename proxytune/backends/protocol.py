@@ -27,6 +27,8 @@ class Capabilities:
     join: bool = False  # join(other): the rows of another prefilled session of the same source move in
     fork: bool = False  # fork(): an independent copy of the session (needed when a join splits shared roles)
     draft: bool = False  # draft(): the model continues each row itself, several tokens in one call (a remote base)
+    must_write: bool = False  # the session can only advance by what its model can write (a byte view): what it
+    #                           rules out (−inf) must be ruled out of the combined distribution
 
 
 @dataclass

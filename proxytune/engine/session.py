@@ -39,13 +39,15 @@ class RoleLogits:
                           [function(a) for a in self.anti_experts], function(self.combined))
 
 
-def combine(roles: Roles, logits: dict[str, torch.Tensor], alphas: torch.Tensor) -> RoleLogits:
+def combine(roles: Roles, logits: dict[str, torch.Tensor], alphas: torch.Tensor,
+            every_model_writes: bool = False) -> RoleLogits:
     """RoleLogits from each role's logits ([B, V] or [B, k, V]) and per-row α [B, P]."""
     base = logits["base"]
     device = base.device
     experts = [logits[name].to(device) for name in roles.experts]
     antis = [logits[name].to(device) for name in roles.anti_experts]
-    return RoleLogits(roles, base, experts, antis, combined_logits(base, experts, antis, alphas.to(device)))
+    return RoleLogits(roles, base, experts, antis,
+                      combined_logits(base, experts, antis, alphas.to(device), every_model_writes))
 
 
 def moving_average(old: float | None, new: float, memory: float = 0.7) -> float:
@@ -110,7 +112,8 @@ class ProxySession:
 
     def collect(self, outputs: dict[tuple, torch.Tensor]) -> RoleLogits:
         """Combined logits from each session's output (keyed like `sessions`)."""
-        return combine(self.roles, {role: outputs[key] for role, key in self.session_of.items()}, self.alphas)
+        return combine(self.roles, {role: outputs[key] for role, key in self.session_of.items()}, self.alphas,
+                       any(s.capabilities.must_write for s in self.sessions.values()))
 
     def prefill(self) -> RoleLogits:
         return self.collect({key: s.prefill() for key, s in self.sessions.items()})

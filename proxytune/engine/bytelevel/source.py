@@ -107,7 +107,7 @@ class ByteSource:
 
 
 class ByteSession:
-    capabilities = Capabilities(join=True, fork=True)
+    capabilities = Capabilities(join=True, fork=True, must_write=True)
 
     def __init__(self, source: ByteSource, prompts: Sequence[Sequence[int]]):
         self.source = source
