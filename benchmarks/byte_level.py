@@ -66,9 +66,9 @@ def run_once(tuner: ProxyTuner, prompts: list[str], budget: int) -> tuple[float,
     return seconds, sum(len(o.text) for o in outs), [o.text for o in outs]
 
 
-def prune_error(tuner: ProxyTuner, examples, prunes, reference: float = 1e-10) -> None:
+def prune_error(tuner: ProxyTuner, examples, prunes, reference: float = 1e-8) -> None:
     """The error pruning makes: each prune's log p̃ of the reference answers' bytes against a (nearly)
-    unpruned reading (prune 1e-10, up to 256 hypotheses per row), per byte and in total."""
+    unpruned reading (prune 1e-8, up to 128 hypotheses per row), per byte and in total."""
     items = [tuner.score_item(e.prompt, e.completion) for e in examples]
     sources = list({id(s): s for s in tuner.sources.values()}.values())
 
@@ -79,7 +79,7 @@ def prune_error(tuner: ProxyTuner, examples, prunes, reference: float = 1e-10) -
         out = tuner.score_items(items)
         return out, time.perf_counter() - start, {s.name: s.stats.as_dict() for s in sources}
 
-    exact, seconds, stats = scores(reference, 256)
+    exact, seconds, stats = scores(reference, 128)
     print(f"reference prune {reference:g}: {seconds:.1f} s, paths/byte "
           + ", ".join(f"{role} {s['paths_per_byte']}" for role, s in stats.items()))
     print(f"{'prune':>8} {'max |Δ log p̃| per byte':>24} {'max |Δ total|':>14} {'seconds':>8}  paths/byte per role")
@@ -98,7 +98,7 @@ def main() -> None:
     parser.add_argument("--chars", type=int, default=160, help="byte-level budget (bytes)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--prune", type=float, default=1e-7)
+    parser.add_argument("--prune", type=float, default=1e-5)
     parser.add_argument("--gemma-expert", default=None, help="the GSM LoRA on Gemma-3-270M (a `proxytune tune` output)")
     parser.add_argument("--variants", nargs="+", default=["token", "bytes-same", "bytes-gemma"])
     parser.add_argument("--threads", type=int, default=None)
@@ -113,7 +113,7 @@ def main() -> None:
         for variant in [v for v in args.variants if v != "token"]:
             print(f"\n{variant}, α={args.alpha:g}")
             prune_error(all_tuners[variant], gsm.heldout_examples(args.prune_error, seed=0),
-                        [1e-4, 1e-5, 1e-6, 1e-7])
+                        [1e-4, 1e-5, 1e-6])
         return
     results: dict[str, list[tuple[float, int]]] = {v: [] for v in args.variants}
     texts: dict[str, list[str]] = {}
