@@ -10,10 +10,15 @@ def token_table(tokenizer) -> list[str]:
     return tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
 
 
+def _agrees(table: list[str], reference: list[str]) -> bool:
+    """Whether two id -> token tables agree over their shared range."""
+    return table is reference or table[:len(reference)] == reference[:len(table)]
+
+
 def vocabularies_agree(tables: dict[str, list[str]]) -> bool:
     """Whether every role's id -> token table agrees with the first role's over their shared range."""
     reference = next(iter(tables.values()))
-    return all(table is reference or table[:len(reference)] == reference[:len(table)] for table in tables.values())
+    return all(_agrees(table, reference) for table in tables.values())
 
 
 def shared_vocab_size(tables: dict[str, list[str]], logit_widths: dict[str, int]) -> int:
@@ -21,7 +26,7 @@ def shared_vocab_size(tables: dict[str, list[str]], logit_widths: dict[str, int]
     return the number of logit columns all roles share."""
     reference_role, reference = next(iter(tables.items()))
     for role, table in tables.items():
-        if table is reference:
+        if _agrees(table, reference):
             continue
         n = min(len(table), len(reference))
         differing = [i for i in range(n) if table[i] != reference[i]]

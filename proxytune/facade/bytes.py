@@ -23,16 +23,19 @@ def byte_sources(sources: dict[str, LogitSource], tokenizers: dict, eos: dict[st
                              f"that role locally (a transformers model or a GGUF file), or use models that share "
                              f"one vocabulary")
     tables: dict[int, list[bytes]] = {}
+    vocabs: dict[tuple, ByteVocab] = {}  # sorting 262,144 byte strings once, not once per role
     views: dict[tuple, ByteSource] = {}
     out = {}
     for role, source in sources.items():
         tokenizer = tokenizers[role]
         if id(tokenizer) not in tables:
             tables[id(tokenizer)] = token_bytes(tokenizer, role)
+        shape = (id(tokenizer), source.vocab_size, tuple(sorted(eos[role])))
+        if shape not in vocabs:
+            vocabs[shape] = ByteVocab(tables[id(tokenizer)], source.vocab_size, shape[2])
         key = (id(source), id(tokenizer))
         if key not in views:
-            vocab = ByteVocab(tables[id(tokenizer)], source.vocab_size, sorted(eos[role]))
-            views[key] = ByteSource(source, vocab, name=role, prune=prune)
+            views[key] = ByteSource(source, vocabs[shape], name=role, prune=prune)
         out[role] = views[key]
     return out
 
@@ -40,28 +43,9 @@ def byte_sources(sources: dict[str, LogitSource], tokenizers: dict, eos: dict[st
 def check_prompt_bytes(tokenizer, ids: Sequence[int], text: str, role: str, label: str) -> None:
     """A role whose tokenizer turned part of the prompt into an unknown token does not see the text the
     others see: refuse it, naming the role and the text."""
-    unknown = getattr(tokenizer, "unk_token_id", None)
-    if unknown is not None and unknown in ids:
+    if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
         raise ProxyTuneError(f"the {role} tokenizer cannot represent {label} {text[:60]!r}: it has no token (and no "
                              f"byte fallback) for some of its characters")
-
-
-def byte_item(tuner, prompt: str, continuation: str, label: str) -> ScoreItem:
-    """Each role's prompt tokens, then the continuation's bytes (the same in every role)."""
-    if not isinstance(continuation, str) or not continuation:
-        raise ProxyTuneError(f"{label or 'the'} continuation is empty: nothing to score")
-    data = list(continuation.encode())
-    sequences = {}
-    for role in tuner.roles:
-        ids = tuner.encode(prompt, role) if prompt else []
-        if not ids:
-            bos = tuner.tokenizers[role].bos_token_id
-            if bos is None:
-                raise ProxyTuneError(f"{label or 'the'} prompt is empty and the {role} tokenizer has no BOS token "
-                                     f"to start from")
-            ids = [bos]
-        sequences[role] = ids + data
-    return ScoreItem(sequences, len(data))
 
 
 def byte_role_logits(roles: Roles, sources: dict[str, LogitSource], items: Sequence[ScoreItem],

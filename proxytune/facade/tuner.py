@@ -14,7 +14,7 @@ from ..engine.sampling import SamplingParams
 from ..engine.scoring import Score, ScoreItem
 from ..engine.bytelevel import BYTE_VOCAB, END_OF_TEXT, ByteTokenizer
 from ..engine.vocab import shared_vocab_size, token_table, vocabularies_agree
-from .bytes import byte_item, byte_role_logits, byte_sources, check_prompt_bytes
+from .bytes import byte_role_logits, byte_sources, check_prompt_bytes
 from ..errors import ProxyTuneError, SourceFailure
 from ..models.loading import as_source
 
@@ -82,14 +82,13 @@ class ProxyTuner:
             by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
         # the most characters one token can stand for: a text longer than context x this cannot fit
         self._longest_token = {role: max(map(len, filter(None, table)), default=1) for role, table in by_role.items()}
-        widths = {r: s.vocab_size for r, s in self.sources.items()}
         eos = {role: eos_ids_of(models[role], tokenizers[role]) for role in self.roles}
         self.byte_level = (not vocabularies_agree(by_role)) if byte_level is None else bool(byte_level)
         if self.byte_level:  # every role read byte by byte, combined per byte (engine/bytelevel)
             self.sources = byte_sources(self.sources, tokenizers, eos, prune, self.remote_sources())
             self.tokenizer, self.vocab_size, self.eos_token_ids = ByteTokenizer(), BYTE_VOCAB, {END_OF_TEXT}
         else:
-            self.vocab_size = shared_vocab_size(by_role, widths)
+            self.vocab_size = shared_vocab_size(by_role, {r: s.vocab_size for r, s in self.sources.items()})
             for source in self.sources.values():
                 source.vocab_size = self.vocab_size
             self.eos_token_ids = set().union(*eos.values())
@@ -295,13 +294,12 @@ class ProxyTuner:
         """What `score` runs for one pair: each role's own tokens of prompt + continuation (the prompt as
         `generate` tokenizes it, the continuation on its own, as lm-eval does). Byte-level: the prompt's
         tokens, then the continuation's bytes."""
-        if self.byte_level:
-            return byte_item(self, prompt, continuation, label)
         sequences, scored = {}, None
         for role in self.roles:
             tokenizer = self.tokenizers[role]
             ids = self.encode(prompt, role) if prompt else []
-            cont = tokenizer(continuation, add_special_tokens=False)["input_ids"] if isinstance(continuation, str) else []
+            cont = [] if not isinstance(continuation, str) else list(continuation.encode()) if self.byte_level \
+                else tokenizer(continuation, add_special_tokens=False)["input_ids"]
             if not cont:
                 raise ProxyTuneError(f"{label or 'the'} continuation is empty: nothing to score")
             if not ids:  # nothing to condition on: start from BOS when the model has one

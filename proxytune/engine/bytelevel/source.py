@@ -67,7 +67,6 @@ class Hypothesis:
     span: tuple[int, int, int]  # ByteVocab.lookup of the remainder text[start:]
     generation: Generation  # where the path's KV state is
     row: int  # its row in generation.session
-    tokens: int = 0  # tokens on the path after the prompt
 
 
 @dataclass
@@ -127,7 +126,7 @@ class ByteSession:
         self.rows = []
         for row in range(len(self.prompts)):
             probs, eos = vocab.distribution(logits[row])
-            root = Hypothesis(0, 1.0, probs, eos, vocab.lookup(b""), generation, row)
+            root = Hypothesis(0, 1.0, probs, eos, vocab.everything, generation, row)
             self.rows.append(RowBytes(hypotheses=[root]))
         return self._byte_logits()
 
@@ -181,7 +180,7 @@ class ByteSession:
                 if id(h.generation) not in copies:
                     copies[id(h.generation)] = Generation(h.generation.session.fork(), h.generation.rows)
                 hypotheses.append(Hypothesis(h.start, h.weight, h.probs, h.eos, h.span, copies[id(h.generation)],
-                                             h.row, h.tokens))
+                                             h.row))
             twin.rows.append(RowBytes(bytearray(row.text), hypotheses, row.pruned))
         return twin
 
@@ -267,9 +266,8 @@ class ByteSession:
         self.source.stats.forwards += 1
         self.source.stats.paths += len(order)
         for place, n in enumerate(order):
-            i, parent, _, weight = children[n]
+            i, _, _, weight = children[n]
             probs, eos = vocab.distribution(logits[place])
             row = self.rows[i]
-            row.hypotheses.append(Hypothesis(len(row.text), weight, probs, eos, vocab.lookup(b""), generation,
-                                             place, parent.tokens + 1))
+            row.hypotheses.append(Hypothesis(len(row.text), weight, probs, eos, vocab.everything, generation, place))
 

@@ -95,7 +95,7 @@ class ByteVocab:
             padded[place * self.longest:place * self.longest + len(piece)] = piece
         self.bytes_at = torch.frombuffer(padded, dtype=torch.uint8).reshape(len(self.keys), self.longest).clone()
         self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i < vocab_size), dtype=torch.long)
-        self.covered = set(self.bytes_at[:, 0].tolist())  # bytes some token begins with
+        self.everything = self.lookup(b"")  # the span of the empty remainder: every token
 
     def lookup(self, prefix: bytes, within: tuple[int, int] | None = None) -> tuple[int, int, int]:
         """(lo, exact_end, hi): tokens in sorted places [lo, hi) begin with `prefix`; those in
