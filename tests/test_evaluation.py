@@ -138,6 +138,23 @@ def test_roles_run_later_complete_the_same_results_as_one_run(trio_dirs, tmp_pat
     assert "tuned needs --tuned" in capsys.readouterr().err
 
 
+def test_one_directory_holds_one_decoding_level(trio_dirs, tmp_path, capsys):
+    """Greedy over bytes is another decoding than greedy over tokens (and lengths count bytes): a base run
+    alone, which loads only the base and cannot see that the trio reads bytes, is refused, not mixed in."""
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "5", "--no-progress",
+              "--output", str(tmp_path / "r")]
+    assert main(common + ["--roles", "expert", "--byte-level"]) == 0
+    assert [r["level"] for r in read_results(tmp_path / "r")] == ["bytes"]
+    capsys.readouterr()
+    assert main(common + ["--roles", "base"]) == 2
+    error = capsys.readouterr().err
+    assert "decoded over bytes" in error and "--byte-level" in error and "Traceback" not in error
+    assert main(common + ["--roles", "base", "--byte-level"]) == 0
+    records = read_results(tmp_path / "r")
+    assert [r["level"] for r in records] == ["bytes", "bytes"] and all(t <= 256 for t in records[1]["token_ids"])
+    assert records[1]["new_tokens"] == len(records[1]["output"].encode())  # bytes, written as they came
+
+
 def test_a_tuned_anchor_can_join_a_finished_run_but_not_replace_another(trio_dirs, tmp_path, capsys):
     common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "5", "--no-progress",
               "--output", str(tmp_path / "run")]

@@ -55,24 +55,29 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     specs = model_specs(args)
     config = {"command": command, "task": task.name, "task_settings": task.settings(), "models": specs,
               "tuned": args.tuned, "dtype": args.dtype or "default", **extra_config}
+    # settings that change results, recorded where they are not the default (older directories stay valid);
+    # the decoding level is recorded per result and checked by the runner (--roles base cannot detect it)
+    config.update({name: value for name, value, default in (("backend", args.backend, None),
+                                                            ("prune", args.prune, 1e-5)) if value != default})
     store = ResultStore(args.output, config)
     return task, store, specs
 
 
 def load_runner(args: argparse.Namespace, specs: dict, base_only: bool = False):
-    """The trio (or, with base_only, the base model standing in for all three roles) and the tuned model."""
+    """The trio (or, with base_only, the base model standing in for all three roles) and the tuned model,
+    with every model option (backend, byte level, pruning) as `generate` takes them."""
     from ..evaluation import RoleRunner
     from ..models.loading import load_roles
     from ..facade.tuner import ProxyTuner
+    from ._models import load_tuner
 
-    if base_only:
-        source, tokenizer = load_roles({"base": specs["base"]}, device=args.device, dtype=args.dtype)["base"]
-        tuner = ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0)
-    else:
-        tuner = ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
-                                           device=args.device, dtype=args.dtype)
-    tuned = None
-    if args.tuned:
-        source, tokenizer = load_roles({"tuned": args.tuned}, device=args.device, dtype=args.dtype)["tuned"]
-        tuned = ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0)
+    def alone(role: str, spec: str, byte_level) -> ProxyTuner:
+        source, tokenizer = load_roles({role: spec}, device=args.device, dtype=args.dtype, backend=args.backend,
+                                       threads=args.threads, n_ctx=args.n_ctx)[role]
+        return ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0, byte_level=byte_level,
+                          prune=args.prune)
+
+    tuner = alone("base", specs["base"], args.byte_level) if base_only else load_tuner(args)
+    # the anchor decodes over what the trio decodes over, so its greedy answers compare with theirs
+    tuned = alone("tuned", args.tuned, tuner.byte_level) if args.tuned else None
     return RoleRunner(tuner, tuned)

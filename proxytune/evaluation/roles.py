@@ -49,6 +49,8 @@ class RoleRunner:
                                  f"{len(tuner.pairs)}")
         self.tuner = tuner
         self.tuned = tuned  # a ProxyTuner whose three roles are the tuned model (α = 0), or None
+        # what the roles decode over ("new_tokens" then counts these); a tuned anchor decodes its own tokens
+        self.level = "bytes" if tuner.byte_level else "tokens"
 
     def _tuner_of(self, role: Role):
         if role.kind == "tuned":

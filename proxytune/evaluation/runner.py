@@ -37,6 +37,7 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
     examples = task.examples(limit)
     if not examples:
         raise ProxyTuneError(f"task {task.name} has no examples")
+    check_level(store, runner.level)
     done = store.done()
     units = [(ex, role) for ex in examples for role in roles]
     bar = _progress_bar(len(units), sum((ex.id, r.name) in done for ex, r in units), task.name, progress)
@@ -62,6 +63,17 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
     return summarize(task, roles, store.records, [ex.id for ex in examples])
 
 
+def check_level(store: ResultStore, level: str) -> None:
+    """Results decoded over bytes and over tokens are different decodings (greedy differs, lengths count
+    other units): one directory holds one level. Records written before levels were recorded are unknown."""
+    other = {r["level"] for r in store.records if r.get("level") not in (None, level)}
+    if other:
+        fix = ("--byte-level: the trio's vocabularies differ, and --roles base alone loads only the base"
+               if level == "tokens" else "--token-level, or choose another --output")
+        raise ProxyTuneError(f"{store.directory} holds results decoded over {other.pop()}, but this run decodes over "
+                             f"{level}; add {fix}")
+
+
 def choose_options(runner: RoleRunner, task, roles: Sequence[Role], examples: Sequence[Example],
                    done: set, write: Callable[[dict], None]) -> None:
     for example in examples:
@@ -72,8 +84,8 @@ def choose_options(runner: RoleRunner, task, roles: Sequence[Role], examples: Se
         scores = runner.score(pending, [(example.prompt, option) for option in options])
         for role in pending:
             picked = max(range(len(options)), key=scores[role.name].__getitem__)
-            write({"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
-                   "output": options[picked], "answer": picked, "gold": example.gold,
+            write({"id": example.id, "role": role.name, "alpha": role.alpha, "level": runner.level,
+                   "prompt": example.prompt, "output": options[picked], "answer": picked, "gold": example.gold,
                    "correct": picked == example.gold, "option_logprobs": scores[role.name]})
 
 
@@ -104,7 +116,7 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
             open_rows[example.id] -= 1
             if open_rows[example.id] == 0:
                 first = first_row[example.id]
-                write(_generation_record(task, role, example,
+                write(_generation_record(task, role, example, runner.level,
                                          [decoding.output(i) for i in range(first, first + 1 + task.samples)]))
         running = decoding.running
         if queued < len(requests) and running < batch_size:
@@ -112,9 +124,9 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
             queued += batch_size - running
 
 
-def _generation_record(task, role: Role, example: Example, outputs) -> dict:
+def _generation_record(task, role: Role, example: Example, level: str, outputs) -> dict:
     greedy = outputs[0]
-    record = {"id": example.id, "role": role.name, "alpha": role.alpha, "prompt": example.prompt,
+    record = {"id": example.id, "role": role.name, "alpha": role.alpha, "level": level, "prompt": example.prompt,
               "output": greedy.text, **task.judge(example, greedy.text), "gold": example.gold,
               "finish_reason": greedy.finish_reason, "new_tokens": len(greedy.token_ids),
               "token_ids": greedy.token_ids}  # lets `analyze` re-score the exact tokens
