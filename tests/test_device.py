@@ -66,3 +66,46 @@ def test_batched_equals_one_at_a_time_and_speculative_equals_plain(placed):
     alone = [tuner.generate(p, max_new_tokens=12)[0].token_ids for p in PROMPTS]
     assert [o.token_ids for o in tuner.generate(PROMPTS, max_new_tokens=12)] == alone
     assert [o.token_ids for o in tuner.generate(PROMPTS, max_new_tokens=12, speculative=True)] == alone
+
+
+# --- placement on real hardware (CUDA only; tests/test_placement.py covers the CPU) ------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def trio_dirs(trio, tok, tmp_path_factory):
+    root = tmp_path_factory.mktemp("device-trio")
+    for model, role in zip(trio, ("base", "expert", "anti")):
+        model.save_pretrained(root / role)
+        tok.save_pretrained(root / role)
+    return [str(root / role) for role in ("base", "expert", "anti")]
+
+
+@needs_cuda
+def test_a_base_split_across_devices_by_a_device_map_equals_the_whole_model(trio_dirs):
+    last = f"cuda:{torch.cuda.device_count() - 1}" if torch.cuda.device_count() > 1 else "cpu"
+    split = {"model.embed_tokens": "cuda:0", "model.rotary_emb": "cuda:0", "model.layers.0": "cuda:0",
+             "model.layers.1": last, "model.norm": last, "lm_head": last}
+    whole = ProxyTuner.from_pretrained(*trio_dirs, device="cuda", dtype="float32")
+    mapped = ProxyTuner.from_pretrained(*trio_dirs, device="cuda", dtype="float32",
+                                        placement={"base": {"device_map": split}})
+    assert {str(p.device) for p in mapped.sources["base"].model.parameters()} == {"cuda:0", last}
+    ours = mapped.generate(PROMPTS, max_new_tokens=12, batch_size=3)
+    assert [o.token_ids for o in ours] == [o.token_ids for o in whole.generate(PROMPTS, max_new_tokens=12,
+                                                                                batch_size=3)]
+
+
+@needs_cuda
+def test_roles_on_different_devices_step_concurrently_with_the_numbers_of_one_after_another(trio_dirs, monkeypatch):
+    from proxytune.engine.session import ProxySession
+
+    pair_device = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    tuner = ProxyTuner.from_pretrained(*trio_dirs, device="cuda:0", dtype="float32",
+                                       placement={"expert": {"device": pair_device},
+                                                  "anti_expert": {"device": pair_device}})
+    assert tuner.sources["base"].place != tuner.sources["expert"].place
+    concurrent = tuner.generate(PROMPTS, max_new_tokens=12, temperature=0.8, seed=5)
+    monkeypatch.setattr(ProxySession, "concurrent", False)
+    sequential = tuner.generate(PROMPTS, max_new_tokens=12, temperature=0.8, seed=5)
+    assert [(o.token_ids, o.logprobs) for o in concurrent] == [(o.token_ids, o.logprobs) for o in sequential]

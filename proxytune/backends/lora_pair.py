@@ -14,6 +14,7 @@ opened on its own (e.g. "expert alone" in `--compare`) simply runs alone.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -163,6 +164,7 @@ class HalfSession:
 
     def __init__(self, role: PairedRole, prompts):
         self.role = role
+        self.capabilities = replace(HalfSession.capabilities, place=role.place)
         self.prompts = [list(p) for p in prompts]
         self.partner: HalfSession | None = None
         self.joint: JointSession | None = None

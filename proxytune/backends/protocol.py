@@ -15,7 +15,7 @@ Logits are float32 tensors on the CPU or the source's device, with exactly `voca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Protocol, Sequence, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -29,6 +29,9 @@ class Capabilities:
     draft: bool = False  # draft(): the model continues each row itself, several tokens in one call (a remote base)
     must_write: bool = False  # the session can only advance by what its model can write (a byte view): what it
     #                           rules out (−inf) must be ruled out of the combined distribution
+    place: frozenset[str] | None = None  # the hardware its steps run on ({"cuda:0", "cuda:1"}, {"cpu"}, a server):
+    #                           sessions whose places are known and disjoint run a step concurrently; None: unknown,
+    #                           shared with every other session (one after another)
 
 
 @dataclass
@@ -51,7 +54,7 @@ class Draft:
 class Session(Protocol):
     """The decoding state of one source over a batch of rows (its KV caches, masks, positions)."""
 
-    capabilities: ClassVar[Capabilities]
+    capabilities: Capabilities  # on the class, or on the instance when it depends on the model (its place)
 
     def prefill(self) -> torch.Tensor:
         """Run the prompts; return the next-token logits of every row, shape [B, V]."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -74,6 +75,8 @@ class TransformersSource:
             output_layer.register_forward_pre_hook(_foldable)
             output_layer._proxytune_foldable = True
         config = model.config
+        # every device holding its weights (several with a device map): where its forwards run
+        self.place = frozenset(str(p.device) for p in model.parameters())
         self.max_length = getattr(config, "max_position_embeddings", None)
         self.adapter_disabled = adapter_disabled
         self.max_batch_tokens = max_batch_tokens
@@ -119,6 +122,7 @@ class TransformersSession:
 
     def __init__(self, source: TransformersSource, prompts: Sequence[Sequence[int]]):
         self.source = source
+        self.capabilities = replace(TransformersSession.capabilities, place=source.place)
         self.prompts = [list(p) for p in prompts]
         self.cache = DynamicCache()
         self.mask: torch.Tensor | None = None
@@ -154,7 +158,9 @@ class TransformersSession:
 
     def select(self, rows: Sequence[int]) -> None:
         index = torch.tensor(list(rows), dtype=torch.long)
-        self.cache.batch_select_indices(index.to(self.source.device))
+        for layer in self.cache.layers:  # each layer on its own device (a model split by a device map)
+            if layer.is_initialized:
+                layer.batch_select_indices(index.to(layer.keys.device))
         self.mask = self.mask[index]
         self.prompts = [self.prompts[r] for r in rows]
         self._drop_leading_padding()
@@ -198,11 +204,10 @@ class TransformersSession:
         for layer in self.cache.layers:
             if type(layer) is not DynamicLayer:
                 raise ValueError(f"cannot copy rows of {type(layer).__name__} caches (sliding or static layers)")
-        on_device = index.to(self.source.device)
         for layer in self.cache.layers:
             copied = DynamicLayer()
             copied.lazy_initialization(layer.keys, layer.values)
-            copied.keys, copied.values = layer.keys[on_device], layer.values[on_device]
+            copied.keys, copied.values = _rows(layer.keys, index), _rows(layer.values, index)
             twin.cache.layers.append(copied)
         twin.mask = self.mask[index]
         twin._drop_leading_padding()
@@ -221,6 +226,10 @@ class TransformersSession:
         for layer in layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
         self.mask = self.mask[:, start:]
+
+
+def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return tensor[index.to(tensor.device)]
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:

@@ -31,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "dry_run", False):  # every verb that loads models takes --dry-run (cli/_models.py)
+            from ._models import show_plan
+            return show_plan(args)
         return int(args.func(args) or 0)
     except ProxyTuneError as error:
         print(f"proxytune {args.verb}: error: {error}", file=sys.stderr)

@@ -54,11 +54,12 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     task = get_task(args.task, samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
     specs = model_specs(args)
     config = {"command": command, "task": task.name, "task_settings": task.settings(), "models": specs,
-              "tuned": args.tuned, "dtype": args.dtype or "default", **extra_config}
+              "tuned": args.tuned, "dtype": args.dtype or "auto", **extra_config}
     # settings that change results, recorded where they are not the default (older directories stay valid);
     # the decoding level is recorded per result and checked by the runner (--roles base cannot detect it)
     config.update({name: value for name, value, default in (("backend", args.backend, None),
-                                                            ("prune", args.prune, 1e-5)) if value != default})
+                                                            ("prune", args.prune, 1e-5),
+                                                            ("place", args.place, None)) if value != default})
     store = ResultStore(args.output, config)
     return task, store, specs
 
@@ -69,11 +70,15 @@ def load_runner(args: argparse.Namespace, specs: dict, base_only: bool = False):
     from ..evaluation import RoleRunner
     from ..models.loading import load_roles
     from ..facade.tuner import ProxyTuner
+    from ..models.placement import parse_place, placements_of
     from ._models import load_tuner
 
     def alone(role: str, spec: str, byte_level) -> ProxyTuner:
+        # the base keeps its --place; the anchor is placed like the base
+        placements = placements_of({role: parse_place(args.place).get("base", {})}, [role])
         source, tokenizer = load_roles({role: spec}, device=args.device, dtype=args.dtype, backend=args.backend,
-                                       threads=args.threads, n_ctx=args.n_ctx)[role]
+                                       threads=args.threads, n_ctx=args.n_ctx, placements=placements,
+                                       trust_remote_code=args.trust_remote_code)[role]
         return ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0, byte_level=byte_level,
                           prune=args.prune)
 

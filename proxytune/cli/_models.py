@@ -14,7 +14,16 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--anti-expert", dest="anti_expert", help="small untuned model")
     group.add_argument("--alpha", type=float, default=1.0, help="strength of the expert's shift (default 1.0)")
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    group.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: fp32 on CPU, bf16 on CUDA)")
+    group.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: each "
+                                                     "checkpoint's own, e.g. bf16 for the demo models)")
+    group.add_argument("--place", action="append", metavar="ROLE:KEY=VALUE[,...]",
+                       help="one role's placement over --device/--dtype (repeatable): device, dtype, device_map "
+                            "(auto, balanced, sequential or a JSON {module: device} map), quantize (4bit, 8bit: "
+                            "bitsandbytes on CUDA); e.g. --place base:device_map=auto --place expert:device=cuda:1")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="let checkpoints run their own modelling code (off: only transformers' own models)")
+    group.add_argument("--dry-run", action="store_true",
+                       help="print each role's placement, dtype, weight and KV-cache bytes, and load nothing")
     group.add_argument("--backend", choices=["transformers", "llama.cpp"], default=None,
                        help="run every role in this backend (default: per spec; gguf:SPEC runs one role in llama.cpp)")
     group.add_argument("--threads", type=int, default=None,
@@ -52,12 +61,31 @@ def model_specs(args: argparse.Namespace) -> dict[str, str]:
 
 def load_tuner(args: argparse.Namespace):
     from ..facade.tuner import ProxyTuner
+    from ..models.placement import parse_place
 
     specs = model_specs(args)
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
                                       device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
                                       threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None),
-                                      byte_level=getattr(args, "byte_level", None), prune=getattr(args, "prune", 1e-5))
+                                      byte_level=getattr(args, "byte_level", None), prune=getattr(args, "prune", 1e-5),
+                                      placement=parse_place(args.place), trust_remote_code=args.trust_remote_code)
+
+
+def show_plan(args: argparse.Namespace) -> int:
+    """--dry-run: the loading plan of the roles the verb would load (models/plan.py), nothing loaded."""
+    from ..engine.roles import Roles
+    from ..models.loading import Loader
+    from ..models.placement import placements_of
+    from ..models.placement import parse_place
+    from ..models.plan import plan_roles, table
+
+    specs = model_specs(args)
+    loader = Loader(args.device, args.dtype, placements=placements_of(parse_place(args.place), Roles(1).names))
+    placements = {role: loader.placement(role) for role in specs}
+    batch = getattr(args, "batch_size", None) or 1
+    context = args.n_ctx or 4096
+    print(table(plan_roles(specs, placements, args.backend), batch, context))
+    return 0
 
 
 def byte_usage(tuner) -> list[str]:

@@ -80,14 +80,19 @@ def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
     from ..evaluation.analysis import write_analysis
     from ..evaluation.analysis.traces import rescored_trace
     from ..facade.tuner import ProxyTuner
+    from ..models.placement import parse_place
 
     if args.model or args.base or args.expert or args.anti_expert:
         raise ProxyTuneError("with an eval directory the models come from its config.json; drop the model options")
     config, records = eval_records(directory, args.limit)
     models = config["models"]
-    dtype = None if config.get("dtype") == "default" else config.get("dtype")
+    dtype = config.get("dtype")
+    if dtype == "default":  # written before the default became each checkpoint's own dtype
+        import torch
+        dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     tuner = ProxyTuner.from_pretrained(models["base"], models["expert"], models["anti_expert"], alpha=config["alpha"],
-                                       device=args.device, dtype=dtype)
+                                       device=args.device, dtype=dtype, backend=config.get("backend"),
+                                       prune=config.get("prune", 1e-5), placement=parse_place(config.get("place")))
     traces = [rescored_trace(tuner, r["prompt"], r["token_ids"], config["alpha"], args.top_k, r["id"]) for r in records]
     return write_analysis(traces, args.output, config["task"] == "gsm" or args.math, config["alpha"])
 

@@ -74,10 +74,7 @@ class ChunkedDecoding(DraftedDecoding):
         base_key = self.session.session_of["base"]
         draft = self.session.draft_session(base_key, last, widths,
                                            [row.request.params.temperature for row in rows], seeds)
-        outputs = {base_key: draft.logits}
-        for key in self.session.sessions:
-            if key != base_key:
-                outputs[key] = self.session.advance_session(key, draft.fed)
+        outputs = {base_key: draft.logits, **self.session.advance_all(draft.fed, but=base_key)}
         logits = self.session.collect(outputs)  # p̃ at every drafted position, [B, n, V]
 
         chosen: list[list[int]] = []  # [] for a row that failed: it leaves at the next step

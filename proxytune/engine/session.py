@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -88,8 +89,73 @@ def role_sources(base: LogitSource, pairs: Sequence[ExpertPair]) -> dict[str, Lo
     return sources
 
 
+def concurrent_groups(places: Sequence[frozenset | None]) -> list[list[int]]:
+    """Indices grouped so that no two groups share hardware: places that overlap (or are unknown, None) fall
+    in one group. Groups can run at the same time; within a group, calls keep their order."""
+    groups: list[tuple[set, list[int]]] = []
+    for index, place in enumerate(places):
+        touching = [g for g in groups if place is None or g[0] is None or g[0] & place]
+        merged_place = None if place is None or any(g[0] is None for g in touching) else set(place)
+        merged: list[int] = []
+        for g in touching:
+            if merged_place is not None:
+                merged_place |= g[0]
+            merged += g[1]
+            groups.remove(g)
+        groups.append((merged_place, sorted(merged + [index])))
+    return sorted((indices for _, indices in groups), key=lambda indices: indices[0])
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=8, thread_name_prefix="proxytune-role")
+    return _POOL
+
+
+def run_by_place(calls: dict, places: dict) -> dict:
+    """{key: call()} for every key; calls whose places are disjoint run concurrently (torch and HTTP waits
+    release the GIL), so a step costs about its slowest place, not the sum. Within a place, calls run in
+    order and stop at the first error, as one after another would; the first error in key order is raised
+    once every group is done (so no call is still running when the caller rolls the step back)."""
+    keys = list(calls)
+    groups = concurrent_groups([places[key] for key in keys])
+    if len(groups) == 1:
+        return {key: calls[key]() for key in keys}
+
+    def run(indices: list[int]) -> dict:
+        done = {}
+        for i in indices:
+            try:
+                done[keys[i]] = calls[keys[i]]()
+            except BaseException as error:  # handed to the caller's thread below
+                done[keys[i]] = _Failed(error)
+                break
+        return done
+
+    finished: dict = {}
+    for future in [_pool().submit(run, indices) for indices in groups]:
+        finished.update(future.result())
+    for key in keys:
+        if isinstance(finished.get(key), _Failed):
+            raise finished[key].error
+    return {key: finished[key] for key in keys}
+
+
+@dataclass
+class _Failed:
+    error: BaseException
+
+
 class ProxySession:
-    """Sessions of every role over one batch of rows; `prefill`/`advance` return the combined logits."""
+    """Sessions of every role over one batch of rows; `prefill`/`advance` return the combined logits.
+    Sessions whose declared places are disjoint step concurrently (`run_by_place`); `concurrent = False`
+    runs them one after another (benchmarks compare the two)."""
+
+    concurrent = True
 
     def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], prompts: dict[str, list[list[int]]],
                  alphas: torch.Tensor, times: StepTimes | None = None):
@@ -115,8 +181,19 @@ class ProxySession:
         return combine(self.roles, {role: outputs[key] for role, key in self.session_of.items()}, self.alphas,
                        any(s.capabilities.must_write for s in self.sessions.values()))
 
+    def each_session(self, call, but: tuple | None = None) -> dict[tuple, torch.Tensor]:
+        """{key: call(key)} over the sessions (all `but` one), concurrently where their places allow."""
+        calls = {key: (lambda key=key: call(key)) for key in self.sessions if key != but}
+        if not self.concurrent:
+            return {key: run() for key, run in calls.items()}
+        return run_by_place(calls, {key: self.sessions[key].capabilities.place for key in calls})
+
+    def advance_all(self, tokens: torch.Tensor, but: tuple | None = None) -> dict[tuple, torch.Tensor]:
+        """Every session (all `but` one) advanced by `tokens`, timed: {key: logits}."""
+        return self.each_session(lambda key: self.advance_session(key, tokens), but)
+
     def prefill(self) -> RoleLogits:
-        return self.collect({key: s.prefill() for key, s in self.sessions.items()})
+        return self.collect(self.each_session(lambda key: self.sessions[key].prefill()))
 
     def advance_session(self, key: tuple, tokens: torch.Tensor, extend: bool = False) -> torch.Tensor:
         """One session's advance, timed."""
@@ -160,7 +237,7 @@ class ProxySession:
         return []
 
     def advance(self, tokens: torch.Tensor) -> RoleLogits:
-        return self.collect({key: self.advance_session(key, tokens) for key in self.sessions})
+        return self.collect(self.advance_all(tokens))
 
     def rewind(self, keep: Sequence[int]) -> None:
         for session in self.sessions.values():

@@ -261,10 +261,7 @@ class SpeculativeDecoding(DraftedDecoding):
             if j < k:  # the last position's draft is only checked, never fed
                 expert_steps.append(self.session.advance_session(drafter_key, tokens[:, None], extend=True))
         fed = torch.cat([last] + [d[:, None] for d in drafts[:k]], dim=1)  # [B, k+1]
-        outputs = {drafter_key: torch.cat(expert_steps, dim=1)}
-        for key in self.session.sessions:
-            if key != drafter_key:
-                outputs[key] = self.session.advance_session(key, fed)
+        outputs = {drafter_key: torch.cat(expert_steps, dim=1), **self.session.advance_all(fed, but=drafter_key)}
         logits = self.session.collect(outputs)  # p̃ at all k+1 positions, [B, k+1, V]
 
         unusable = unusable_rows(logits)

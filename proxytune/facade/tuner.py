@@ -109,14 +109,19 @@ class ProxyTuner:
                         alpha: float = 1.0, device=None, dtype=None,
                         experts: Sequence[tuple] | None = None, backend: str | None = None,
                         threads: int | None = None, n_ctx: int | None = None, byte_level: bool | None = None,
-                        prune: float = 1e-5) -> "ProxyTuner":
-        """Load by spec: a model directory, a .gguf file, a peft adapter directory, or a registered name.
-        A registered trio name (e.g. "demo") alone gives all three roles. `gguf:SPEC` runs a role in
-        llama.cpp; backend="llama.cpp" runs every role there (threads, n_ctx: its settings). Roles whose
-        vocabularies differ are combined byte by byte (byte_level=None: automatic; True forces it, False
-        refuses them; prune: see engine/bytelevel/source.py)."""
+                        prune: float = 1e-5, placement: dict | None = None,
+                        trust_remote_code: bool = False) -> "ProxyTuner":
+        """Load by spec: a model directory, a .gguf file, a peft adapter directory, a registered name, or a
+        Hugging Face Hub id (org/name, from the local cache). A registered trio name (e.g. "demo") alone
+        gives all three roles. `gguf:SPEC` runs a role in llama.cpp; backend="llama.cpp" runs every role
+        there (threads, n_ctx: its settings). device/dtype apply to every role (dtype default: each
+        checkpoint's own); placement={"base": {"device_map": "auto"}, "expert": {"device": "cuda:1"}, ...}
+        places roles one by one (models/placement.py). Roles whose vocabularies differ are combined byte by
+        byte (byte_level=None: automatic; True forces it, False refuses them; prune: see
+        engine/bytelevel/source.py). trust_remote_code: run a checkpoint's own modelling code (off)."""
         from ..models import registry
         from ..models.loading import load_roles
+        from ..models.placement import placements_of
 
         if expert is None and anti_expert is None and experts is None:
             trio = registry.resolve_trio(base)
@@ -128,7 +133,9 @@ class ProxyTuner:
         specs = {"base": base}
         for (expert_role, anti_role), (e, a, _) in zip(schema.pairs, pair_specs):
             specs[expert_role], specs[anti_role] = e, a
-        loaded = load_roles(specs, schema.pairs, device=device, dtype=dtype, backend=backend, threads=threads, n_ctx=n_ctx)
+        loaded = load_roles(specs, schema.pairs, device=device, dtype=dtype, backend=backend, threads=threads,
+                            n_ctx=n_ctx, placements=placements_of(placement, schema.names),
+                            trust_remote_code=trust_remote_code)
         pairs = [(loaded[e][0], loaded[a][0], alpha) for (e, a), (_, _, alpha) in zip(schema.pairs, pair_specs)]
         return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema},
                    byte_level=byte_level, prune=prune)

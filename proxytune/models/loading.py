@@ -11,23 +11,18 @@ from typing import Sequence
 import torch
 
 from ..errors import ProxyTuneError
+from .placement import DTYPES, Placement, check, placement_of, torch_device, torch_dtype
 from .specs import adapter_base, is_llama_cpp, local_path, with_backend
 from ..backends.remote.spec import is_remote_spec
 from ..backends.transformers import TransformersSource
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
-
-
 def pick_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """A device this machine has (default: cuda when there is one), or a one-line error."""
+    return torch_device(Placement(device=None if device is None else str(device)))
 
 
 def pick_dtype(dtype, device: torch.device) -> torch.dtype:
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    """An explicit dtype (training's choice), checked; see placement.torch_dtype for loading's default."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
@@ -50,65 +45,104 @@ def require_safetensors(path, what: str = "model") -> None:
                          f"proxytune models to-safetensors {path} {path}-safetensors")
 
 
-def load_plain(spec: str, device: torch.device, dtype: torch.dtype):
-    """(model, tokenizer) from a model directory or a GGUF file."""
+def load_plain(spec: str, device: torch.device, dtype: torch.dtype, device_map=None, quantize: str | None = None,
+               trust_remote_code: bool = False):
+    """(model, tokenizer) from a model directory, a GGUF file or a Hub id in the local cache. `device_map`
+    (accelerate) places the layers instead of `device`; `quantize` loads 4/8-bit weights with bitsandbytes."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = local_path(spec)
+    options = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if quantize is not None:  # bitsandbytes places its weights itself: the whole model on `device` unless mapped
+        options["quantization_config"] = _bitsandbytes(quantize, dtype)
+        device_map = device_map if device_map is not None else {"": str(device)}
+    if device_map is not None:
+        options["device_map"] = device_map
     try:
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ProxyTuneError(f"{path} is a file but not a .gguf model")
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options)
         else:
             if not (path / "config.json").exists():
                 raise ProxyTuneError(f"{path} has no config.json: not a transformers model directory")
             require_safetensors(path)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **options)
     except ProxyTuneError:
         raise
     except Exception as error:  # corrupt or unsupported files: name the file, keep the cause
         raise ProxyTuneError(f"could not load model {spec!r} from {path}: {error}") from error
-    return model.to(device).eval(), tokenizer
+    if device_map is None:
+        model = model.to(device)
+    return model.eval(), tokenizer
+
+
+def _bitsandbytes(quantize: str, dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401  (transformers needs it installed; the error below says how)
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ProxyTuneError(f"quantize={quantize} needs bitsandbytes: pip install 'proxytune[quant]'") from None
+    if quantize == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 class Loader:
-    """Loads each distinct spec once and hands out one logit source per role."""
+    """Loads each distinct (spec, placement) once and hands out one logit source per role.
 
-    def __init__(self, device=None, dtype=None, threads: int | None = None, n_ctx: int | None = None):
-        self.device = pick_device(device)
-        self.dtype = pick_dtype(dtype, self.device)
+    `placements` (role -> Placement) override `default` for their role; roles whose spec and placement
+    agree share one loaded model."""
+
+    def __init__(self, device=None, dtype=None, threads: int | None = None, n_ctx: int | None = None,
+                 placements: dict[str, Placement] | None = None, trust_remote_code: bool = False):
+        self.default = placement_of({"device": None if device is None else str(device),
+                                     "dtype": dtype if not isinstance(dtype, torch.dtype) else str(dtype)[6:]},
+                                    "the default placement")
+        self.placements = dict(placements or {})
+        self.trust_remote_code = trust_remote_code
         self.llama_cpp_options = {"threads": threads, "n_ctx": n_ctx}
         self.llama_cpp = None  # LlamaCppRoles, made when a gguf: spec first appears
-        self.plain: dict[str, tuple] = {}  # spec -> (model, tokenizer)
-        self.adapted: dict[str, object] = {}  # base spec -> peft model built on that base's weights
-        self.sources: dict[tuple, TransformersSource] = {}
+        self.plain: dict[tuple, tuple] = {}  # (spec, placement key) -> (model, tokenizer)
+        self.adapted: dict[tuple, object] = {}  # (base spec, placement key) -> peft model built on those weights
+        self.sources: dict[tuple, tuple] = {}
 
-    def _plain(self, spec: str):
-        if spec not in self.plain:
-            self.plain[spec] = load_plain(spec, self.device, self.dtype)
-        return self.plain[spec]
+    def placement(self, role: str) -> Placement:
+        return check(self.placements.get(role, Placement()).over(self.default), f"the {role} placement")
 
-    def _adapter(self, spec: str, base_spec: str):
+    def _load(self, spec: str, placement: Placement):
+        return load_plain(spec, torch_device(placement), torch_dtype(placement, local_path(spec)),
+                          placement.device_map, placement.quantize, self.trust_remote_code)
+
+    def _plain(self, spec: str, placement: Placement):
+        key = (spec, placement.key)
+        if key not in self.plain:
+            self.plain[key] = self._load(spec, placement)
+        return self.plain[key]
+
+    def _adapter(self, spec: str, base_spec: str, placement: Placement):
         from peft import PeftModel
 
-        model, tokenizer = self._plain(base_spec)
-        if base_spec in self.adapted:  # the shared base already carries another adapter: use a copy
-            model, tokenizer = load_plain(base_spec, self.device, self.dtype)
+        model, tokenizer = self._plain(base_spec, placement)
+        if (base_spec, placement.key) in self.adapted:  # the shared base already carries another adapter: a copy
+            model, tokenizer = self._load(base_spec, placement)
         require_safetensors(local_path(spec), "adapter")
         try:
             peft_model = PeftModel.from_pretrained(model, str(local_path(spec)))  # its .safetensors: checked above
         except Exception as error:
             raise ProxyTuneError(f"could not load adapter {spec!r} onto {base_spec!r}: {error}") from error
-        self.adapted.setdefault(base_spec, peft_model)
+        self.adapted.setdefault((base_spec, placement.key), peft_model)
         return peft_model.eval(), tokenizer
 
     def source(self, spec: str, role: str) -> tuple[TransformersSource, object]:
-        """(source, tokenizer) for one role. Plain specs that carry an adapter elsewhere run adapter-off."""
-        if spec in self.sources:
-            return self.sources[spec]
+        """(source, tokenizer) for one role. Plain specs that carry an adapter elsewhere (same placement)
+        run adapter-off."""
+        placement = self.placement(role)
+        key = (spec, placement.key)
+        if key in self.sources:
+            return self.sources[key]
         if is_remote_spec(spec):  # openai:URL?tokenizer=... : a model behind an OpenAI-compatible server
             from ..backends.remote.source import RemoteSource
             from ..backends.remote.spec import parse_spec
@@ -117,25 +151,25 @@ class Loader:
 
             options = parse_spec(spec)
             source = RemoteSource(options, load_tokenizer(options.tokenizer), name=role)
-            self.sources[spec] = (source, source.tokenizer)
-            return self.sources[spec]
+            self.sources[key] = (source, source.tokenizer)
+            return self.sources[key]
         if is_llama_cpp(spec):  # gguf:... : a GGUF model (or a LoRA on one) run in-process by llama.cpp
             from .gguf_roles import LlamaCppRoles
 
             self.llama_cpp = self.llama_cpp or LlamaCppRoles(**self.llama_cpp_options)
-            self.sources[spec] = self.llama_cpp.source(spec, role)
-            return self.sources[spec]
+            self.sources[key] = self.llama_cpp.source(spec, role)
+            return self.sources[key]
         base_spec = adapter_base(local_path(spec))
         if base_spec is not None:
-            model, tokenizer = self._adapter(spec, base_spec)
+            model, tokenizer = self._adapter(spec, base_spec, placement)
             source = TransformersSource(model, name=role)
-        elif spec in self.adapted:
-            model, tokenizer = self.adapted[spec], self.plain[spec][1]
+        elif key in self.adapted:
+            model, tokenizer = self.adapted[key], self.plain[key][1]
             source = TransformersSource(model, name=role, adapter_disabled=True)
         else:
-            model, tokenizer = self._plain(spec)
+            model, tokenizer = self._plain(spec, placement)
             source = TransformersSource(model, name=role)
-        self.sources[spec] = (source, tokenizer)
+        self.sources[key] = (source, tokenizer)
         return source, tokenizer
 
 
@@ -145,12 +179,17 @@ def as_source(model, name: str = "model") -> TransformersSource:
 
 
 def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), device=None, dtype=None,
-               backend: str | None = None, threads: int | None = None, n_ctx: int | None = None) -> dict[str, tuple]:
+               backend: str | None = None, threads: int | None = None, n_ctx: int | None = None,
+               placements: dict[str, Placement] | None = None, trust_remote_code: bool = False) -> dict[str, tuple]:
     """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated; each
     (expert role, anti-expert role) in `pairs` that is a LoRA adapter on and off runs as one LoraPair.
-    backend="llama.cpp" runs every role in llama.cpp (llama_cpp_roles); threads/n_ctx apply to those."""
+    backend="llama.cpp" runs every role in llama.cpp (llama_cpp_roles); threads/n_ctx apply to those.
+    device/dtype: every role's default; placements: per role (models/placement.py)."""
     specs = {role: with_backend(spec, backend) for role, spec in specs.items()}
-    loader = Loader(device, dtype, threads=threads, n_ctx=n_ctx)
+    loader = Loader(device, dtype, threads=threads, n_ctx=n_ctx, placements=placements,
+                    trust_remote_code=trust_remote_code)
+    for role in specs:  # every placement checked before any weights load
+        loader.placement(role)
     order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or is_llama_cpp(specs[role])
                    or adapter_base(local_path(specs[role])) is None)
     loaded = {role: loader.source(specs[role], role) for role in order}

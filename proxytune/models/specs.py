@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from ..backends.remote.spec import is_remote_spec
@@ -12,6 +13,9 @@ PREFIX = "gguf:"
 BACKENDS = ("transformers", "llama.cpp")
 
 
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def local_path(spec: str) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
@@ -19,8 +23,29 @@ def local_path(spec: str) -> Path:
     registered = registry.resolve_model(spec)
     if registered is not None:
         return registered
+    if HUB_ID.fullmatch(spec):
+        return hub_path(spec)
     raise ProxyTuneError(f"model {spec!r} is neither an existing path (a model directory, a .gguf file, a peft "
-                         f"adapter directory) nor a registered model name; `proxytune models list` shows the names")
+                         f"adapter directory), a registered model name (`proxytune models list`) nor a Hugging Face "
+                         f"Hub id (org/name)")
+
+
+def hub_path(repo_id: str) -> Path:
+    """A Hub id as transformers users write it (org/name): its snapshot in the local Hugging Face cache, or
+    downloaded when the hub may be reached (never with HF_HUB_OFFLINE=1, as in tests)."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=offline))
+    except LocalEntryNotFoundError:
+        how = ("HF_HUB_OFFLINE=1 forbids downloading it: run `hf download " + repo_id + "` where the hub is reachable, "
+               "or unset HF_HUB_OFFLINE") if offline else "the hub could not be reached"
+        raise ProxyTuneError(f"model {repo_id!r} is not a local path or registered name, and the Hub id is not in the "
+                             f"Hugging Face cache ({constants.HF_HUB_CACHE}); {how}") from None
+    except Exception as error:  # a repository that does not exist, a gated one, a network error
+        raise ProxyTuneError(f"model {repo_id!r} (a Hub id): {type(error).__name__}: {error}") from None
 
 
 def adapter_base(path: Path) -> str | None:

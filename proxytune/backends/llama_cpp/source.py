@@ -120,7 +120,7 @@ class LlamaCppSource:
 class LlamaCppSession:
     """Rows as llama.cpp sequences. `lengths[i]` counts the tokens row i holds in the KV pool."""
 
-    capabilities = Capabilities(rollback=True, join=True, fork=True)
+    capabilities = Capabilities(rollback=True, join=True, fork=True, place=frozenset({"cpu"}))  # no GPU layers
 
     def __init__(self, source: LlamaCppSource, prompts: Sequence[Sequence[int]]):
         for prompt in prompts:

@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -484,6 +484,8 @@ class RemoteSession:
         if any(len(p) == 0 for p in prompts):
             raise ProxyTuneError("cannot run an empty token sequence: every prompt needs at least one token")
         self.source = source
+        # the server computes: a step of the local models can run while this one waits for its answer
+        self.capabilities = replace(type(self).capabilities, place=frozenset({f"server {source.options.base_url}"}))
         self.rows = [list(p) for p in prompts]
         self.appended = 0
         self.counted = 0  # tokens of the current span already counted as generated

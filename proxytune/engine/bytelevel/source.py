@@ -21,7 +21,7 @@ level starts where the prompt ends, exactly as token-level decoding conditions o
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
 
 import torch
@@ -116,7 +116,10 @@ class ByteSession:
     # --- the protocol ------------------------------------------------------------------------------
 
     def prefill(self) -> torch.Tensor:
+        # opened here, not before: a LoRA pair's halves opened together would pair up, and a half of a joint
+        # session cannot be copied for the byte view's branches
         session = self.source.inner.open(self.prompts)
+        self.capabilities = replace(ByteSession.capabilities, place=session.capabilities.place)  # known from now on
         if not (session.capabilities.fork and session.capabilities.join):
             raise ProxyTuneError(f"the {self.source.name} model ({type(session).__name__}) cannot be read byte by byte: "
                                  f"its sessions must copy rows (fork) and join them")
@@ -173,6 +176,7 @@ class ByteSession:
 
     def fork(self) -> "ByteSession":
         twin = ByteSession(self.source, self.prompts)
+        twin.capabilities = self.capabilities
         copies: dict[int, Generation] = {}
         for row in self.rows:
             hypotheses = []
