@@ -97,15 +97,16 @@ def devices(args) -> None:
     from proxytune.engine.decoding import Decoding, Request
     from proxytune.engine.roles import ExpertPair
 
-    if not torch.cuda.is_available():
-        sys.exit("--setting devices needs a CUDA GPU")
-    base_device = torch.device("cuda:0")
-    pair_device = torch.device("cuda:1" if torch.cuda.device_count() > 1 else "cpu")
+    if args.base_device.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit("--setting devices needs a CUDA GPU (or --base-device cpu for a smoke run)")
+    base_device = torch.device(args.base_device)
+    pair_device = torch.device(args.pair_device or ("cuda:1" if torch.cuda.device_count() > 1 else "cpu"))
     dtype = getattr(torch, args.dtype)
-    base = TransformersSource(model(2048, 22, base_device, dtype, 0), name="base")
+    shrink = args.shrink  # 1: the realistic shapes; larger: a smoke run's small models
+    base = TransformersSource(model(2048 // shrink, 22 // shrink, base_device, dtype, 0), name="base")
     pair_dtype = dtype if pair_device.type == "cuda" else torch.float32
-    expert = TransformersSource(model(1024, 12, pair_device, pair_dtype, 1), name="expert")
-    anti = TransformersSource(model(1024, 12, pair_device, pair_dtype, 2), name="anti_expert")
+    expert = TransformersSource(model(1024 // shrink, 12 // shrink, pair_device, pair_dtype, 1), name="expert")
+    anti = TransformersSource(model(1024 // shrink, 12 // shrink, pair_device, pair_dtype, 2), name="anti_expert")
 
     def run(requests):
         decoding = Decoding(base, [ExpertPair(expert, anti, 1.0)], requests, Ids(), eos_ids=set())
@@ -130,6 +131,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--latency", type=float, default=0.0)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--base-device", default="cuda:0", help="--setting devices: where the base runs")
+    parser.add_argument("--pair-device", default=None, help="--setting devices: where the pair runs (default: cuda:1, "
+                                                            "or the CPU with one GPU)")
+    parser.add_argument("--shrink", type=int, default=1, help="--setting devices: divide the models' sizes (smoke runs)")
     args = parser.parse_args()
     (remote if args.setting == "remote" else devices)(args)
 

@@ -82,7 +82,7 @@ def show_plan(args: argparse.Namespace) -> int:
     specs = model_specs(args)
     loader = Loader(args.device, args.dtype, placements=placements_of(parse_place(args.place), Roles(1).names))
     placements = {role: loader.placement(role) for role in specs}
-    batch = getattr(args, "batch_size", None) or 1
+    batch = getattr(args, "batch_size", None) or getattr(args, "max_batch", None) or 1  # eval's, serve's
     context = args.n_ctx or 4096
     print(table(plan_roles(specs, placements, args.backend), batch, context))
     return 0
