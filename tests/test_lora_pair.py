@@ -136,3 +136,38 @@ def test_loading_an_adapter_of_the_anti_expert_pairs_them_automatically(tmp_path
     reference = two_model_tuner(AutoModelForCausalLM.from_pretrained(base_dir), small, tok)
     for got, want in zip(tuner.generate(PROMPTS, max_new_tokens=12), reference.generate(PROMPTS, max_new_tokens=12)):
         assert got.token_ids == want.token_ids
+
+
+def test_a_pair_placed_alike_stays_one_model_and_placed_apart_loads_twice(tmp_path, tok):
+    """Placement per role and the one-pass pair: the two halves share weights only where they share a
+    placement; apart, each role loads its own copy, and both give the two-model reference's tokens."""
+    from tiny import tiny_model
+    from transformers import AutoModelForCausalLM
+    import json
+
+    base_dir, small_dir, adapter_dir = tmp_path / "base", tmp_path / "small", tmp_path / "adapter"
+    for model, path in ((tiny_model(0), base_dir), (tiny_model(2), small_dir)):
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+    lora_of(AutoModelForCausalLM.from_pretrained(small_dir), seed=3).save_pretrained(adapter_dir)
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(small_dir)
+    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    specs = (str(base_dir), str(adapter_dir), str(small_dir))
+
+    alike = ProxyTuner.from_pretrained(*specs, placement={"expert": {"dtype": "float32"},
+                                                          "anti_expert": {"dtype": "float32"}})
+    assert alike.sources["expert"].pair is alike.sources["anti_expert"].pair
+    apart = ProxyTuner.from_pretrained(*specs, placement={"anti_expert": {"dtype": "bfloat16"}})
+    assert not isinstance(apart.sources["anti_expert"], PairedRole)
+    assert next(apart.sources["anti_expert"].model.parameters()).dtype == torch.bfloat16
+    assert next(apart.sources["expert"].model.parameters()).dtype == torch.float32
+
+    small = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_dir), str(adapter_dir)).eval()
+    reference = two_model_tuner(AutoModelForCausalLM.from_pretrained(base_dir), small, tok)
+    want = [o.token_ids for o in reference.generate(PROMPTS, max_new_tokens=12)]
+    assert [o.token_ids for o in alike.generate(PROMPTS, max_new_tokens=12)] == want
+    anti_bf16 = AutoModelForCausalLM.from_pretrained(small_dir, dtype=torch.bfloat16)
+    by_hand = ProxyTuner(AutoModelForCausalLM.from_pretrained(base_dir), small, anti_bf16, tokenizer=tok)
+    assert [o.token_ids for o in apart.generate(PROMPTS, max_new_tokens=12)] == \
+        [o.token_ids for o in by_hand.generate(PROMPTS, max_new_tokens=12)]
