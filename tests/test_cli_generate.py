@@ -58,3 +58,51 @@ def test_bad_input_is_one_line_and_exit_code_2(trio_dirs, args, message):
     done = cli("generate", *args)
     assert done.returncode == 2
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_backslash_n_on_the_command_line_is_a_newline_unless_no_escape(trio_dirs, capsys):
+    """The README's `generate "Answer ...\\n\\nQuestion: ..."` passes a backslash and an n: read as llama.cpp
+    reads it, a newline (in stop strings too); --no-escape keeps it literal."""
+    from proxytune.cli import main
+
+    base, expert, anti = trio_dirs
+    models = ["--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "10"]
+    tuner = ProxyTuner.from_pretrained(base, expert, anti)
+    assert main(["generate", *models, "Answer:\\n\\tdef add(a, b):"]) == 0
+    assert capsys.readouterr().out == tuner.generate("Answer:\n\tdef add(a, b):", max_new_tokens=10)[0].text + "\n"
+    assert main(["generate", *models, "--no-escape", "Answer:\\n"]) == 0
+    assert capsys.readouterr().out == tuner.generate("Answer:\\n", max_new_tokens=10)[0].text + "\n"
+    text = tuner.generate("The quick", max_new_tokens=10)[0].text
+    assert main(["generate", *models, "--stop", text[3:6].replace("\n", "\\n"), "The quick"]) == 0
+    assert capsys.readouterr().out == text[:3] + "\n"
+
+
+def test_decoding_settings_are_refused_before_any_model_loads(trio_dirs, capsys, monkeypatch):
+    import proxytune.cli.generate as generate
+    from proxytune.cli import main
+
+    monkeypatch.setattr(generate, "load_tuner", lambda args: pytest.fail("loaded models before checking settings"))
+    base, expert, anti = trio_dirs
+    for bad, message in ((["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top_p"),
+                         (["--top-k", "-2"], "top_k"), (["--alpha", "inf"], "alpha"),
+                         (["--max-new-tokens", "0"], "max_new_tokens")):
+        assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti, *bad, "hi"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_stop_of_the_wrong_type_is_a_clear_error(trio_dirs):
+    from proxytune.errors import ProxyTuneError
+
+    tuner = ProxyTuner.from_pretrained(*trio_dirs)
+    for stop in (3, [3], {"x": 1}, b"x"):
+        with pytest.raises(ProxyTuneError, match="stop must be a string or a list of strings"):
+            tuner.generate("hi", max_new_tokens=2, stop=stop)
+
+
+def test_version(capsys):
+    from proxytune import __version__
+    from proxytune.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"proxytune {__version__}\n"

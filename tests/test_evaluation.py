@@ -114,6 +114,19 @@ def test_sweep_alpha_writes_a_table_and_a_plot(trio_dirs, tmp_path, capsys):
     assert roles == {"base", "expert", "proxy@0.5", "proxy@1"}  # α = 0 is read from the base role
 
 
+def test_a_sweep_whose_alphas_score_0_or_100_percent_still_plots(trio_dirs, tmp_path, capsys):
+    """One example: every α scores 0 % or 100 %, where the Wilson bound once came out as 5.6e-17 (a negative
+    error bar after the compute, no table). --alpha is refused: the sweep's αs are --alphas."""
+    assert all(wilson_interval(0, n)[0] == 0.0 and wilson_interval(n, n)[1] == 1.0 for n in range(1, 40))
+    out = tmp_path / "sweep"
+    common = ["sweep-alpha", "mmlu", *model_args(trio_dirs), "--alphas", "0,0.5,1,2", "--limit", "1",
+              "--output", str(out), "--no-progress"]
+    assert main(common) == 0
+    assert (out / "alpha_sweep.png").stat().st_size > 1000 and "α sweep" in capsys.readouterr().out
+    assert main(common + ["--alpha", "0.5"]) == 2
+    assert "put it in --alphas" in capsys.readouterr().err
+
+
 def test_sweep_reuses_an_eval_run_instead_of_recomputing(trio_dirs, tmp_path, capsys):
     common = [*model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "4", "--no-progress"]
     assert main(["eval", "gsm", *common, "--output", str(tmp_path / "eval")]) == 0

@@ -17,6 +17,9 @@ from ..errors import ProxyTuneError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxytune", description="Proxy-tuning: steer a large language model "
                                      "with a small tuned expert and its untuned twin, at decoding time.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"proxytune {__version__}")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
         importlib.import_module(f"{__name__}.{module}").register(subparsers)

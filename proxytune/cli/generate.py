@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 
@@ -20,6 +21,9 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    parser.add_argument("--no-escape", dest="escape", action="store_false",
+                        help="take \\n, \\t, \\\\ in the prompt and stop strings literally (default: read them as a "
+                             "newline, a tab, a backslash, as llama.cpp does)")
     parser.add_argument("--chat", action="store_true", help="treat the prompt as a user message: chat-format it")
     parser.add_argument("--chat-roles", default="base,expert,anti_expert",
                         help="with --chat: roles that get their chat template, the rest plain text "
@@ -35,18 +39,43 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}
+
+
+def unescape(text: str) -> str:
+    """A command-line string with \\n, \\t, \\r, \\\\, \\", \\' read as the characters they name (a shell
+    passes "Question:\\nAnswer" with a backslash and an n); any other backslash stays as it is."""
+    return re.sub(r"\\([ntr\\\"'])", lambda m: ESCAPES[m.group(1)], text)
+
+
 def read_prompt(args) -> str:
-    prompt = args.prompt if args.prompt not in (None, "-") else sys.stdin.read()
+    if args.prompt in (None, "-"):
+        prompt = sys.stdin.read()  # real newlines: nothing to unescape
+    else:
+        prompt = unescape(args.prompt) if args.escape else args.prompt
     if not prompt.strip():
         raise ProxyTuneError("the prompt is empty: pass it as an argument or on standard input")
     return prompt
 
 
+def check_sampling(args: argparse.Namespace) -> None:
+    """The decoding settings, checked before any model loads (a bad one fails in a second, not after loading)."""
+    from ..engine.sampling import SamplingParams
+    from ..facade.tuner import check_alpha
+
+    SamplingParams(args.temperature, args.top_p, args.top_k)
+    check_alpha(args.alpha)
+    if args.max_new_tokens < 1:
+        raise ProxyTuneError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {args.max_new_tokens}")
+
+
 def run(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
+    check_sampling(args)
+    stop = [unescape(s) for s in args.stop] if args.stop and args.escape else args.stop
     tuner = load_tuner(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop=args.stop)
+                   top_k=args.top_k, seed=args.seed, stop=stop)
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
         request = tuner.request(messages=messages, chat_roles=tuple(args.chat_roles.split(",")), **options)

@@ -73,7 +73,8 @@ def plot_sweep(summary: dict, alphas: Sequence[float], path: Path) -> Path:
     points = sweep_points(summary, alphas)
     xs = [p["alpha"] for p in points]
     ys = [100 * p["accuracy"] for p in points]
-    errors = [[y - 100 * p["ci95"][0] for y, p in zip(ys, points)], [100 * p["ci95"][1] - y for y, p in zip(ys, points)]]
+    errors = [[max(0.0, y - 100 * p["ci95"][0]) for y, p in zip(ys, points)],
+              [max(0.0, 100 * p["ci95"][1] - y) for y, p in zip(ys, points)]]
     figure, axes = plt.subplots(figsize=(6, 4))
     axes.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label="proxy-tuned (95% CI)")
     for name, style in (("expert", "--"), ("tuned", ":")):

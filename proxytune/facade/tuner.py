@@ -223,7 +223,7 @@ class ProxyTuner:
                 check_prompt_bytes(self.tokenizers[role], ids, prompt if messages is None else str(messages), role, label)
         if isinstance(stop, str):
             stop = [stop]
-        if stop is not None and not all(isinstance(s, str) for s in stop):
+        if stop is not None and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
             raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
         details = (5 if return_details is True else int(return_details or 0))
         return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
