@@ -265,6 +265,28 @@ def test_choose_verb_prints_the_options_and_marks_the_pick(fake, tok, trio, tmp_
     assert capsys.readouterr().err.strip() == "proxytune choose: error: give at least two options (a list of strings)"
 
 
+def test_choose_warns_about_options_outside_the_top_k_and_prints_valid_json(fake, tok, trio, tmp_path, capsys):
+    """With top_k=2 most options are outside the base's top-k: they score -inf and cannot win. That is said on
+    standard error, and --json stays JSON (null scores, the impossible ones listed), never -Infinity."""
+    import json
+
+    from proxytune.cli import main
+
+    for name, model in (("expert", trio[1]), ("anti", trio[2])):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    base = f"openai:{fake.url}?tokenizer={tmp_path / 'expert'}&top_k=2&token_ids=1"
+    options = [" fox", " dog", " cat", " the"]
+    argv = ["choose", "--base", base, "--expert", str(tmp_path / "expert"), "--anti-expert", str(tmp_path / "anti"),
+            "--json", *[x for o in options for x in ("--option", o)], "The quick brown"]
+    main(argv)
+    out, err = capsys.readouterr()
+    result = json.loads(out)  # strict JSON: -Infinity would not parse with parse_constant raising
+    json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in JSON output"))
+    assert result["impossible"] and all(result["scores"][i] is None for i in result["impossible"])
+    assert "outside the remote base's top-k" in err and "top_k=" in err
+
+
 # --- a real peer: llama.cpp's OpenAI-compatible server over SmolLM2-135M-Instruct --------------------
 
 needs_llama_server = pytest.mark.skipif(

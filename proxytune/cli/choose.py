@@ -8,7 +8,7 @@ import sys
 
 from ..errors import ProxyTuneError
 from ._models import add_model_options, load_tuner, remote_usage
-from .generate import read_prompt
+from .generate import add_escape_option, read_prompt, unescape
 
 
 def register(subparsers) -> None:
@@ -24,14 +24,16 @@ def register(subparsers) -> None:
     parser.add_argument("--chat", action="store_true", help="treat the prompt as a user message: chat-format it")
     parser.add_argument("--chat-roles", default="base,expert,anti_expert",
                         help="with --chat: roles that get their chat template (the paper's setting: expert)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (an impossible option's "
+                                                            "score is null and listed under \"impossible\")")
+    add_escape_option(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..facade.choice import check_options, choose
 
-    options = check_options(args.options or [])
+    options = check_options([unescape(o) for o in args.options or []] if args.escape else args.options or [])
     prompt = read_prompt(args)
     tuner = load_tuner(args)
     if args.chat:
@@ -39,8 +41,13 @@ def run(args: argparse.Namespace) -> int:
                         chat_roles=args.chat_roles.split(","))
     else:
         choice = choose(tuner, options, prompt=prompt)
+    if choice.impossible:
+        where = ("outside the remote base's top-k logprobs (raise top_k= in its openai: spec to score them)"
+                 if tuner.remote_sources().get("base") is not None else "impossible under the proxy")
+        print(f"warning: option(s) {', '.join(repr(options[i]) for i in choice.impossible)} scored -inf, {where}; "
+              f"they cannot win and the percentages are over the other options only", file=sys.stderr)
     if args.json:
-        print(json.dumps(choice.as_dict()))
+        print(json.dumps(choice.as_dict(), allow_nan=False))
     else:
         for index, (option, score, prob) in enumerate(zip(options, choice.scores, choice.probs)):
             marker = "*" if index == choice.index else " "

@@ -21,9 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
-    parser.add_argument("--no-escape", dest="escape", action="store_false",
-                        help="take \\n, \\t, \\\\ in the prompt and stop strings literally (default: read them as a "
-                             "newline, a tab, a backslash, as llama.cpp does)")
+    add_escape_option(parser)
     parser.add_argument("--chat", action="store_true", help="treat the prompt as a user message: chat-format it")
     parser.add_argument("--chat-roles", default="base,expert,anti_expert",
                         help="with --chat: roles that get their chat template, the rest plain text "
@@ -37,6 +35,12 @@ def register(subparsers) -> None:
                         help="after the text, one line on standard error: tokens, wall time per token, and for "
                              "each remote role its calls, tokens per call and bytes per token")
     parser.set_defaults(func=run)
+
+
+def add_escape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-escape", dest="escape", action="store_false",
+                        help="take \\n, \\t, \\\\ in the prompt, stop strings and options literally (default: read "
+                             "them as a newline, a tab, a backslash, as llama.cpp does)")
 
 
 ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\", '"': '"', "'": "'"}

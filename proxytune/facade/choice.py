@@ -37,8 +37,17 @@ class Choice:
     scores: list[float]  # Σ log p̃ over each option's tokens (−inf: outside a remote base's top-k)
     probs: list[float]  # softmax of the scores over the options
 
+    @property
+    def impossible(self) -> list[int]:
+        """Options scored −inf: outside a remote base's top-k (or never writable): they cannot win, and the
+        probabilities are over the other options only."""
+        return [i for i, score in enumerate(self.scores) if score == float("-inf")]
+
     def as_dict(self) -> dict:
-        return {"index": self.index, "option": self.option, "scores": self.scores, "probs": self.probs}
+        """Valid JSON: an impossible option's score is null (JSON has no −Infinity), listed in "impossible"."""
+        return {"index": self.index, "option": self.option,
+                "scores": [None if i in self.impossible else s for i, s in enumerate(self.scores)],
+                "probs": self.probs, "impossible": self.impossible}
 
 
 def check_options(options) -> list[str]:
