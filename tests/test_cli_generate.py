@@ -106,3 +106,50 @@ def test_version(capsys):
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out == f"proxytune {__version__}\n"
+
+
+def test_a_mistyped_option_is_named_with_the_closest_spelling_by_the_verb(capsys):
+    from proxytune.cli import main
+
+    assert main_exit(main, ["generate", "--model", "demo", "--temprature", "0.5", "hi"]) == 2
+    error = capsys.readouterr().err
+    assert "proxytune generate: error: unknown option --temprature; did you mean --temperature?" in error
+    assert "usage: proxytune generate" in error and "Traceback" not in error
+    assert main_exit(main, ["serve", "--model", "demo", "--max-btach", "4"]) == 2
+    assert "did you mean --max-batch?" in capsys.readouterr().err
+
+
+def main_exit(main, argv) -> int:
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    return done.value.code
+
+
+def test_role_kinds_are_accepted_in_either_spelling_and_printed_in_one(trio_dirs):
+    from proxytune.engine.prompts import chat_role_kinds
+    from proxytune.errors import ProxyTuneError
+
+    assert chat_role_kinds("expert, anti-expert") == ("expert", "anti_expert")
+    assert chat_role_kinds(["anti_expert", "anti-expert"]) == ("anti_expert",)
+    with pytest.raises(ProxyTuneError, match="may name base, expert, anti_expert"):
+        chat_role_kinds("expert,antiexpert")
+    tuner = ProxyTuner.from_pretrained(*trio_dirs)
+    messages = [{"role": "user", "content": "hi"}]
+    assert tuner.request(messages=messages, chat_roles=("anti-expert",)).prompts == \
+        tuner.request(messages=messages, chat_roles=("anti_expert",)).prompts
+
+
+def test_threads_sets_torchs_threads_and_llama_threads_only_llama_cpps(trio_dirs, monkeypatch):
+    import argparse
+
+    import torch
+
+    from proxytune.cli._models import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(argparse.Namespace(threads=1, llama_threads=None)) == 1 and torch.get_num_threads() == 1
+        assert set_threads(argparse.Namespace(threads=1, llama_threads=3)) == 3
+        assert set_threads(argparse.Namespace(threads=None, llama_threads=None)) is None
+    finally:
+        torch.set_num_threads(before)

@@ -6,6 +6,7 @@ fix (ProxyTuneError) print one line and exit 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import pkgutil
@@ -23,13 +24,28 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for module in sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")):
         importlib.import_module(f"{__name__}.{module}").register(subparsers)
+    parser.verbs = subparsers.choices  # verb -> its parser, for errors in the verb's own words
     return parser
+
+
+def refuse_unknown(parser: argparse.ArgumentParser, verb: str | None, unknown: list[str]) -> None:
+    """An option argparse does not know, reported by the verb's own parser with the closest known spelling
+    (argparse alone shows the top-level usage, and a typo'd option's value is taken for the prompt)."""
+    where = parser.verbs.get(verb, parser)
+    flag = next((item.split("=")[0] for item in unknown if item.startswith("-")), None)
+    if flag is None:
+        where.error(f"unexpected argument(s): {' '.join(unknown)}")
+    known = [option for action in where._actions for option in action.option_strings]
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.75)
+    where.error(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else f"; see proxytune {verb} --help"))
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        refuse_unknown(parser, getattr(args, "verb", None), unknown)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -71,13 +71,13 @@ def load_runner(args: argparse.Namespace, specs: dict, base_only: bool = False):
     from ..models.loading import load_roles
     from ..facade.tuner import ProxyTuner
     from ..models.placement import parse_place, placements_of
-    from ._models import load_tuner
+    from ._models import load_tuner, set_threads
 
     def alone(role: str, spec: str, byte_level) -> ProxyTuner:
         # the base keeps its --place; the anchor is placed like the base
         placements = placements_of({role: parse_place(args.place).get("base", {})}, [role])
         source, tokenizer = load_roles({role: spec}, device=args.device, dtype=args.dtype, backend=args.backend,
-                                       threads=args.threads, n_ctx=args.n_ctx, placements=placements,
+                                       threads=set_threads(args), n_ctx=args.n_ctx, placements=placements,
                                        trust_remote_code=args.trust_remote_code)[role]
         return ProxyTuner(source, source, source, tokenizer=tokenizer, alpha=0.0, byte_level=byte_level,
                           prune=args.prune)

@@ -27,7 +27,10 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--backend", choices=["transformers", "llama.cpp"], default=None,
                        help="run every role in this backend (default: per spec; gguf:SPEC runs one role in llama.cpp)")
     group.add_argument("--threads", type=int, default=None,
-                       help="llama.cpp threads per model; models run one after another (default: all cores)")
+                       help="CPU threads for computing: torch's (transformers models) and, unless --llama-threads, "
+                            "llama.cpp's per model (default: all cores), as in `demo` and `tune`")
+    group.add_argument("--llama-threads", type=int, default=None,
+                       help="llama.cpp threads per model when they should differ from --threads")
     group.add_argument("--ctx", type=int, default=None, dest="n_ctx",
                        help="llama.cpp KV cells per model, shared by the rows of a batch (default: 8192)")
     level = group.add_mutually_exclusive_group()
@@ -59,6 +62,16 @@ def model_specs(args: argparse.Namespace) -> dict[str, str]:
     return {"base": args.base, "expert": args.expert, "anti_expert": args.anti_expert}
 
 
+def set_threads(args: argparse.Namespace) -> int | None:
+    """--threads: torch's CPU threads; returns llama.cpp's (--llama-threads, else --threads)."""
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ProxyTuneError(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
+    return args.llama_threads if args.llama_threads is not None else args.threads
+
+
 def load_tuner(args: argparse.Namespace):
     from ..facade.tuner import ProxyTuner
     from ..models.placement import parse_place
@@ -66,7 +79,7 @@ def load_tuner(args: argparse.Namespace):
     specs = model_specs(args)
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
                                       device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
-                                      threads=getattr(args, "threads", None), n_ctx=getattr(args, "n_ctx", None),
+                                      threads=set_threads(args), n_ctx=args.n_ctx,
                                       byte_level=getattr(args, "byte_level", None), prune=getattr(args, "prune", 1e-5),
                                       placement=parse_place(args.place), trust_remote_code=args.trust_remote_code)
 

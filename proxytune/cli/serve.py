@@ -97,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise ProxyTuneError(f"the server needs its extra: pip install 'proxytune[serve]' ({error})") from None
     model_specs(args)  # a missing role is reported before anything else
     check_options(args)
-    chat_roles = tuple(r.strip() for r in args.chat_roles.split(",") if r.strip())
-    unknown = set(chat_roles) - {"base", "expert", "anti_expert"}
-    if unknown:
-        raise ProxyTuneError(f"--chat-roles may name base, expert, anti_expert; got {sorted(unknown)}")
+    from ..engine.prompts import chat_role_kinds
+
+    chat_roles = chat_role_kinds(args.chat_roles)
     tuner = load_tuner(args)
     name = args.served_model_name or args.model or "proxytune"
     app = create_app(tuner, served_names=[name], api_key=args.api_key, max_batch=args.max_batch,

@@ -16,6 +16,20 @@ from ..errors import ProxyTuneError
 ALL_ROLES = ("base", "expert", "anti_expert")  # role kinds: chat_roles=("expert",) is the paper's setting
 
 
+def chat_role_kinds(value) -> tuple[str, ...]:
+    """Role kinds from a comma-separated string or a sequence, written either way (anti_expert as the API
+    spells it, anti-expert as the CLI's --anti-expert does); anything else is refused naming the kinds."""
+    names = value.split(",") if isinstance(value, str) else value
+    if isinstance(names, (bytes, dict)) or not isinstance(names, (list, tuple, set, frozenset)) \
+            or not all(isinstance(n, str) for n in names):
+        raise ProxyTuneError(f"chat_roles must name role kinds ({', '.join(ALL_ROLES)}), got {value!r}")
+    kinds = tuple(dict.fromkeys(n.strip().replace("-", "_") for n in names if n.strip()))
+    unknown = sorted(set(kinds) - set(ALL_ROLES))
+    if unknown:
+        raise ProxyTuneError(f"chat_roles may name {', '.join(ALL_ROLES)} (or anti-expert), got {', '.join(unknown)}")
+    return kinds
+
+
 def validate_messages(messages) -> list[dict]:
     if not isinstance(messages, (list, tuple)) or not messages:
         raise ProxyTuneError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 from ..backends.protocol import LogitSource
 from ..engine import scoring
 from ..engine.decoding import Decoding, Event, GenerationOutput, Request
-from ..engine.prompts import ALL_ROLES, chat_prompt_ids, validate_messages
+from ..engine.prompts import ALL_ROLES, chat_prompt_ids, chat_role_kinds, validate_messages
 from ..engine.roles import Roles, pairs_of
 from ..engine.sampling import SamplingParams
 from ..engine.scoring import Score, ScoreItem
@@ -198,9 +198,7 @@ class ProxyTuner:
             raise ProxyTuneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if messages is not None:
             messages = validate_messages(messages)
-            unknown = set(chat_roles) - set(ALL_ROLES)
-            if unknown:
-                raise ProxyTuneError(f"chat_roles may name {ALL_ROLES}, got {sorted(unknown)}")
+            chat_roles = chat_role_kinds(chat_roles)
             self._check_length(sum(len(m["content"]) for m in messages), label)
             encode = lambda role: chat_prompt_ids(self.tokenizers[role], messages,  # noqa: E731
                                                   self.schema.kind(role) in chat_roles)
