@@ -153,3 +153,14 @@ def test_threads_sets_torchs_threads_and_llama_threads_only_llama_cpps(trio_dirs
         assert set_threads(argparse.Namespace(threads=None, llama_threads=None)) is None
     finally:
         torch.set_num_threads(before)
+
+
+def test_each_model_loading_is_named_and_library_noise_is_off_unless_verbose(trio_dirs):
+    base, expert, anti = trio_dirs
+    models = ["--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "4"]
+    quiet = cli("generate", *models, "The quick")
+    assert quiet.returncode == 0
+    assert [line for line in quiet.stderr.splitlines() if line] == \
+        [f"proxytune: loading {path} (float32 on cpu)" for path in (base, expert, anti)]
+    loud = cli("generate", *models, "--verbose", "The quick")
+    assert "Loading weights" in loud.stderr and "proxytune: loading" in loud.stderr

@@ -8,7 +8,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import importlib
+import logging
 import os
+import warnings
 import pkgutil
 import sys
 
@@ -40,12 +42,34 @@ def refuse_unknown(parser: argparse.ArgumentParser, verb: str | None, unknown: l
     where.error(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else f"; see proxytune {verb} --help"))
 
 
+def quiet_libraries(verbose: bool) -> None:
+    """What a command prints is its own: one line per model loaded ("loading NAME (dtype on device)") instead
+    of the libraries' unnamed "Loading weights" bars, deprecation notices and advisory warnings; `--verbose`
+    (or PROXYTUNE_VERBOSE=1) keeps them all."""
+    loading = logging.getLogger("proxytune.models")
+    if not loading.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("proxytune: %(message)s"))
+        loading.addHandler(handler)
+        loading.setLevel(logging.INFO)
+        loading.propagate = False
+    if verbose:
+        return
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         refuse_unknown(parser, getattr(args, "verb", None), unknown)
+    quiet_libraries(bool(getattr(args, "verbose", False)) or os.environ.get("PROXYTUNE_VERBOSE") == "1")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

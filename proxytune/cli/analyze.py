@@ -93,7 +93,10 @@ def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
     tuner = ProxyTuner.from_pretrained(models["base"], models["expert"], models["anti_expert"], alpha=config["alpha"],
                                        device=args.device, dtype=dtype, backend=config.get("backend"),
                                        prune=config.get("prune", 1e-5), placement=parse_place(config.get("place")))
-    traces = [rescored_trace(tuner, r["prompt"], r["token_ids"], config["alpha"], args.top_k, r["id"]) for r in records]
+    from tqdm import tqdm
+
+    traces = [rescored_trace(tuner, r["prompt"], r["token_ids"], config["alpha"], args.top_k, r["id"])
+              for r in tqdm(records, desc=f"analyze: rescoring {directory.name}'s proxy answers", unit="answer")]
     return write_analysis(traces, args.output, config["task"] == "gsm" or args.math, config["alpha"])
 
 

@@ -6,6 +6,7 @@ anti-expert) is loaded once: that role runs the same weights with the adapter sw
 from __future__ import annotations
 
 import json
+import logging
 from typing import Sequence
 
 import torch
@@ -15,6 +16,9 @@ from .placement import DTYPES, Placement, check, placement_of, torch_device, tor
 from .specs import adapter_base, is_llama_cpp, local_path, with_backend
 from ..backends.remote.spec import is_remote_spec
 from ..backends.transformers import TransformersSource
+
+log = logging.getLogger("proxytune.models")  # the CLI shows its lines: which model is loading, where
+
 
 def pick_device(device) -> torch.device:
     """A device this machine has (default: cuda when there is one), or a one-line error."""
@@ -113,8 +117,11 @@ class Loader:
         return check(self.placements.get(role, Placement()).over(self.default), f"the {role} placement")
 
     def _load(self, spec: str, placement: Placement):
-        return load_plain(spec, torch_device(placement), torch_dtype(placement, local_path(spec)),
-                          placement.device_map, placement.quantize, self.trust_remote_code)
+        device, dtype = torch_device(placement), torch_dtype(placement, local_path(spec))
+        where = f"device_map={placement.device_map}" if placement.device_map is not None else str(device)
+        log.info("loading %s (%s on %s%s)", spec, str(dtype).removeprefix("torch."), where,
+                 f", {placement.quantize}" if placement.quantize else "")
+        return load_plain(spec, device, dtype, placement.device_map, placement.quantize, self.trust_remote_code)
 
     def _plain(self, spec: str, placement: Placement):
         key = (spec, placement.key)
