@@ -63,13 +63,13 @@ def tuner():
     return ProxyTuner(*[tiny_model(seed) for seed in range(3)], tokenizer=tiny_tokenizer(), alpha=0.8)
 
 
-def evaluate(tuner, tasks_dir, task):
+def evaluate(tuner, tasks_dir, task, **options):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     return lm_eval.simple_evaluate(model=ProxyTuneLM(tuner=tuner, batch_size=2), tasks=[task],
                                    task_manager=TaskManager(include_path=str(tasks_dir), include_defaults=False),
-                                   log_samples=True)
+                                   log_samples=True, **options)
 
 
 def test_multiple_choice_picks_the_option_score_batch_likes_best(tuner, tasks_dir):
@@ -91,6 +91,17 @@ def test_generate_until_is_proxy_tuned_greedy_decoding_cut_at_until(tuner, tasks
         context = f"Question: {sample['doc']['question']}\nAnswer:"
         expected = tuner.generate(context, max_new_tokens=8, stop=["\n"])[0].text
         assert sample["resps"][0][0] == expected and "\n" not in expected
+
+
+def test_apply_chat_template_renders_with_the_base_template_and_decodes_the_proxy(tuner, tasks_dir):
+    """lm-eval's --apply_chat_template (recommended for instruct models) once raised NotImplementedError."""
+    out = evaluate(tuner, tasks_dir, "proxytune_tiny_gen", apply_chat_template=True)
+    for sample in out["samples"]["proxytune_tiny_gen"]:
+        question = f"Question: {sample['doc']['question']}\nAnswer:"
+        context = tuner.tokenizers["base"].apply_chat_template([{"role": "user", "content": question}],
+                                                               tokenize=False, add_generation_prompt=True)
+        assert sample["arguments"][0][0] == context and "<|user|>" in context
+        assert sample["resps"][0][0] == tuner.generate(context, max_new_tokens=8, stop=["\n"])[0].text
 
 
 def test_rolling_loglikelihood_sums_every_token_once(tuner, tasks_dir):

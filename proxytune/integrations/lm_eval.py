@@ -57,7 +57,24 @@ class ProxyTuneLM(LM):
 
     @property
     def tokenizer_name(self) -> str:
-        return getattr(self.tuner.tokenizer, "name_or_path", "proxytune").replace("/", "__")
+        return getattr(self.tuner.tokenizers["base"], "name_or_path", "proxytune").replace("/", "__")
+
+    # --- chat (lm-eval's --apply_chat_template) --------------------------------------------------------
+    # lm-eval hands a model one prompt string. It is rendered with the base's chat template and given to every
+    # role as text: exact for trios whose roles share a template (one family, as the demo); for roles with
+    # their own templates, `ProxyTuner.chat` (each role its own template) is the faithful API.
+
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        return getattr(self.tuner.tokenizers["base"], "chat_template", None) or ""
+
+    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+        from ..engine.prompts import plain_text, validate_messages
+
+        messages = validate_messages(chat_history)
+        tokenizer = self.tuner.tokenizers["base"]
+        if not getattr(tokenizer, "chat_template", None):
+            return plain_text(messages)
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _record(self, kind: str, args, result) -> None:
         self.cache_hook.add_partial(kind, args, result)
