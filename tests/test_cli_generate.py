@@ -164,3 +164,73 @@ def test_each_model_loading_is_named_and_library_noise_is_off_unless_verbose(tri
         [f"proxytune: loading {path} (float32 on cpu)" for path in (base, expert, anti)]
     loud = cli("generate", *models, "--verbose", "The quick")
     assert "Loading weights" in loud.stderr and "proxytune: loading" in loud.stderr
+
+
+# --- batch files -------------------------------------------------------------------------------------------
+
+def write_jsonl(path, rows):
+    import json
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def read_jsonl(path):
+    import json
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_batch_file_decodes_every_row_with_its_own_settings(trio_dirs, tmp_path, capsys):
+    from proxytune.cli import main
+
+    base, expert, anti = trio_dirs
+    rows = [{"id": "a", "prompt": "The quick"}, {"prompt": "def add(a, b):", "max_new_tokens": 3},
+            {"id": "c", "messages": [{"role": "user", "content": "hi"}], "alpha": 0.0},
+            {"id": "d", "prompt": "Answer:", "temperature": 0.9, "seed": 7}]
+    write_jsonl(tmp_path / "in.jsonl", rows)
+    assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "6",
+                 "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                 "--batch-size", "2"]) == 0
+    got = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    tuner = ProxyTuner.from_pretrained(base, expert, anti)
+    assert got["a"]["text"] == tuner.generate("The quick", max_new_tokens=6)[0].text
+    assert got["2"]["text"] == tuner.generate("def add(a, b):", max_new_tokens=3)[0].text  # id: the line number
+    assert got["c"]["text"] == tuner.chat([{"role": "user", "content": "hi"}], max_new_tokens=6, alpha=0.0).text
+    assert got["d"]["text"] == tuner.generate("Answer:", max_new_tokens=6, temperature=0.9, seed=7)[0].text
+    assert all(r["finish_reason"] in ("stop", "length") and r["completion_tokens"] <= 6 for r in got.values())
+
+
+def test_a_batch_run_resumes_where_it_stopped(trio_dirs, tmp_path, monkeypatch):
+    from proxytune.cli import main
+
+    base, expert, anti = trio_dirs
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in ("one", "two", "three", "four")])
+    argv = ["generate", "--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "4",
+            "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    assert main(argv) == 0
+    whole = {r["id"]: r["text"] for r in read_jsonl(tmp_path / "out.jsonl")}
+    lines = (tmp_path / "out.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "out.jsonl").write_text(lines[0] + lines[1][:10])  # killed while writing the second row
+    asked = []
+    original = ProxyTuner.request
+    monkeypatch.setattr(ProxyTuner, "request", lambda self, *a, **k: asked.append(a) or original(self, *a, **k))
+    assert main(argv) == 0
+    assert len(asked) == 3  # the finished row is not decoded again
+    assert {r["id"]: r["text"] for r in read_jsonl(tmp_path / "out.jsonl")} == whole
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"prompt": "a"}\nnot json\n', "line 2: not JSON"),
+    ('{"prompt": "a", "temprature": 1}\n', "unknown field 'temprature'"),
+    ('{"text": "a"}\n', 'give an object with "prompt" or "messages"'),
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "appears twice"),
+])
+def test_a_bad_batch_file_is_refused_before_loading_naming_the_line(trio_dirs, tmp_path, capsys, monkeypatch,
+                                                                    content, message):
+    import proxytune.cli.generate as generate
+    from proxytune.cli import main
+
+    monkeypatch.setattr(generate, "load_tuner", lambda args: pytest.fail("loaded models for a bad file"))
+    (tmp_path / "in.jsonl").write_text(content)
+    base, expert, anti = trio_dirs
+    assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti,
+                 "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
+    assert message in capsys.readouterr().err

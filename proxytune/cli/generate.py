@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from pathlib import Path
 import time
 
 from ..errors import ProxyTuneError
@@ -31,6 +32,13 @@ def register(subparsers) -> None:
                         help="exact speculative decoding: the expert drafts, base and anti-expert verify a whole "
                              "draft per forward (same output, fewer large-model steps); a remote base always "
                              "drafts its own continuation instead (see its spec's chunk=)")
+    batch = parser.add_argument_group("batch files (docs: cli/_batch.py)")
+    batch.add_argument("--input", metavar="PROMPTS.jsonl",
+                       help="one JSON object per line: {\"prompt\": ...} or {\"messages\": [...]}, optional \"id\" and "
+                            "per-row max_new_tokens, temperature, top_p, top_k, min_p, seed, stop, alpha")
+    batch.add_argument("--output", metavar="OUT.jsonl", help="with --input: results, one line per row as it finishes; "
+                                                             "rerun the same command to resume")
+    batch.add_argument("--batch-size", type=int, default=16, help="with --input: rows decoded together (default 16)")
     parser.add_argument("--verbose", action="store_true",
                         help="after the text, one line on standard error: tokens, wall time per token, and for "
                              "each remote role its calls, tokens per call and bytes per token")
@@ -73,13 +81,37 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise ProxyTuneError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {args.max_new_tokens}")
 
 
+def check_batch(args: argparse.Namespace) -> None:
+    if args.input is None:
+        if args.output is not None:
+            raise ProxyTuneError("--output goes with --input (a batch file); a single prompt prints its text")
+        return
+    if args.prompt is not None:
+        raise ProxyTuneError("give a prompt or --input PROMPTS.jsonl, not both")
+    if args.output is None:
+        raise ProxyTuneError("--input needs --output OUT.jsonl (where the results go, and a rerun resumes)")
+    if args.compare:
+        raise ProxyTuneError("--compare shows one prompt three ways; with --input, run the roles as separate batches")
+    if args.batch_size < 1:
+        raise ProxyTuneError(f"--batch-size must be >= 1, got {args.batch_size}")
+
+
 def run(args: argparse.Namespace) -> int:
-    prompt = read_prompt(args)
+    check_batch(args)
+    prompt = read_prompt(args) if args.input is None else None
     check_sampling(args)
     stop = [unescape(s) for s in args.stop] if args.stop and args.escape else args.stop
+    if args.input is not None:
+        from ._batch import read_rows
+
+        read_rows(Path(args.input))  # a malformed file fails before any model loads
     tuner = load_tuner(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, seed=args.seed, stop=stop)
+    if args.input is not None:
+        from ._batch import run_batch
+
+        return run_batch(tuner, args, {**options, "alpha": None}, tuple(args.chat_roles.split(",")))
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
         request = tuner.request(messages=messages, chat_roles=tuple(args.chat_roles.split(",")), **options)
