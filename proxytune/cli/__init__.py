@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "model_options", False):  # verbs that load models (cli/_models.py)
+            from ._models import settle_model_options
+            settle_model_options(args)
         if getattr(args, "dry_run", False):  # every verb that loads models takes --dry-run (cli/_models.py)
             from ._models import show_plan
             return show_plan(args)

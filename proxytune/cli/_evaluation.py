@@ -59,7 +59,8 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     # the decoding level is recorded per result and checked by the runner (--roles base cannot detect it)
     config.update({name: value for name, value, default in (("backend", args.backend, None),
                                                             ("prune", args.prune, 1e-5),
-                                                            ("place", args.place, None)) if value != default})
+                                                            ("place", args.place, None),
+                                                            ("config", args.config, None)) if value != default})
     store = ResultStore(args.output, config)
     return task, store, specs
 

@@ -8,11 +8,16 @@ from ..errors import ProxyTuneError
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("models")
-    group.add_argument("--model", help="a registered trio name (e.g. demo) giving all three roles")
+    group.add_argument("--model", help="a registered trio name (e.g. demo, or one added with `proxytune models add`) "
+                                       "giving all three roles")
+    group.add_argument("--config", metavar="TRIO.toml", help="a trio config: every role, its placement, α per pair "
+                                                              "(docs/hardware.md; models/trio_config.py)")
     group.add_argument("--base", help="large untuned model: directory, .gguf file or registered name")
     group.add_argument("--expert", help="small tuned model (or a peft adapter directory)")
     group.add_argument("--anti-expert", dest="anti_expert", help="small untuned model")
-    group.add_argument("--alpha", type=float, default=1.0, help="strength of the expert's shift (default 1.0)")
+    group.add_argument("--alpha", type=float, default=None,
+                       help="strength of the expert's shift (default: the config's, else 1.0)")
+    parser.set_defaults(model_options=True)
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16 (default auto: each "
                                                      "checkpoint's own, e.g. bf16 for the demo models)")
@@ -44,10 +49,36 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "0 keeps every path)")
 
 
+def trio_config(args: argparse.Namespace):
+    """The TrioConfig behind --config, or behind --model NAME registered with `models add`; None otherwise."""
+    from ..models import registry
+    from ..models.trio_config import read_config, user_trio
+
+    if args.config:
+        if args.model or args.base or args.expert or args.anti_expert:
+            raise ProxyTuneError("give either --config or --model / --base, --expert, --anti-expert, not both")
+        return read_config(args.config)
+    if args.model and registry.resolve_trio(args.model) is None and user_trio(args.model) is not None:
+        return read_config(user_trio(args.model))
+    return None
+
+
+def settle_model_options(args: argparse.Namespace) -> None:
+    """Before a verb runs: --alpha defaults to the config's α (one pair), else 1.0."""
+    config = trio_config(args)
+    if args.alpha is None:
+        args.alpha = config.alphas[0] if config is not None and len(config.alphas) == 1 else 1.0
+    elif config is not None and len(config.alphas) > 1:
+        raise ProxyTuneError(f"{config.path} has {len(config.alphas)} expert pairs, each with its α: set them there")
+
+
 def model_specs(args: argparse.Namespace) -> dict[str, str]:
-    """role -> spec, from --model or the three role options."""
+    """role -> spec, from --config, --model or the three role options."""
     from ..models import registry
 
+    config = trio_config(args)
+    if config is not None:
+        return dict(config.specs)
     if args.model:
         if args.base or args.expert or args.anti_expert:
             raise ProxyTuneError("give either --model or --base/--expert/--anti-expert, not both")
@@ -76,6 +107,14 @@ def load_tuner(args: argparse.Namespace):
     from ..facade.tuner import ProxyTuner
     from ..models.placement import parse_place
 
+    config = trio_config(args)
+    if config is not None:
+        if len(config.alphas) == 1:
+            config.alphas = [args.alpha]
+        return ProxyTuner.from_config(config, device=args.device, dtype=args.dtype, placement=parse_place(args.place),
+                                      backend=args.backend, threads=set_threads(args), n_ctx=args.n_ctx,
+                                      byte_level=args.byte_level, trust_remote_code=args.trust_remote_code or None,
+                                      prune=args.prune if args.prune != 1e-5 else None)
     specs = model_specs(args)
     return ProxyTuner.from_pretrained(specs["base"], specs["expert"], specs["anti_expert"], alpha=args.alpha,
                                       device=args.device, dtype=args.dtype, backend=getattr(args, "backend", None),
@@ -86,16 +125,20 @@ def load_tuner(args: argparse.Namespace):
 
 def show_plan(args: argparse.Namespace) -> int:
     """--dry-run: the loading plan of the roles the verb would load (models/plan.py), nothing loaded."""
-    from ..engine.roles import Roles
     from ..models.loading import Loader
-    from ..models.placement import placements_of
+    from ..models.placement import Placement, placements_of
     from ..models.placement import parse_place
     from ..models.plan import plan_roles, table
 
     specs = model_specs(args)
-    loader = Loader(args.device, args.dtype, placements=placements_of(parse_place(args.place), Roles(1).names))
+    config = trio_config(args)
+    given = placements_of(parse_place(args.place), list(specs))
+    placements = {role: given.get(role, Placement()).over(config.placements.get(role, Placement()))
+                  for role in specs} if config is not None else given
+    loader = Loader(args.device, args.dtype, placements=placements)
     placements = {role: loader.placement(role) for role in specs}
-    batch = getattr(args, "batch_size", None) or getattr(args, "max_batch", None) or 1  # eval's, serve's
+    # rows decoded together: serve's --max-batch, eval's or a batch file's --batch-size, else one prompt
+    batch = getattr(args, "max_batch", None) or (getattr(args, "batch_size", 1) if getattr(args, "input", True) else 1)
     context = args.n_ctx or 4096
     print(table(plan_roles(specs, placements, args.backend), batch, context))
     return 0

@@ -15,6 +15,11 @@ def register(subparsers) -> None:
     actions.add_parser("list", help="named models, adapters and trios, and whether they are ready")
     prepare = actions.add_parser("prepare", help="verify, assemble and convert named models (or a trio's models)")
     prepare.add_argument("names", nargs="+", metavar="NAME", help="model or trio name, or 'all'")
+    add = actions.add_parser("add", help="register a trio config (TOML) under a name usable as --model NAME",
+                             description="Register a trio config file (models/trio_config.py) as NAME: every verb's "
+                                         "--model NAME and ProxyTuner.from_pretrained(NAME) then load it.")
+    add.add_argument("name", metavar="NAME")
+    add.add_argument("config", metavar="TRIO.toml")
     convert = actions.add_parser("to-safetensors", help="convert a model or adapter directory whose weights are "
                                                          "pickles (pytorch_model.bin) into one with safetensors",
                                  description="proxytune loads safetensors only. This reads the tensors of a "
@@ -43,6 +48,13 @@ def list_models() -> None:
     print("trios:")
     for name, trio in registry.TRIOS.items():
         print(f"  {name:30s} " + ", ".join(f"{role}={spec}" for role, spec in trio.items()))
+    from ..models.trio_config import user_trios_dir
+
+    added = sorted(user_trios_dir().glob("*.toml")) if user_trios_dir().is_dir() else []
+    if added:
+        print(f"trios added ({user_trios_dir()}):")
+        for path in added:
+            print(f"  {path.stem:30s} {path}")
 
 
 def models_to_prepare(names: list[str]) -> list[str]:
@@ -72,6 +84,13 @@ def adapter_base_name(adapter: str) -> str | None:
 def run(args: argparse.Namespace) -> int:
     if args.action in (None, "list"):
         list_models()
+        return 0
+    if args.action == "add":
+        from ..models.trio_config import add_user_trio
+
+        if registry.resolve_trio(args.name) is not None:
+            raise ProxyTuneError(f"{args.name!r} is a built-in trio; choose another name")
+        print(f"{args.name}: {add_user_trio(args.name, args.config)} (use --model {args.name})")
         return 0
     if args.action == "to-safetensors":
         from ..models.loading import to_safetensors

@@ -1,6 +1,7 @@
 """ProxyTuner: the public face of the engine (generate, stream, score, chat)."""
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from typing import Iterator, Sequence
@@ -17,6 +18,7 @@ from ..engine.vocab import shared_vocab_size, token_table, vocabularies_agree
 from .bytes import byte_role_logits, byte_sources, check_prompt_bytes
 from ..errors import ProxyTuneError, SourceFailure
 from ..models.loading import as_source
+from ..models.placement import Placement
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # logits are combined in float32: a larger α becomes inf there
@@ -122,9 +124,13 @@ class ProxyTuner:
         from ..models import registry
         from ..models.loading import load_roles
         from ..models.placement import placements_of
+        from ..models.trio_config import user_trio
 
         if expert is None and anti_expert is None and experts is None:
             trio = registry.resolve_trio(base)
+            if trio is None and user_trio(base) is not None:  # registered with `proxytune models add`
+                return cls.from_config(user_trio(base), device=device, dtype=dtype, backend=backend, threads=threads,
+                                       n_ctx=n_ctx, placement=placement)
             if trio is None:
                 raise ProxyTuneError(f"{base!r} is not a registered trio; give expert= and anti_expert= too")
             base, expert, anti_expert = trio["base"], trio["expert"], trio["anti_expert"]
@@ -139,6 +145,29 @@ class ProxyTuner:
         pairs = [(loaded[e][0], loaded[a][0], alpha) for (e, a), (_, _, alpha) in zip(schema.pairs, pair_specs)]
         return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema},
                    byte_level=byte_level, prune=prune)
+
+    @classmethod
+    def from_config(cls, config, device=None, dtype=None, placement: dict | None = None, **options) -> "ProxyTuner":
+        """Load a trio config (a TOML file, models/trio_config.py, or a read TrioConfig): its roles, placements,
+        α per pair, chat templates and options. `placement` (per role) and `options` (backend, threads, n_ctx,
+        byte_level, prune, trust_remote_code) given here override the file's; device/dtype are every role's
+        defaults under the file's per-role keys."""
+        from ..models.placement import placement_of
+        from ..models.trio_config import TrioConfig, read_config
+
+        config = config if isinstance(config, TrioConfig) else read_config(config)
+        placements = {role: placement_of(value, f"the {role} placement").over(config.placements.get(role, Placement()))
+                      for role, value in (placement or {}).items()}
+        schema = Roles(len(config.alphas))
+        experts = [(config.specs[e], config.specs[a], alpha) for (e, a), alpha in zip(schema.pairs, config.alphas)]
+        tuner = cls.from_pretrained(config.specs["base"], experts=experts, device=device, dtype=dtype,
+                                    placement={**config.placements, **placements},
+                                    **{**config.options, **{k: v for k, v in options.items() if v is not None}})
+        for role, template in config.chat_templates.items():  # a copy: roles may share one tokenizer object
+            tokenizer = copy.deepcopy(tuner.tokenizers[role])
+            tokenizer.chat_template = template
+            tuner.tokenizers[role] = tokenizer
+        return tuner
 
     def remote_sources(self) -> dict:
         """Role -> source for the roles behind an OpenAI-compatible server (each source once, by its first role)."""

@@ -104,7 +104,7 @@ class Loader:
                  placements: dict[str, Placement] | None = None, trust_remote_code: bool = False):
         self.default = placement_of({"device": None if device is None else str(device),
                                      "dtype": dtype if not isinstance(dtype, torch.dtype) else str(dtype)[6:]},
-                                    "the default placement")
+                                    "device/dtype (every role)")
         self.placements = dict(placements or {})
         self.trust_remote_code = trust_remote_code
         self.llama_cpp_options = {"threads": threads, "n_ctx": n_ctx}

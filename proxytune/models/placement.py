@@ -75,7 +75,10 @@ def placements_of(per_role: Mapping | None, roles) -> dict[str, Placement]:
 
 def check(placement: Placement, what: str = "placement") -> Placement:
     if placement.device is not None:
-        check_device(placement.device)
+        try:
+            check_device(placement.device)
+        except ProxyTuneError as error:
+            raise ProxyTuneError(f"{what}: {error}") from None
     if placement.dtype not in (None, "auto") and placement.dtype not in DTYPES:
         raise ProxyTuneError(f"{what}: unknown dtype {placement.dtype!r}; use auto (the checkpoint's own) or one "
                              f"of {', '.join(sorted(DTYPES))}")

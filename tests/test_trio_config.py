@@ -1,0 +1,118 @@
+"""Trio configs: one TOML file names every role, its placement, α per pair and chat templates; usable by every
+verb (--config), registered by name (`models add`), refused with the file and key named when wrong."""
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny import tiny_model, tiny_tokenizer
+
+from proxytune import ProxyTuner
+from proxytune.cli import main
+from proxytune.errors import ProxyTuneError
+from proxytune.models.trio_config import read_config
+
+PROMPTS = ["The quick brown fox", "def add(a, b):\n"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("config-trio")
+    for seed, role in enumerate(("base", "expert", "anti", "expert2")):
+        tiny_model(seed).save_pretrained(root / role)
+        tiny_tokenizer().save_pretrained(root / role)
+    return {role: str(root / role) for role in ("base", "expert", "anti", "expert2")}
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_a_config_loads_the_trio_it_names_with_its_placements_and_alpha(dirs, tmp_path):
+    config = write(tmp_path / "trio.toml", f"""
+alpha = 0.6
+[base]
+model = "{dirs['base']}"
+[expert]
+model = "{dirs['expert']}"
+dtype = "bfloat16"
+[anti-expert]
+model = "{dirs['anti']}"
+dtype = "bfloat16"
+""")
+    tuner = ProxyTuner.from_config(config)
+    assert tuner.alphas == [0.6]
+    assert next(tuner.sources["expert"].model.parameters()).dtype == torch.bfloat16
+    assert next(tuner.sources["base"].model.parameters()).dtype == torch.float32
+    same = ProxyTuner.from_pretrained(dirs["base"], dirs["expert"], dirs["anti"], alpha=0.6,
+                                      placement={"expert": {"dtype": "bfloat16"}, "anti_expert": {"dtype": "bfloat16"}})
+    assert [o.token_ids for o in tuner.generate(PROMPTS, max_new_tokens=8)] == \
+        [o.token_ids for o in same.generate(PROMPTS, max_new_tokens=8)]
+
+
+def test_several_pairs_each_with_its_alpha_and_a_role_with_its_own_chat_template(dirs, tmp_path):
+    config = write(tmp_path / "pairs.toml", f"""
+[base]
+model = "{dirs['base']}"
+chat_template = "{{% for m in messages %}}[{{{{ m['content'] }}}}]{{% endfor %}}"
+[[pairs]]
+alpha = 0.5
+expert = {{ model = "{dirs['expert']}" }}
+anti_expert = {{ model = "{dirs['anti']}" }}
+[[pairs]]
+alpha = 1.5
+expert = {{ model = "{dirs['expert2']}" }}
+anti_expert = {{ model = "{dirs['anti']}" }}
+""")
+    tuner = ProxyTuner.from_config(config)
+    assert tuner.alphas == [0.5, 1.5] and tuner.schema.names[-2:] == ["expert_2", "anti_expert_2"]
+    messages = [{"role": "user", "content": "hi"}]
+    request = tuner.request(messages=messages)
+    assert request.prompts["base"] == tiny_tokenizer()("[hi]", add_special_tokens=False)["input_ids"]
+    assert request.prompts["expert"] == tiny_tokenizer()(tiny_tokenizer().apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[base]\nmodel = "x"\n[expert]\nmodel = "y"\n', "the anti_expert needs model"),
+    ('[base]\nmodel = "x"\ndevise = "cpu"\n', "unknown key 'devise' for the base"),
+    ('colour = 1\n', "unknown key 'colour'"),
+    ('[base]\nmodel = "x"\ndevice = "gpu"\n', "unknown device 'gpu'"),
+    ('alpha = "strong"\n[base]\nmodel="x"\n[expert]\nmodel="y"\n[anti_expert]\nmodel="z"\n', "alpha must be"),
+    ('[base\n', "not valid TOML"),
+])
+def test_a_wrong_config_names_the_file_and_what_to_fix(tmp_path, text, message):
+    with pytest.raises(ProxyTuneError, match=message) as error:
+        read_config(write(tmp_path / "bad.toml", text))
+    assert "bad.toml" in str(error.value)
+
+
+def test_every_verb_takes_config_and_models_add_registers_it_by_name(dirs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PROXYTUNE_CONFIG", str(tmp_path / "user"))
+    config = write(tmp_path / "trio.toml", f"""
+alpha = 0.6
+[base]
+model = "{dirs['base']}"
+[expert]
+model = "{dirs['expert']}"
+[anti_expert]
+model = "{dirs['anti']}"
+""")
+    expected = ProxyTuner.from_pretrained(dirs["base"], dirs["expert"], dirs["anti"], alpha=0.6).generate(
+        "The quick", max_new_tokens=6)[0].text
+    assert main(["generate", "--config", str(config), "--max-new-tokens", "6", "The quick"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["models", "add", "mytrio", str(config)]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--model", "mytrio", "--max-new-tokens", "6", "The quick"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+    assert ProxyTuner.from_pretrained("mytrio").alphas == [0.6]
+    assert main(["generate", "--model", "mytrio", "--alpha", "0", "--max-new-tokens", "6", "The quick"]) == 0
+    base_alone = ProxyTuner.from_pretrained(dirs["base"], dirs["expert"], dirs["anti"], alpha=0.0).generate(
+        "The quick", max_new_tokens=6)[0].text
+    assert capsys.readouterr().out == base_alone + "\n"  # --alpha given on the command line wins
+    assert main(["models", "list"]) == 0 and "mytrio" in capsys.readouterr().out
+    assert main(["models", "add", "demo", str(config)]) == 2  # a built-in name is not shadowed
+    out = tmp_path / "eval"
+    assert main(["eval", "gsm", "--config", str(config), "--limit", "1", "--max-new-tokens", "4", "--output",
+                 str(out), "--no-progress"]) == 0
