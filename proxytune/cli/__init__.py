@@ -42,13 +42,26 @@ def refuse_unknown(parser: argparse.ArgumentParser, verb: str | None, unknown: l
     where.error(f"unknown option {flag}" + (f"; did you mean {close[0]}?" if close else f"; see proxytune {verb} --help"))
 
 
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (main() may run many times in one process, e.g. in tests
+    that capture it), not to the stream that was current when the handler was made."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def quiet_libraries(verbose: bool) -> None:
     """What a command prints is its own: one line per model loaded ("loading NAME (dtype on device)") instead
     of the libraries' unnamed "Loading weights" bars, deprecation notices and advisory warnings; `--verbose`
     (or PROXYTUNE_VERBOSE=1) keeps them all."""
     loading = logging.getLogger("proxytune.models")
     if not loading.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _Stderr()
         handler.setFormatter(logging.Formatter("proxytune: %(message)s"))
         loading.addHandler(handler)
         loading.setLevel(logging.INFO)

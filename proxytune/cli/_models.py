@@ -64,7 +64,11 @@ def trio_config(args: argparse.Namespace):
 
 
 def settle_model_options(args: argparse.Namespace) -> None:
-    """Before a verb runs: --alpha defaults to the config's α (one pair), else 1.0."""
+    """Before a verb runs: --alpha defaults to the config's α (one pair), else 1.0; a verb that takes its αs
+    elsewhere (sweep-alpha) refuses it."""
+    refused = getattr(args, "alpha_refused", None)
+    if refused and args.alpha is not None:
+        raise ProxyTuneError(f"--alpha {args.alpha:g}: {refused}")
     config = trio_config(args)
     if args.alpha is None:
         args.alpha = config.alphas[0] if config is not None and len(config.alphas) == 1 else 1.0

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     parser.add_argument("--alphas", default="0,0.25,0.5,1,1.5,2", help="comma-separated (default 0,0.25,0.5,1,1.5,2)")
     parser.add_argument("--reuse", metavar="EVAL_DIR", help="an `eval` output with the same task, models and dtype: "
                                                             "its base/expert/proxy results are copied, not recomputed")
-    parser.set_defaults(func=run, alpha=None)  # the sweep's αs come from --alphas; --alpha is refused
+    # the sweep's αs come from --alphas: --alpha is refused (cli/_models.settle_model_options)
+    parser.set_defaults(func=run, alpha_refused="sweep-alpha runs every α of --alphas: put it in --alphas instead")
 
 
 def parse_alphas(text: str) -> list[float]:
@@ -34,10 +35,6 @@ def run(args: argparse.Namespace) -> int:
     from ..evaluation.report import plot_sweep, sweep_table
 
     alphas = parse_alphas(args.alphas)
-    if args.alpha is not None:
-        raise ProxyTuneError(f"sweep-alpha runs every α of --alphas ({args.alphas}); --alpha {args.alpha:g} would be "
-                             f"ignored: put it in --alphas instead")
-    args.alpha = 1.0  # what loading needs; each proxy role runs at its own α
     task, store, specs = prepare(args, "sweep-alpha", {})
     if args.reuse:
         from ..evaluation.records import import_eval_results
