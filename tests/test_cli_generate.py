@@ -234,3 +234,17 @@ def test_a_bad_batch_file_is_refused_before_loading_naming_the_line(trio_dirs, t
     assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti,
                  "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_prompt_file_is_read_and_a_missing_one_is_an_error(trio_dirs, tmp_path, capsys):
+    from proxytune.cli import main
+
+    base, expert, anti = trio_dirs
+    models = ["--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "5"]
+    (tmp_path / "p.txt").write_text("Answer:\\n")  # taken as it is: a backslash and an n
+    assert main(["generate", *models, "--prompt-file", str(tmp_path / "p.txt")]) == 0
+    expected = ProxyTuner.from_pretrained(base, expert, anti).generate("Answer:\\n", max_new_tokens=5)[0].text
+    assert capsys.readouterr().out == expected + "\n"
+    assert main(["generate", *models, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
+    error = capsys.readouterr().err
+    assert "--prompt-file" in error and "no such file" in error

@@ -46,6 +46,7 @@ def register(subparsers) -> None:
 
 
 def add_escape_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-file", metavar="PATH", help="read the prompt from this file (as it is: no escapes)")
     parser.add_argument("--no-escape", dest="escape", action="store_false",
                         help="take \\n, \\t, \\\\ in the prompt, stop strings and options literally (default: read "
                              "them as a newline, a tab, a backslash, as llama.cpp does)")
@@ -61,7 +62,14 @@ def unescape(text: str) -> str:
 
 
 def read_prompt(args) -> str:
-    if args.prompt in (None, "-"):
+    if args.prompt_file is not None:
+        if args.prompt is not None:
+            raise ProxyTuneError("give a prompt or --prompt-file, not both")
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise ProxyTuneError(f"--prompt-file {path}: no such file")
+        prompt = path.read_text()
+    elif args.prompt in (None, "-"):
         prompt = sys.stdin.read()  # real newlines: nothing to unescape
     else:
         prompt = unescape(args.prompt) if args.escape else args.prompt
