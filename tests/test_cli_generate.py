@@ -218,7 +218,7 @@ def test_a_batch_run_resumes_where_it_stopped(trio_dirs, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("content, message", [
-    ('{"prompt": "a"}\nnot json\n', "line 2: not JSON"),
+    ('{"prompt": "a"}\nnot json\n', ":2: not valid JSON"),
     ('{"prompt": "a", "temprature": 1}\n', "unknown field 'temprature'"),
     ('{"text": "a"}\n', 'give an object with "prompt" or "messages"'),
     ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "appears twice"),

@@ -17,16 +17,10 @@ ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "see
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise ProxyTuneError(f"--input {path}: no such file")
+    from ..jsonlines import json_lines
+
     rows, ids = [], set()
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ProxyTuneError(f"--input {path}, line {number}: not JSON ({error})") from None
+    for number, row in json_lines(path, "--input"):
         if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
             raise ProxyTuneError(f"--input {path}, line {number}: give an object with \"prompt\" or \"messages\"")
         unknown = sorted(set(row) - {"id", "prompt", "messages", *ROW_SETTINGS})

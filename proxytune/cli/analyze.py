@@ -32,14 +32,10 @@ def register(subparsers) -> None:
 
 def read_prompts(path: Path) -> list[str]:
     if path.suffix == ".jsonl":
+        from ..jsonlines import json_lines
+
         prompts = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProxyTuneError(f"{path} line {number} is not JSON: {error}") from None
+        for number, row in json_lines(path, "prompts file"):
             if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
                 raise ProxyTuneError(f"{path} line {number} has no string 'prompt' field")
             prompts.append(row["prompt"])

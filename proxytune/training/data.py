@@ -7,7 +7,6 @@ it will be when the tuned model later continues it, so training and decoding see
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ProxyTuneError
+from ..jsonlines import json_lines
 from ..engine.prompts import validate_messages
 
 IGNORE = -100  # label value that cross-entropy skips
@@ -31,19 +31,7 @@ class Example:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise ProxyTuneError(f"data file {path} does not exist")
-    rows = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProxyTuneError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            rows.append(check_row(row, f"{path}:{number}"))
+    rows = [check_row(row, f"{path}:{number}") for number, row in json_lines(path, "data file")]
     if not rows:
         raise ProxyTuneError(f"{path} holds no examples (expected JSON lines with prompt/completion or messages)")
     return rows

@@ -20,7 +20,6 @@ level starts where the prompt ends, exactly as token-level decoding conditions o
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
