@@ -112,7 +112,10 @@ def test_rows_joining_a_paired_batch_get_the_same_tokens_as_alone(trio, tok, pef
         assert output.token_ids == tuner.run([request])[0].token_ids
 
 
-def test_loading_an_adapter_of_the_anti_expert_pairs_them_automatically(tmp_path, tok):
+def saved_lora_trio(tmp_path, tok):
+    """(base dir, small dir, adapter dir): a LoRA of the small model whose config names it as its base."""
+    import json
+
     from tiny import tiny_model
     from transformers import AutoModelForCausalLM
 
@@ -121,10 +124,16 @@ def test_loading_an_adapter_of_the_anti_expert_pairs_them_automatically(tmp_path
         model.save_pretrained(path)
         tok.save_pretrained(path)
     lora_of(AutoModelForCausalLM.from_pretrained(small_dir), seed=3).save_pretrained(adapter_dir)
-    import json
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     config["base_model_name_or_path"] = str(small_dir)
     (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    return base_dir, small_dir, adapter_dir
+
+
+def test_loading_an_adapter_of_the_anti_expert_pairs_them_automatically(tmp_path, tok):
+    from transformers import AutoModelForCausalLM
+
+    base_dir, small_dir, adapter_dir = saved_lora_trio(tmp_path, tok)
 
     roles = load_roles({"base": str(base_dir), "expert": str(adapter_dir), "anti_expert": str(small_dir)},
                        [("expert", "anti_expert")])
@@ -141,18 +150,9 @@ def test_loading_an_adapter_of_the_anti_expert_pairs_them_automatically(tmp_path
 def test_a_pair_placed_alike_stays_one_model_and_placed_apart_loads_twice(tmp_path, tok):
     """Placement per role and the one-pass pair: the two halves share weights only where they share a
     placement; apart, each role loads its own copy, and both give the two-model reference's tokens."""
-    from tiny import tiny_model
     from transformers import AutoModelForCausalLM
-    import json
 
-    base_dir, small_dir, adapter_dir = tmp_path / "base", tmp_path / "small", tmp_path / "adapter"
-    for model, path in ((tiny_model(0), base_dir), (tiny_model(2), small_dir)):
-        model.save_pretrained(path)
-        tok.save_pretrained(path)
-    lora_of(AutoModelForCausalLM.from_pretrained(small_dir), seed=3).save_pretrained(adapter_dir)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    config["base_model_name_or_path"] = str(small_dir)
-    (adapter_dir / "adapter_config.json").write_text(json.dumps(config))
+    base_dir, small_dir, adapter_dir = saved_lora_trio(tmp_path, tok)
     specs = (str(base_dir), str(adapter_dir), str(small_dir))
 
     alike = ProxyTuner.from_pretrained(*specs, placement={"expert": {"dtype": "float32"},

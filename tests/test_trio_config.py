@@ -23,23 +23,18 @@ def dirs(tmp_path_factory):
     return {role: str(root / role) for role in ("base", "expert", "anti", "expert2")}
 
 
+def simple_config(dirs, alpha: float, expert_keys: str = "", anti_keys: str = "") -> str:
+    return (f'alpha = {alpha}\n[base]\nmodel = "{dirs["base"]}"\n[expert]\nmodel = "{dirs["expert"]}"\n{expert_keys}'
+            f'[anti-expert]\nmodel = "{dirs["anti"]}"\n{anti_keys}')
+
+
 def write(path, text):
     path.write_text(text)
     return path
 
 
 def test_a_config_loads_the_trio_it_names_with_its_placements_and_alpha(dirs, tmp_path):
-    config = write(tmp_path / "trio.toml", f"""
-alpha = 0.6
-[base]
-model = "{dirs['base']}"
-[expert]
-model = "{dirs['expert']}"
-dtype = "bfloat16"
-[anti-expert]
-model = "{dirs['anti']}"
-dtype = "bfloat16"
-""")
+    config = write(tmp_path / "trio.toml", simple_config(dirs, 0.6, 'dtype = "bfloat16"\n', 'dtype = "bfloat16"\n'))
     tuner = ProxyTuner.from_config(config)
     assert tuner.alphas == [0.6]
     assert next(tuner.sources["expert"].model.parameters()).dtype == torch.bfloat16
@@ -89,15 +84,7 @@ def test_a_wrong_config_names_the_file_and_what_to_fix(tmp_path, text, message):
 
 def test_every_verb_takes_config_and_models_add_registers_it_by_name(dirs, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("PROXYTUNE_CONFIG", str(tmp_path / "user"))
-    config = write(tmp_path / "trio.toml", f"""
-alpha = 0.6
-[base]
-model = "{dirs['base']}"
-[expert]
-model = "{dirs['expert']}"
-[anti_expert]
-model = "{dirs['anti']}"
-""")
+    config = write(tmp_path / "trio.toml", simple_config(dirs, 0.6))
     expected = ProxyTuner.from_pretrained(dirs["base"], dirs["expert"], dirs["anti"], alpha=0.6).generate(
         "The quick", max_new_tokens=6)[0].text
     assert main(["generate", "--config", str(config), "--max-new-tokens", "6", "The quick"]) == 0
