@@ -276,8 +276,9 @@ class ByteSession:
 
 def join_all(parts: list) -> Session:
     """The sessions' rows in order, in one session. Joined pairwise, level by level: a join copies both sides'
-    caches, so joining k parts one after another copies the growing batch k times (O(k²); this was a quarter
-    of a 16-row byte-level step), a balanced tree O(k log k)."""
+    caches, so joining k parts one after another copies the growing batch k times (O(k²)), a balanced tree
+    O(k log k). Measured on 8 GSM rows x 100 bytes of the gemma trio: no difference (77.7/82.4 s before,
+    79.8/77.4 s after, same bytes): there k is small and the time is the copies themselves."""
     while len(parts) > 1:
         paired = []
         for left, right in zip(parts[::2], parts[1::2]):
