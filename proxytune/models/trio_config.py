@@ -24,12 +24,17 @@ from __future__ import annotations
 import math
 import os
 import shutil
-import tomllib
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProxyTuneError
 from .placement import Placement, placement_of
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 ROLE_KEYS = {"model", "device", "dtype", "device_map", "quantize", "chat_template"}
 TOP_KEYS = {"alpha", "byte_level", "prune", "backend", "trust_remote_code", "base", "expert", "anti_expert",
