@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from ..errors import ProxyTuneError
-from .placement import DTYPES, Placement, check, placement_of, torch_device, torch_dtype
+from .placement import DTYPES, Placement, check, placement_of, torch_device, torch_dtype, where
 from .specs import adapter_base, is_llama_cpp, local_path, with_backend
 from ..backends.remote.spec import is_remote_spec
 from ..backends.transformers import TransformersSource
@@ -118,8 +118,7 @@ class Loader:
 
     def _load(self, spec: str, placement: Placement):
         device, dtype = torch_device(placement), torch_dtype(placement, local_path(spec))
-        where = f"device_map={placement.device_map}" if placement.device_map is not None else str(device)
-        log.info("loading %s (%s on %s%s)", spec, str(dtype).removeprefix("torch."), where,
+        log.info("loading %s (%s on %s%s)", spec, str(dtype).removeprefix("torch."), where(placement),
                  f", {placement.quantize}" if placement.quantize else "")
         return load_plain(spec, device, dtype, placement.device_map, placement.quantize, self.trust_remote_code)
 

@@ -128,6 +128,14 @@ def torch_device(placement: Placement) -> torch.device:
     return check_device(placement.device)
 
 
+def where(placement: Placement) -> str:
+    """Where a placement puts a model, for messages and plans: its device map, or its device."""
+    if placement.device_map is not None:
+        device_map = placement.device_map
+        return f"device_map={json.dumps(device_map) if isinstance(device_map, dict) else device_map}"
+    return str(torch_device(placement))
+
+
 def torch_dtype(placement: Placement, checkpoint: Path | None) -> torch.dtype:
     """The dtype to load in: the one asked for, else the checkpoint's own (config.json's dtype; float32
     when it names none, and for GGUF files, whose quantised weights transformers computes in float32)."""

@@ -17,7 +17,7 @@ import torch
 
 from ..backends.remote.spec import is_remote_spec
 from . import registry
-from .placement import Placement, torch_dtype
+from .placement import Placement, torch_dtype, where
 from .specs import adapter_base, is_llama_cpp, local_path, with_backend
 
 BYTES_PER_PARAMETER = {"4bit": 0.5, "8bit": 1.0}
@@ -72,12 +72,6 @@ def kv_bytes_per_token(config: dict, dtype: torch.dtype) -> int | None:
     return 2 * layers * kv_heads * head_dim * torch.tensor([], dtype=dtype).element_size()
 
 
-def _where(placement: Placement) -> str:
-    if placement.device_map is not None:
-        return f"device_map={json.dumps(placement.device_map) if isinstance(placement.device_map, dict) else placement.device_map}"
-    return placement.device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _unprepared(spec: str) -> bool:
     """A registered model whose weights are not converted yet: planning must not convert it."""
     return spec in registry.MODELS and not (registry.model_dir(spec) / "config.json").exists()
@@ -105,14 +99,14 @@ def plan_roles(specs: dict[str, str], placements: dict[str, Placement], backend:
 
 def _transformers_plan(role: str, raw_spec: str, spec: str, placement: Placement, counted: set) -> RolePlan:
     if _unprepared(spec):
-        return RolePlan(role, raw_spec, "transformers", _where(placement), placement.dtype or "auto", None, None,
+        return RolePlan(role, raw_spec, "transformers", where(placement), placement.dtype or "auto", None, None,
                         "registered, not converted yet (it is on first use)")
     path = local_path(spec)
     base = adapter_base(path)
     adapter = path if base is not None else None
     if base is not None:
         if _unprepared(base):
-            return RolePlan(role, raw_spec, "transformers", _where(placement), placement.dtype or "auto", None, None,
+            return RolePlan(role, raw_spec, "transformers", where(placement), placement.dtype or "auto", None, None,
                             f"adapter on {base}, not converted yet")
         path = local_path(base)
     dtype = torch_dtype(placement, path)
@@ -125,7 +119,7 @@ def _transformers_plan(role: str, raw_spec: str, spec: str, placement: Placement
         weights += sum(f.stat().st_size for f in adapter.glob("*.safetensors"))
         note = f"adapter on {base}" + (" (base shared)" if note else "")
     name = str(dtype).removeprefix("torch.") + (f" ({placement.quantize})" if placement.quantize else "")
-    return RolePlan(role, raw_spec, "transformers", _where(placement), name, weights,
+    return RolePlan(role, raw_spec, "transformers", where(placement), name, weights,
                     kv_bytes_per_token(config, dtype), note)
 
 
