@@ -289,3 +289,14 @@ def test_generate_verbose_prints_the_cost_in_one_line_per_remote_role(fake, tok,
     assert "proxy: 12 tokens in" in err and "ms per token" in err
     line = next(line for line in err.splitlines() if line.startswith("base: "))
     assert "generated tokens" in line and "tokens per call" in line and "B sent" in line
+
+
+def test_a_format_and_penalties_over_a_remote_base_give_plain_remote_output(fake, tok, trio):
+    """Chunks are verified against the shaped p̃ (the server's drafts cannot be masked): same tokens as plain."""
+    plain, chunked = tuners(fake, tok, trio, "&top_k=320&token_ids=1&send_ids=1", 1.0, near_pair(trio))
+    fmt = {"type": "regex", "regex": "(fox|dog|the)( [a-z]{1,6}){2,5}"}
+    options = dict(max_new_tokens=30, response_format=fmt, frequency_penalty=0.8, logit_bias={9: 2.0})
+    want = plain.generate(PROMPTS, **options)
+    got = chunked.generate(PROMPTS, **options)
+    assert [(o.token_ids, o.finish_reason) for o in got] == [(o.token_ids, o.finish_reason) for o in want]
+    assert all(o.finish_reason == "stop" and o.text.split(" ")[0] in ("fox", "dog", "the") for o in got)

@@ -268,7 +268,13 @@ DONE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
     ("/v1/completions", {**DONE, "alpha": "strong"}, 400, "alpha"),
     ("/v1/completions", {**DONE, "alpha": 1e39}, 400, "alpha"),  # finite in JSON, inf in float32
     ("/v1/completions", {**DONE, "logprobs": 50}, 400, "logprobs"),
-    ("/v1/completions", {**DONE, "logit_bias": {"5": 10}}, 400, "logit_bias"),
+    ("/v1/completions", {**DONE, "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("/v1/completions", {**DONE, "logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {**DONE, "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/completions", {**DONE, "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {**DONE, "response_format": {"type": "xml"}}, 400, "response_format"),
+    ("/v1/chat/completions", {**CHAT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "nonsense"}}}}, 400, "response_format"),
     ("/v1/chat/completions", {**CHAT, "messages": []}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "messages": [{"role": "user"}]}, 400, "messages"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 3}, 400, "top_logprobs"),
@@ -337,3 +343,23 @@ def test_bad_serve_options_are_one_line_and_exit_code_2(dirs, server, options, m
     assert main(["serve", *options]) == 2
     error = capsys.readouterr().err
     assert message in error and error.count("\n") == 1
+
+
+SCHEMA = {"type": "object", "properties": {"animal": {"enum": ["fox", "dog"]}, "n": {"type": "integer"}},
+          "required": ["animal", "n"], "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+
+
+def test_response_format_and_penalties_are_those_of_the_library(client, tuner):
+    """The server's structured output and penalties are ProxyTuner's: same text, valid JSON, n choices apart."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    response = client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, temperature=0,
+                                              response_format=fmt, frequency_penalty=0.5, logit_bias={"7": 3})
+    expected = tuner.chat(messages, max_new_tokens=40, response_format=fmt, frequency_penalty=0.5,
+                          logit_bias={7: 3})
+    assert response.choices[0].message.content == expected.text
+    assert json.loads(expected.text)["animal"] in ("fox", "dog")
+    sampled = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=40, n=4, seed=2,
+                                        temperature=1.0, extra_body={"repetition_penalty": 1.2, "response_format": fmt})
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop" and set(json.loads(choice.text)) == {"animal", "n"}

@@ -92,10 +92,15 @@ class ChunkedDecoding(DraftedDecoding):
             if drafts[-1] < 0:  # the last usable position has no draft of its own: decided afresh
                 drafts = drafts[:-1]
             params = row.request.params
-            q = None if params.greedy else draft_distributions(draft.q[position], drafts, logits.combined.shape[-1])
             try:
-                accepted, token = verify_row(logits.combined[position, :usable], drafts, q, params,
-                                             PositionRandomness(row.seed, start))
+                target = row.shaped(logits.combined[position, :usable], drafts)
+                if target is None:
+                    failures.append(row.cannot_continue())
+                    chosen.append([])
+                    continue
+                drafts = drafts[:target.shape[0]]  # all, unless shaping ruled a later position out
+                q = None if params.greedy else draft_distributions(draft.q[position], drafts, logits.combined.shape[-1])
+                accepted, token = verify_row(target, drafts, q, params, PositionRandomness(row.seed, start))
                 chosen.append(drafts[:accepted] + [token])
             except Exception as error:
                 failures.append(row.crashed(error))

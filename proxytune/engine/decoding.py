@@ -20,6 +20,7 @@ from ..errors import ProxyTuneError, RowFailure, SourceFailure
 from .roles import ExpertPair, Roles
 from .sampling import SamplingParams, choose, make_generator, random_seed
 from .session import ProxySession, RoleLogits, StepTimes
+from .shaping import NO_SHAPING, RowShaper, Shaping
 from .text import TextTracker
 
 log = logging.getLogger("proxytune.engine")
@@ -35,6 +36,7 @@ class Request:
     stop: Sequence[str] = ()
     seed: int | None = None
     details: int = 0  # top-k per role to record at each step (0 = none)
+    shaping: Shaping = NO_SHAPING  # penalties, logit_bias, an output format: on the combined logits (shaping.py)
 
 
 @dataclass
@@ -95,6 +97,28 @@ class RowState:
         self.details: list[StepDetail] | None = [] if request.details else None
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.shaper = RowShaper(request.shaping, request.prompts["base"]) if request.shaping.active else None
+
+    def shaped(self, z: torch.Tensor, drafts: Sequence[int] = ()) -> torch.Tensor | None:
+        """The logits this row's next token is chosen from: z [V] itself, or shaped (engine/shaping.py); for
+        z [n, V] (a drafted round), position j shaped after drafts[:j], cut before the first position where
+        nothing is possible (verify only the positions kept). None when the shaping leaves no token the models
+        allow at the first position (the row cannot go on)."""
+        if self.shaper is None:
+            return z
+        if z.dim() == 1:
+            shaped = self.shaper.shape(z, self.tracker.token_ids)
+            return None if bool(unsampleable(shaped[None])[0]) else shaped
+        shaped = self.shaper.shape_positions(z, self.tracker.token_ids, drafts)
+        dead = unsampleable(shaped).nonzero().flatten().tolist()
+        if dead and dead[0] == 0:
+            return None
+        # a later position where nothing is possible: the round decides up to it, the next round fails there
+        return shaped[:dead[0]] if dead else shaped
+
+    def cannot_continue(self) -> Event:
+        return self.fail("no token that the output format allows here is possible under the proxy-tuned "
+                         "distribution (every one has probability 0); loosen the format or the logit_bias")
 
     def fail(self, reason) -> Event:
         """End the row with an error (a model stopped answering for it, its logits were unusable),
@@ -111,6 +135,8 @@ class RowState:
     def record(self, token_id: int, logprob: float, detail: StepDetail | None) -> Event:
         if self.details is not None and detail is not None:
             self.details.append(detail)
+        if self.shaper is not None and token_id not in self.eos_ids:
+            self.shaper.accept(token_id)
         if token_id in self.eos_ids:
             self.finish_reason = "stop"
             return Event(self.index, None, self.tracker.delta(final=True), logprob, "stop", detail)
@@ -235,7 +261,11 @@ class Decoding:
                 events.append(row.fail(unusable[position]))
                 continue
             try:
-                token = choose(logits.combined[position], row.request.params, row.generator)
+                z = row.shaped(logits.combined[position])
+                if z is None:
+                    events.append(row.cannot_continue())
+                    continue
+                token = choose(z, row.request.params, row.generator)
                 detail = step_detail(logits, position, token, row.request.details) if row.request.details else None
                 events.append(row.record(token, float(combined_logprobs[position, token]), detail))
             except Exception as error:

@@ -228,20 +228,26 @@ class SpeculativeDecoding(DraftedDecoding):
         self.draft_length.measured(draft, lambda w: sum(cost(w) for cost in costs))
 
     def _draft(self, rows: list[RowState], expert_logits: torch.Tensor, j: int,
-               randomness: list[PositionRandomness]) -> tuple[torch.Tensor, list]:
-        """Draft j of every row from the expert's logits [B, V], and the warped q it came from."""
+               randomness: list[PositionRandomness], earlier: list[torch.Tensor]) -> tuple[torch.Tensor, list]:
+        """Draft j of every row from the expert's logits [B, V] (shaped like the row's own tokens, after the
+        `earlier` drafts), and the warped q it came from."""
         tokens, q_probs = [], []
         broken = unsampleable(expert_logits).tolist()
         for position, row in enumerate(rows):
             params = row.request.params
+            z = expert_logits[position]
+            if row.shaper is not None and not broken[position]:
+                shaped = row.shaper.shape_after(z, row.tracker.token_ids, [int(d[position]) for d in earlier])
+                # nothing allowed after an earlier draft (it ended the format, or the text): any q is exact
+                z = z if shaped is None or bool(unsampleable(shaped[None])[0]) else shaped
             if broken[position]:
                 tokens.append(0)  # nothing to draft from: verification finds the row unusable and ends it
                 q_probs.append(None)
             elif params.greedy:
-                tokens.append(int(expert_logits[position].argmax()))
+                tokens.append(int(z.argmax()))
                 q_probs.append(None)
             else:
-                q = next_token_probs(expert_logits[position], params).cpu()
+                q = next_token_probs(z, params).cpu()
                 tokens.append(int(torch.multinomial(q, 1, generator=randomness[position](j, DRAFT))))
                 q_probs.append(q)
         return torch.tensor(tokens, dtype=torch.long), q_probs
@@ -255,7 +261,7 @@ class SpeculativeDecoding(DraftedDecoding):
         expert_steps = [self.session.advance_session(drafter_key, last)]
         drafts, q_probs = [], []
         for j in range(k + 1):
-            tokens, q = self._draft(rows, expert_steps[-1][:, -1], j, randomness)
+            tokens, q = self._draft(rows, expert_steps[-1][:, -1], j, randomness, drafts)
             drafts.append(tokens)
             q_probs.append(q)
             if j < k:  # the last position's draft is only checked, never fed
@@ -274,7 +280,13 @@ class SpeculativeDecoding(DraftedDecoding):
                 continue
             row_drafts = [int(d[position]) for d in drafts]
             try:
-                n, token = verify_row(logits.combined[position], row_drafts, [q[position] for q in q_probs],
+                target = row.shaped(logits.combined[position], row_drafts)
+                if target is None:
+                    failures.append(row.cannot_continue())
+                    chosen.append([])
+                    continue
+                kept = target.shape[0]  # all k+1 positions, unless shaping ruled a later one out
+                n, token = verify_row(target, row_drafts[:kept], [q[position] for q in q_probs][:kept],
                                       row.request.params, randomness[position])
                 chosen.append(row_drafts[:n] + [token])
             except Exception as error:

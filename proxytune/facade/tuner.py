@@ -12,8 +12,9 @@ from ..engine.decoding import Decoding, Event, GenerationOutput, Request
 from ..engine.prompts import ALL_ROLES, chat_prompt_ids, chat_role_kinds, validate_messages
 from ..engine.roles import Roles, pairs_of
 from ..engine.sampling import SamplingParams
+from ..engine.shaping import Grammar, Shaping, compile_grammar, output_format, vocabulary
 from ..engine.scoring import Score, ScoreItem
-from ..engine.bytelevel import BYTE_VOCAB, END_OF_TEXT, ByteTokenizer
+from ..engine.bytelevel import BYTE_VOCAB, END_OF_TEXT, ByteTokenizer, token_bytes
 from ..engine.vocab import shared_vocab_size, token_table, vocabularies_agree
 from .bytes import byte_role_logits, byte_sources, check_prompt_bytes
 from ..errors import ProxyTuneError, SourceFailure
@@ -95,6 +96,8 @@ class ProxyTuner:
                 source.vocab_size = self.vocab_size
             self.eos_token_ids = set().union(*eos.values())
         self.pairs = pairs_of(self.schema, self.sources, [a for _, _, a in experts])
+        self._grammars: dict[tuple, Grammar] = {}  # compiled output formats (response_format)
+        self._grammar_tokens = None  # the vocabulary as llguidance sees it, built on first use
 
     @staticmethod
     def _wrap(models: dict) -> dict[str, LogitSource]:
@@ -221,8 +224,15 @@ class ProxyTuner:
     def request(self, prompt: str | None = None, messages=None, chat_roles: Sequence[str] = ALL_ROLES,
                 max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                 min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None, return_details=False,
-                label: str = "prompt") -> Request:
-        """One decoding request: a raw prompt for every role, or a conversation formatted per role."""
+                label: str = "prompt", repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
+                presence_penalty: float = 0.0, logit_bias=None, response_format=None,
+                shaping: Shaping | None = None) -> Request:
+        """One decoding request: a raw prompt for every role, or a conversation formatted per role.
+        Penalties, logit_bias and response_format act on the combined logits (see `shaping()`; or give a
+        `shaping` made by it, e.g. once for many requests)."""
+        if shaping is None:
+            shaping = self.shaping(repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
+                                   response_format)
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ProxyTuneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if messages is not None:
@@ -254,7 +264,55 @@ class ProxyTuner:
             raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
         details = (5 if return_details is True else int(return_details or 0))
         return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
-                       max_new_tokens, tuple(stop or ()), seed, details)
+                       max_new_tokens, tuple(stop or ()), seed, details, shaping)
+
+    def shaping(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                logit_bias=None, response_format=None) -> Shaping:
+        """What a request does to the combined logits before a token is chosen (engine/shaping.py):
+        logit_bias {token id: bias}, OpenAI's penalties, and response_format (OpenAI's json_object /
+        json_schema, or {"type": "regex", "regex": ...} / {"type": "grammar", "grammar": <Lark>})."""
+        bias = []
+        if logit_bias is not None:
+            if not isinstance(logit_bias, dict):
+                raise ProxyTuneError(f"logit_bias must map token ids to biases, got {type(logit_bias).__name__}")
+            for key, value in logit_bias.items():
+                token = int(key) if isinstance(key, str) and key.isdigit() else key
+                if isinstance(token, int) and not isinstance(token, bool) and token >= self.vocab_size:
+                    raise ProxyTuneError(f"logit_bias names token {token}, but the vocabulary has {self.vocab_size}")
+                bias.append((token, value))
+        fmt = output_format(response_format)
+        grammar = self._grammar(*fmt) if fmt else None
+        shaping = Shaping(repetition_penalty, frequency_penalty, presence_penalty, tuple(bias), grammar)
+        if self.byte_level and shaping.on_tokens:
+            raise ProxyTuneError("repetition/frequency/presence penalties and logit_bias count and name token ids, and "
+                                 "these roles are combined byte by byte (their vocabularies differ): leave them out "
+                                 "(response_format works at the byte level)")
+        return shaping
+
+    def _grammar(self, kind: str, value) -> Grammar:
+        """Compiled once per format (the server compiles a request's format once for all its rows)."""
+        import json
+
+        key = (kind, json.dumps(value, sort_keys=True) if not isinstance(value, str) else value)
+        if key not in self._grammars:
+            if len(self._grammars) >= 64:
+                self._grammars.clear()
+            self._grammars[key] = compile_grammar(kind, value, self.grammar_tokens)
+        return self._grammars[key]
+
+    @property
+    def grammar_tokens(self):
+        """The decoding's vocabulary for grammars: bytes per token id (the 256 bytes and the end of text when
+        decoding byte by byte), built once (about a second for 150k tokens)."""
+        if self._grammar_tokens is None:
+            if self.byte_level:
+                table = [bytes([b]) for b in range(END_OF_TEXT)] + [b""]
+            else:
+                table = token_bytes(self.tokenizer, "base")[:self.vocab_size]
+                table += [b""] * (self.vocab_size - len(table))
+            encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+            self._grammar_tokens = vocabulary(table, sorted(self.eos_token_ids), encode)
+        return self._grammar_tokens
 
     # --- decoding ----------------------------------------------------------------------------------
 
@@ -290,10 +348,14 @@ class ProxyTuner:
 
     def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None,
-                 return_details=False, batch_size: int = 16, speculative: bool = False) -> list[GenerationOutput]:
-        """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only."""
+                 return_details=False, batch_size: int = 16, speculative: bool = False, **shaping
+                 ) -> list[GenerationOutput]:
+        """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only.
+        `shaping`: repetition_penalty, frequency_penalty, presence_penalty, logit_bias, response_format
+        (see `shaping()`)."""
         requests = self._requests(prompts, seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, min_p=min_p, stop=stop, alpha=alpha, return_details=return_details)
+                                  top_k=top_k, min_p=min_p, stop=stop, alpha=alpha, return_details=return_details,
+                                  **shaping)
         return self.run(requests, batch_size, speculative=speculative)
 
     def stream(self, prompt: str, speculative: bool = False, **kwargs) -> Iterator[str]:

@@ -9,7 +9,10 @@ Extension fields (the openai client sends them through `extra_body`), the whole 
   proxy   false: the base model alone (alpha = 0), for A/B comparisons
   top_k   keep the k most likely tokens before sampling (0 = off)
   min_p   drop tokens below min_p x the top token's probability (0 = off)
-OpenAI fields proxytune does not implement are refused unless their value changes nothing.
+  repetition_penalty  transformers' / vLLM's, over the prompt's and the generated tokens (1 = off)
+OpenAI's presence_penalty, frequency_penalty, logit_bias and response_format (json_object, json_schema, and
+proxytune's regex and grammar types) act on the combined logits (engine/shaping.py). OpenAI fields proxytune
+does not implement are refused unless their value changes nothing.
 
 Bounds where OpenAI is silent or the server needs one: at most MAX_STOP stop strings of at most
 MAX_STOP_CHARS characters each; bodies of at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep; text
@@ -34,9 +37,9 @@ MAX_TOP_LOGPROBS = 20
 MAX_STOP = 16  # OpenAI allows 4; each is searched for in every row's new text
 MAX_STOP_CHARS = 256
 MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_JSON_DEPTH = 32  # the deepest OpenAI body (content parts of a message) is 5
-NEUTRAL = {"best_of": (None, 1), "response_format": (None, {"type": "text"}), "logit_bias": (None, {}),
-           "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "suffix": (None, ""),
+MAX_JSON_DEPTH = 32  # the deepest OpenAI body (content parts of a message) is 5; a JSON schema may nest more
+SHAPING = ("repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
+NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""),
            "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
            "parallel_tool_calls": (None,)}  # OpenAI fields proxytune does not implement: values that change nothing
 
@@ -80,15 +83,17 @@ class Common(Body):
     proxy: bool | None = None
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    # OpenAI's, on the combined logits (engine/shaping.py)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    response_format: dict[str, Any] | None = None
     # OpenAI's, not implemented: refused unless neutral (NEUTRAL)
-    logit_bias: Any = None
-    presence_penalty: Any = None
-    frequency_penalty: Any = None
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None
     parallel_tool_calls: Any = None
-    response_format: Any = None
 
 
 TokenIds = list[int]
@@ -128,6 +133,7 @@ class Params:
     top_logprobs: int
     echo: bool
     alpha: float | list[float] | None  # None: the server's default
+    shaping: dict = dataclasses.field(default_factory=dict)  # penalties, logit_bias, response_format (tuner.request)
     max_tokens_given: bool = False  # asked for explicitly: refused when prompt + max_tokens overflow the context
 
 
@@ -183,7 +189,7 @@ def first_problem(error: ValidationError) -> APIError:
     if problem["type"] == "extra_forbidden":
         where = "" if len(loc) == 1 else f" in {'.'.join(loc[:-1])}"
         return bad_request(f"Unrecognized request argument supplied: {loc[-1]}{where} (proxytune's own fields: "
-                           f"alpha, proxy, top_k, min_p)", param)
+                           f"alpha, proxy, top_k, min_p, repetition_penalty)", param)
     if problem["type"] == "missing":
         return bad_request(f"{'.'.join(loc)} is required", param)
     shown = repr(problem.get("input"))
@@ -276,8 +282,10 @@ def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_r
     temperature = 1.0 if body.temperature is None else body.temperature
     top_p = 1.0 if body.top_p is None else body.top_p
     sampling = SamplingParams(temperature, top_p, body.top_k or 0, body.min_p or 0.0)
+    shaping = {name: getattr(body, name) for name in SHAPING if getattr(body, name) is not None}
     return Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
-                  stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), asked is not None)
+                  stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
+                  asked is not None)
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
@@ -286,6 +294,11 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
     options = dict(max_new_tokens=max(params.max_tokens, 1), temperature=params.sampling.temperature,
                    top_p=params.sampling.top_p, top_k=params.sampling.top_k, min_p=params.sampling.min_p,
                    stop=list(params.stop), alpha=params.alpha, return_details=details)
+    try:  # once per request (a format is compiled once), with the field it came from named
+        options["shaping"] = tuner.shaping(**params.shaping)
+    except ProxyTuneError as error:
+        field = next((name for name in SHAPING if str(error).startswith(name)), "response_format")
+        raise bad_request(str(error), field) from None
     rows = []
     for i, prompt in enumerate(params.prompts):
         try:
