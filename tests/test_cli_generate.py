@@ -85,7 +85,12 @@ def test_decoding_settings_are_refused_before_any_model_loads(trio_dirs, capsys,
     base, expert, anti = trio_dirs
     for bad, message in ((["--temperature", "-1"], "temperature"), (["--top-p", "0"], "top_p"),
                          (["--top-k", "-2"], "top_k"), (["--alpha", "inf"], "alpha"),
-                         (["--max-new-tokens", "0"], "max_new_tokens")):
+                         (["--max-new-tokens", "0"], "max_new_tokens"), (["--min-p", "1"], "min_p"),
+                         (["--frequency-penalty", "3"], "frequency_penalty"),
+                         (["--logit-bias", "5:1"], "TOKEN_ID=BIAS"), (["--regex", "[0-9"], "invalid regex"),
+                         (["--json-schema", '{"type": 5}'], "invalid json_schema"),
+                         (["--json-schema", "/no/such.json"], "neither a file nor JSON"),
+                         (["--grammar", "/no/such.lark"], "no such file")):
         assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti, *bad, "hi"]) == 2
         assert message in capsys.readouterr().err
 
@@ -248,3 +253,30 @@ def test_a_prompt_file_is_read_and_a_missing_one_is_an_error(trio_dirs, tmp_path
     assert main(["generate", *models, "--prompt-file", str(tmp_path / "missing.txt")]) == 2
     error = capsys.readouterr().err
     assert "--prompt-file" in error and "no such file" in error
+
+
+def test_output_formats_and_penalties_on_the_command_line_and_in_batch_rows(trio_dirs, tmp_path, capsys):
+    import json
+
+    from proxytune.cli import main
+
+    base, expert, anti = trio_dirs
+    schema = {"type": "object", "properties": {"animal": {"enum": ["fox", "dog"]}}, "required": ["animal"],
+              "additionalProperties": False, "x-guidance": {"whitespace_flexible": False}}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    models = ["--base", base, "--expert", expert, "--anti-expert", anti]
+    assert main(["generate", *models, "--max-new-tokens", "30", "--json-schema", str(tmp_path / "schema.json"),
+                 "--frequency-penalty", "0.5", "--logit-bias", "9=2", "The quick"]) == 0
+    printed = capsys.readouterr().out
+    tuner = ProxyTuner.from_pretrained(base, expert, anti)
+    fmt = {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
+    expected = tuner.generate("The quick", max_new_tokens=30, response_format=fmt, frequency_penalty=0.5,
+                              logit_bias={9: 2.0})[0].text
+    assert printed == expected + "\n" and json.loads(printed)["animal"] in ("fox", "dog")
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Answer:", "response_format": {"type": "regex", "regex": "[0-9]{4}"}},
+                                        {"prompt": "def", "repetition_penalty": 1.5}])
+    assert main(["generate", *models, "--max-new-tokens", "8", "--input", str(tmp_path / "in.jsonl"),
+                 "--output", str(tmp_path / "out.jsonl")]) == 0
+    got = {r["id"]: r for r in read_jsonl(tmp_path / "out.jsonl")}
+    assert len(got["1"]["text"]) == 4 and got["1"]["text"].isdigit()
+    assert got["2"]["text"] == tuner.generate("def", max_new_tokens=8, repetition_penalty=1.5)[0].text

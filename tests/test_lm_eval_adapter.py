@@ -104,7 +104,7 @@ def test_apply_chat_template_renders_with_the_base_template_and_decodes_the_prox
         assert sample["resps"][0][0] == tuner.generate(context, max_new_tokens=8, stop=["\n"])[0].text
 
 
-def test_rolling_loglikelihood_sums_every_token_once(tuner, tasks_dir):
+def test_rolling_loglikelihood_sums_every_token_once(tuner, tasks_dir, capsys):
     lm = ProxyTuneLM(tuner=tuner, max_length=8)  # short windows: the text is split into several
 
     class Request:
@@ -113,6 +113,7 @@ def test_rolling_loglikelihood_sums_every_token_once(tuner, tasks_dir):
 
     text = QUESTIONS[1]["text"]
     windowed = lm.loglikelihood_rolling([Request(text)])[0]
+    assert "proxytune loglikelihood_rolling (a given tuner)" in capsys.readouterr().err  # a named progress bar
     whole = ProxyTuneLM(tuner=tuner).loglikelihood_rolling([Request(text)])[0]
     bos_scored = tuner.score("", text).total  # one window: conditioned on BOS only
     assert whole == pytest.approx(bos_scored, abs=1e-3)

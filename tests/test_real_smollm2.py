@@ -54,3 +54,27 @@ def test_a_different_tiny_expert_changes_smollm2s_output(smollm2):
     proxied = tuner.generate(prompt, max_new_tokens=12)[0]
     alone = tuner.generate(prompt, max_new_tokens=12, alpha=0.0)[0]
     assert proxied.token_ids != alone.token_ids
+
+
+def test_a_real_models_structured_output_parses_and_validates_under_default_whitespace(smollm2):
+    """A real instruct model (SmolLM2 as all three roles, so the proxy is the model itself) under a JSON schema
+    with proxytune's default whitespace rule: greedy and sampled replies are valid JSON objects of the schema."""
+    import json
+
+    import jsonschema
+
+    model, tok = smollm2
+    tuner = ProxyTuner(model, model, model, tokenizer=tok)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 40},
+                                               "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                                               "languages": {"type": "array", "items": {"type": "string"},
+                                                             "maxItems": 3}},
+              "required": ["name", "age", "languages"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema}}
+    messages = [{"role": "user", "content": "Describe a fictional programmer as JSON with name, age and languages."}]
+    replies = [tuner.chat(messages, max_new_tokens=120, response_format=fmt)]
+    replies += [tuner.chat(messages, max_new_tokens=120, response_format=fmt, temperature=0.8, seed=s) for s in (1, 2)]
+    for reply in replies:
+        assert reply.finish_reason == "stop", reply.text
+        jsonschema.validate(json.loads(reply.text), schema)
+    assert len({r.text for r in replies}) > 1

@@ -60,6 +60,17 @@ def test_parts_are_assembled_in_order_verified_and_converted_once(fake):
     assert convert.calls == 1
 
 
+def test_a_first_use_says_it_converts_and_how_long_it_took(fake, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="proxytune.models"):
+        registry.prepare("fake-model", progress=False, convert=TinyConverter())
+        registry.prepare("fake-model", progress=False, convert=TinyConverter())  # cached: says nothing
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("converting fake-model from its GGUF")
+    assert lines[1].startswith("converted fake-model in")
+
+
 def test_a_corrupted_part_is_named_and_nothing_is_cached(fake):
     (fake / "fake_model_part2" / "data" / "part02.bin").write_bytes(b"not the pinned bytes")
     with pytest.raises(ProxyTuneError, match=r"part 2 of model 'fake-model'.*fake-model-part2.*"

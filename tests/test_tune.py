@@ -125,8 +125,26 @@ def test_cli_reports_errors_in_one_line(tiny_dir, tmp_path, capsys):
     from proxytune.cli import main
 
     data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    assert main(["tune", "--model", "nope", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
+    assert main(["tune", "--anti-expert", "nope", "--data", str(data), "--output", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_model_means_a_trio_in_tune_too_and_tunes_its_anti_expert(tmp_path, capsys, monkeypatch):
+    import proxytune.training.tuning as tuning
+    from proxytune.cli import main
+
+    tuned = []
+    summary = dict.fromkeys(("steps", "heldout_loss_before", "heldout_loss_after", "train_tokens_per_second",
+                             "train_seconds_this_run"), 0)
+    monkeypatch.setattr(tuning, "tune", lambda config: tuned.append(config.model) or summary)
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    out = ["--data", str(data), "--output", str(tmp_path / "out")]
+    assert main(["tune", "--model", "qwen2.5-coder-0.5b-instruct", *out]) == 2
+    err = capsys.readouterr().err
+    assert "--model names a trio" in err and "give --anti-expert qwen2.5-coder-0.5b-instruct" in err
+    assert main(["tune", "--model", "demo", *out]) == 0
+    assert main(["tune", "--anti-expert", "some-model", *out]) == 0
+    assert tuned == ["qwen2.5-coder-0.5b-instruct", "some-model"]  # the demo trio's anti-expert, then the model
 
 
 def test_a_crafted_checkpoint_is_refused_and_never_executed(tiny_dir, tmp_path):

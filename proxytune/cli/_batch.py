@@ -13,7 +13,8 @@ from pathlib import Path
 
 from ..errors import ProxyTuneError
 
-ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "alpha")
+ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "alpha",
+                "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
 
 
 def read_rows(path: Path) -> list[dict]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from pathlib import Path
@@ -20,8 +21,10 @@ def register(subparsers) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--min-p", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    add_shaping_options(parser)
     add_escape_option(parser)
     parser.add_argument("--chat", action="store_true", help="treat the prompt as a user message: chat-format it")
     parser.add_argument("--chat-roles", default="base,expert,anti_expert",
@@ -35,7 +38,8 @@ def register(subparsers) -> None:
     batch = parser.add_argument_group("batch files (docs: cli/_batch.py)")
     batch.add_argument("--input", metavar="PROMPTS.jsonl",
                        help="one JSON object per line: {\"prompt\": ...} or {\"messages\": [...]}, optional \"id\" and "
-                            "per-row max_new_tokens, temperature, top_p, top_k, min_p, seed, stop, alpha")
+                            "per-row max_new_tokens, temperature, top_p, top_k, min_p, seed, stop, alpha, "
+                            "repetition_penalty, frequency_penalty, presence_penalty, logit_bias, response_format")
     batch.add_argument("--output", metavar="OUT.jsonl", help="with --input: results, one line per row as it finishes; "
                                                              "rerun the same command to resume")
     batch.add_argument("--batch-size", type=int, default=16, help="with --input: rows decoded together (default 16)")
@@ -43,6 +47,58 @@ def register(subparsers) -> None:
                         help="after the text, one line on standard error: tokens, wall time per token, and for "
                              "each remote role its calls, tokens per call and bytes per token")
     parser.set_defaults(func=run)
+
+
+def add_shaping_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("on the combined logits (OpenAI's sampling fields; docs/structured-output.md)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="transformers' (prompt and generated tokens; 1 = off)")
+    group.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    group.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    group.add_argument("--logit-bias", action="append", metavar="TOKEN_ID=BIAS", default=None,
+                       help="add BIAS (-100..100) to a token's logit (repeatable)")
+    formats = group.add_mutually_exclusive_group()
+    formats.add_argument("--json", action="store_true", help="the output is a JSON object")
+    formats.add_argument("--json-schema", metavar="FILE|JSON", help="the output is JSON valid under this schema")
+    formats.add_argument("--regex", metavar="PATTERN", help="the output matches this regular expression")
+    formats.add_argument("--grammar", metavar="FILE", help="the output follows this Lark grammar (llguidance's syntax)")
+
+
+def shaping_options(args: argparse.Namespace) -> dict:
+    """The shaping flags as ProxyTuner.request arguments, checked before any model loads (a JSON schema, regex
+    or grammar is compiled once here for its errors)."""
+    from ..engine.shaping import Shaping, compile_grammar, output_format
+
+    bias = {}
+    for item in args.logit_bias or []:
+        token, _, value = item.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise ProxyTuneError(f"--logit-bias takes TOKEN_ID=BIAS (e.g. 198=-100), got {item!r}") from None
+    fmt = None
+    if args.json:
+        fmt = {"type": "json_object"}
+    elif args.json_schema is not None:
+        path = Path(args.json_schema)
+        text = path.read_text() if not args.json_schema.lstrip().startswith("{") and path.is_file() else args.json_schema
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ProxyTuneError(f"--json-schema: neither a file nor JSON ({error})") from None
+        fmt = {"type": "json_schema", "json_schema": {"name": "cli", "schema": schema}}
+    elif args.regex is not None:
+        fmt = {"type": "regex", "regex": args.regex}
+    elif args.grammar is not None:
+        if not Path(args.grammar).is_file():
+            raise ProxyTuneError(f"--grammar {args.grammar}: no such file")
+        fmt = {"type": "grammar", "grammar": Path(args.grammar).read_text()}
+    options = dict(repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                   presence_penalty=args.presence_penalty, logit_bias=bias or None, response_format=fmt)
+    Shaping(args.repetition_penalty, args.frequency_penalty, args.presence_penalty, tuple(bias.items()))
+    if output_format(fmt):
+        compile_grammar(*output_format(fmt))
+    return options
 
 
 def add_escape_option(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +139,7 @@ def check_sampling(args: argparse.Namespace) -> None:
     from ..engine.sampling import SamplingParams
     from ..facade.tuner import check_alpha
 
-    SamplingParams(args.temperature, args.top_p, args.top_k)
+    SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p)
     check_alpha(args.alpha)
     if args.max_new_tokens < 1:
         raise ProxyTuneError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {args.max_new_tokens}")
@@ -108,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
     check_batch(args)
     prompt = read_prompt(args) if args.input is None else None
     check_sampling(args)
+    shaping = shaping_options(args)
     stop = [unescape(s) for s in args.stop] if args.stop and args.escape else args.stop
     if args.input is not None:
         from ._batch import read_rows
@@ -115,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         read_rows(Path(args.input))  # a malformed file fails before any model loads
     tuner = load_tuner(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, seed=args.seed, stop=stop)
+                   top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=stop, **shaping)
     if args.input is not None:
         from ._batch import run_batch
 

@@ -1,4 +1,8 @@
-"""`proxytune tune --model M --data train.jsonl --output DIR`: fine-tune a small model into an expert."""
+"""`proxytune tune --anti-expert M --data train.jsonl --output DIR`: fine-tune a small model into an expert.
+
+The model tuned is the small untuned one, the future anti-expert: `--anti-expert` names it (a registered name,
+a directory or a .gguf file); `--model TRIO` means what it means in every verb, a trio, and tunes its
+anti-expert."""
 from __future__ import annotations
 
 import argparse
@@ -12,7 +16,10 @@ def register(subparsers) -> None:
         "tune", help="fine-tune a small model (LoRA by default) into an expert usable as --expert",
         description="Fine-tune on JSONL rows {\"prompt\", \"completion\"} or {\"messages\"}; the loss covers "
                     "completion tokens only. Writes a peft adapter directory (or, with --full, a model directory).")
-    parser.add_argument("--model", required=True, help="model to tune: registered name, directory or .gguf file")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--anti-expert", "--anti_expert", dest="anti_expert",
+                       help="the small untuned model to tune: registered name, directory or .gguf file")
+    which.add_argument("--model", help="a trio (registered or added with `models add`): tune its anti-expert")
     parser.add_argument("--data", required=True, help="training data, JSON lines")
     parser.add_argument("--output", required=True, help="directory for the tuned expert")
     parser.add_argument("--heldout-data", help="held-out JSON lines (default: a fraction of --data)")
@@ -48,6 +55,21 @@ def check_numbers(args: argparse.Namespace) -> None:
         raise ProxyTuneError("--learning-rate must be positive")
 
 
+def model_to_tune(args: argparse.Namespace) -> str:
+    if args.model is None:
+        return args.anti_expert
+    from ..models import registry
+    from ..models.trio_config import read_config, user_trio
+
+    trio = registry.resolve_trio(args.model)
+    if trio is not None:
+        return trio["anti_expert"]
+    if user_trio(args.model) is not None:
+        return read_config(user_trio(args.model)).specs["anti_expert"]
+    raise ProxyTuneError(f"--model names a trio ({', '.join(registry.TRIOS)}, or one added with `proxytune models "
+                         f"add`), and {args.model!r} is none; to tune one model give --anti-expert {args.model}")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..training.tuning import TuneConfig, tune
 
@@ -56,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    config = TuneConfig(model=args.model, data=args.data, output=args.output, heldout_data=args.heldout_data,
+    config = TuneConfig(model=model_to_tune(args), data=args.data, output=args.output, heldout_data=args.heldout_data,
                         heldout_fraction=args.heldout_fraction, full=args.full, lora_r=args.lora_r,
                         lora_alpha=args.lora_alpha, epochs=args.epochs, batch_size=args.batch_size,
                         learning_rate=args.learning_rate, max_length=args.max_length, seed=args.seed,

@@ -68,9 +68,10 @@ class Grammar:
         return llguidance.LLMatcher(self.tokens, self.text, log_level=0)
 
 
-def compile_grammar(kind: str, value, tokens) -> Grammar:
+def compile_grammar(kind: str, value, tokens=None) -> Grammar:
     """A grammar from a JSON schema (a dict or its JSON text), any JSON object (`json_object`), a regex or a
-    Lark grammar; an invalid one is refused with the library's reason."""
+    Lark grammar; an invalid one is refused with the library's reason. tokens=None: only checked (before a
+    vocabulary is loaded); the Grammar cannot make matchers."""
     import llguidance
 
     if kind not in GRAMMAR_KINDS:

@@ -50,6 +50,7 @@ class ProxyTuneLM(LM):
             else:
                 raise ProxyTuneError("model_args must name model=TRIO or base=...,expert=...,anti_expert=...")
         self.tuner = tuner
+        self.name = model or (f"base={base}" if base else "a given tuner")  # what the progress bars name
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # lm-eval may pass "auto"
         self.max_gen_toks = int(max_gen_toks)
         limits = [s.max_length for s in tuner.sources.values() if s.max_length]
@@ -81,13 +82,22 @@ class ProxyTuneLM(LM):
 
     # --- scoring --------------------------------------------------------------------------------------
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+    def _bar(self, total: int, what: str, disable: bool):
+        """lm-eval's long requests get a bar saying what runs (lm-eval passes disable_tqdm for its own)."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=f"proxytune {what} ({self.name})", unit="req", disable=disable,
+                    dynamic_ncols=True)
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         results = []
-        for start in range(0, len(requests), self.batch_size):
-            batch = requests[start:start + self.batch_size]
-            for request, score in zip(batch, self.tuner.score_batch([r.args for r in batch])):
-                results.append((score.total, score.is_greedy))
-                self._record("loglikelihood", request.args, results[-1])
+        with self._bar(len(requests), "loglikelihood", disable_tqdm) as bar:
+            for start in range(0, len(requests), self.batch_size):
+                batch = requests[start:start + self.batch_size]
+                for request, score in zip(batch, self.tuner.score_batch([r.args for r in batch])):
+                    results.append((score.total, score.is_greedy))
+                    self._record("loglikelihood", request.args, results[-1])
+                bar.update(len(batch))
         return results
 
     def _prefix_token(self) -> int:
@@ -101,16 +111,18 @@ class ProxyTuneLM(LM):
         """log p̃ of `continuation` token ids after `context` ids (rolling windows are token-exact)."""
         return self.tuner.score_items([self.tuner.token_item(context, continuation)])[0].total
 
-    def loglikelihood_rolling(self, requests) -> list[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         results = []
-        for request in requests:
-            (text,) = request.args
-            ids = self.tuner.tokenizer(text, add_special_tokens=False)["input_ids"]
-            windows = get_rolling_token_windows(ids, prefix_token=self._prefix_token(), max_seq_len=self.max_length,
-                                                context_len=1)
-            total = sum(self._score_tokens(*make_disjoint_window(w)) for w in windows)
-            results.append(total)
-            self._record("loglikelihood_rolling", request.args, total)
+        with self._bar(len(requests), "loglikelihood_rolling", disable_tqdm) as bar:
+            for request in requests:
+                (text,) = request.args
+                ids = self.tuner.tokenizer(text, add_special_tokens=False)["input_ids"]
+                windows = get_rolling_token_windows(ids, prefix_token=self._prefix_token(),
+                                                    max_seq_len=self.max_length, context_len=1)
+                total = sum(self._score_tokens(*make_disjoint_window(w)) for w in windows)
+                results.append(total)
+                self._record("loglikelihood_rolling", request.args, total)
+                bar.update(1)
         return results
 
     # --- generation -----------------------------------------------------------------------------------
@@ -129,12 +141,16 @@ class ProxyTuneLM(LM):
         indexed = [(i, r.args[0], self._options(r.args[1])) for i, r in enumerate(requests)]
         results: list[str | None] = [None] * len(requests)
         key = lambda item: repr(sorted(item[2].items()))  # noqa: E731 — batch requests that decode alike
-        for _, group in groupby(sorted(indexed, key=key), key=key):
-            group = list(group)
-            options = group[0][2]
-            outputs = self.tuner.generate([context for _, context, _ in group], batch_size=self.batch_size,
-                                          seed=0 if options["temperature"] > 0 else None, **options)
-            for (index, _, _), output in zip(group, outputs):
-                results[index] = output.text
-                self._record("generate_until", requests[index].args, output.text)
+        with self._bar(len(requests), "generate_until", disable_tqdm) as bar:
+            for _, group in groupby(sorted(indexed, key=key), key=key):
+                group = list(group)
+                options = group[0][2]
+                for start in range(0, len(group), self.batch_size):  # a batch at a time, so the bar moves
+                    part = group[start:start + self.batch_size]
+                    outputs = self.tuner.generate([context for _, context, _ in part], batch_size=self.batch_size,
+                                                  seed=0 if options["temperature"] > 0 else None, **options)
+                    for (index, _, _), output in zip(part, outputs):
+                        results[index] = output.text
+                        self._record("generate_until", requests[index].args, output.text)
+                    bar.update(len(part))
         return results

@@ -15,6 +15,7 @@ share one copy of its weights: the anti-expert and a LoRA expert on it differ on
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from . import registry
@@ -27,6 +28,8 @@ from ..backends.llama_cpp.source import LlamaCppSource
 from .specs import PREFIX, adapter_base
 
 ADAPTER_SIZE_LIMIT = 2 << 30  # bigger GGUF files are models: their metadata is not read to look for an adapter
+
+log = logging.getLogger("proxytune.models")
 
 
 def _registered(name: str, table: str):
@@ -113,6 +116,8 @@ class LlamaCppRoles:
         cache = self.lora_cache or registry.cache_dir() / "gguf-lora"
         out = cache / f"{adapter_dir.name}-{adapter_fingerprint(adapter_dir, base_path)}.gguf"
         if not out.exists():
+            log.info("converting the adapter %s to a llama.cpp LoRA GGUF in %s (first use only)", adapter_dir.name,
+                     out.parent)
             out.parent.mkdir(parents=True, exist_ok=True)
             partial = out.with_suffix(".partial")
             convert_lora(adapter_dir, base_path, partial, base_spec)

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from ..errors import ProxyTuneError
+
+log = logging.getLogger("proxytune.models")  # the CLI shows its lines (a first use converts for a minute or two)
 
 ADAPTERS_DIR = Path(__file__).resolve().parent.parent / "adapters"  # proxytune/adapters: package data
 CHUNK = 1 << 22
@@ -274,6 +278,9 @@ def prepare(name: str, progress: bool = True, convert: Converter | None = None) 
     gguf = gguf_path(name, progress)
     remove_abandoned_temps(target.parent)
     temp = _temp_path(target.parent, name, directory=True)
+    log.info("converting %s from its GGUF to %s safetensors in %s (first use only; a minute or two)", name,
+             entry.dtype, target.parent)
+    started = time.perf_counter()
     try:
         try:
             (convert or default_converter)(gguf, temp, entry.dtype)
@@ -290,6 +297,7 @@ def prepare(name: str, progress: bool = True, convert: Converter | None = None) 
                 raise
     finally:
         _remove(temp)
+    log.info("converted %s in %.0f s", name, time.perf_counter() - started)
     return target
 
 
