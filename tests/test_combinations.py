@@ -94,6 +94,20 @@ def test_speculative_greedy_equals_plain(backends, backend, draft_length):
     assert [o.token_ids for o in decoding.outputs()] == plain(reference)
 
 
+SHAPED = dict(response_format={"type": "regex", "regex": "(fox|dog|the)( [a-z]{1,6}){1,4}"}, frequency_penalty=0.6,
+              logit_bias={9: 2.0})
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_format_and_penalties_give_the_references_shaped_tokens_in_every_mode(backends, backend, speculative):
+    tuner, reference = pick(backends, backend)
+    want = reference.generate(PROMPTS, max_new_tokens=NEW, **SHAPED)
+    got = tuner.generate(PROMPTS, max_new_tokens=NEW, speculative=speculative, **SHAPED)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert all(o.text.split(" ")[0] in ("fox", "dog", "the") for o in got)
+
+
 @pytest.mark.parametrize("backend", MATRIX)
 @pytest.mark.parametrize("speculative", [False, True])
 def test_rows_joining_mid_way_get_the_tokens_they_get_alone(backends, backend, speculative):
