@@ -428,3 +428,37 @@ def test_a_llama_cpp_base_with_a_pair_of_another_family_batched_equals_one_at_a_
     assert [tuner.generate(p, max_new_tokens=16)[0].text for p in prompts] == [o.text for o in batched]
     alone = ProxyTuner(base, sp_pair[0], sp_pair[0], tokenizers={"base": tokenizer, "expert": sp, "anti_expert": sp})
     assert alone.generate(prompts[0], max_new_tokens=16)[0].text.startswith(" Paris")
+
+
+@pytest.mark.parametrize("kind", ["transformers", "lora pair half"])
+def test_gathering_rows_of_several_sessions_equals_forking_and_joining_them(kind):
+    """The byte view's copy of its token paths' rows (`copy_rows`): one copy per row, the same caches, masks
+    and next logits as forks joined, bit for bit, for rows of sessions of different lengths (left padding)."""
+    import copy
+
+    from proxytune.backends.lora_pair import LoraPair
+    from proxytune.backends.protocol import copy_rows
+
+    if kind == "transformers":
+        source = TransformersSource(tiny_model(0))
+    else:
+        source = LoraPair(lora_of(copy.deepcopy(tiny_model(2)))).expert
+    prompts = [[[5, 6, 7, 8, 9, 10], [11, 12]], [[13, 14, 15]], [[16, 17, 18, 19, 20, 21, 22, 23], [24], [25, 26]]]
+    sessions = []
+    for batch in prompts:
+        session = source.open(batch)
+        session.prefill()
+        session.advance(torch.tensor([[30 + i] for i in range(len(batch))]))
+        sessions.append(session)
+    parts = [(sessions[0], [1, 0, 1]), (sessions[1], [0]), (sessions[2], [2, 0])]
+    assert sessions[0].capabilities.gather
+    gathered = copy_rows(parts)
+    joined = sessions[0].fork([1, 0, 1])
+    for session, rows in parts[1:]:
+        joined.join(session.fork(rows))
+    tokens = torch.tensor([[40 + i] for i in range(6)])
+    assert torch.equal(gathered.advance(tokens), joined.advance(tokens))
+    inner = (lambda s: s) if kind == "transformers" else (lambda s: s.alone)
+    assert torch.equal(inner(gathered).mask, inner(joined).mask)
+    for mine, theirs in zip(inner(gathered).cache.layers, inner(joined).cache.layers):
+        assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)

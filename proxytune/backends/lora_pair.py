@@ -160,7 +160,7 @@ class HalfSession:
     session cannot, since a copy of one half would leave its partner's rows behind. The engine's own
     joins never need to, since the two halves belong to two roles that never share a session."""
 
-    capabilities = Capabilities(rollback=True, join=True, fork=True)
+    capabilities = Capabilities(rollback=True, join=True, fork=True, gather=True)
 
     def __init__(self, role: PairedRole, prompts):
         self.role = role
@@ -211,6 +211,15 @@ class HalfSession:
         if self.alone is None:
             raise RuntimeError("a half of a joint LoRA-pair session cannot be copied without its partner")
         copy = self.alone.fork(rows)
+        twin = HalfSession(self.role, copy.prompts)
+        twin.alone = copy
+        return twin
+
+    def gather(self, parts: Sequence[tuple["HalfSession", Sequence[int]]]) -> "HalfSession":
+        """(halves running alone, as the byte view's are) their sessions' gather."""
+        if any(half.alone is None for half, _ in parts):
+            raise RuntimeError("a half of a joint LoRA-pair session cannot be copied without its partner")
+        copy = self.alone.gather([(half.alone, rows) for half, rows in parts])
         twin = HalfSession(self.role, copy.prompts)
         twin.alone = copy
         return twin

@@ -26,6 +26,7 @@ class Capabilities:
     rollback: bool = False  # advance(..., extend=True) spans several calls and one rewind() reaches back over all
     join: bool = False  # join(other): the rows of another prefilled session of the same source move in
     fork: bool = False  # fork(): an independent copy of the session (needed when a join splits shared roles)
+    gather: bool = False  # gather(parts): rows of several sessions of one source copied into a new one at once
     draft: bool = False  # draft(): the model continues each row itself, several tokens in one call (a remote base)
     must_write: bool = False  # the session can only advance by what its model can write (a byte view): what it
     #                           rules out (−inf) must be ruled out of the combined distribution
@@ -83,6 +84,11 @@ class Session(Protocol):
         """(capabilities.fork) An independent copy that can advance on its own; `rows`: a copy of these
         rows only, in this order (a row may repeat: the byte-level view branches a row's token paths)."""
 
+    def gather(self, parts: Sequence[tuple["Session", Sequence[int]]]) -> "Session":
+        """(capabilities.gather) A new session holding, in order, the given rows of these sessions of this
+        session's source (self among them or not), each row's state copied once: what forking each part and
+        joining the copies gives, without the intermediate copies."""
+
     chunk: int | None  # (capabilities.draft) tokens per draft the session was configured with; None: the caller's choice
 
     def draft(self, tokens: torch.Tensor, widths: Sequence[int], temperatures: Sequence[float],
@@ -106,3 +112,20 @@ class LogitSource(Protocol):
 
     def sequence_logits(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Scoring mode: for each sequence of length L, logits [L, V]; row t predicts token t + 1."""
+
+
+def copy_rows(parts: Sequence[tuple[Session, Sequence[int]]]) -> Session:
+    """One new session holding these rows of these sessions (one source), in order. Sessions that declare
+    `gather` copy each row once; the others fork each part and join the copies pairwise, level by level (a
+    join copies both sides' caches, so k parts joined one after another would copy the growing batch k times)."""
+    first = parts[0][0]
+    if first.capabilities.gather:
+        return first.gather(parts)
+    copies = [session.fork(list(rows)) for session, rows in parts]
+    while len(copies) > 1:
+        paired = []
+        for left, right in zip(copies[::2], copies[1::2]):
+            left.join(right)
+            paired.append(left)
+        copies = paired + ([copies[-1]] if len(copies) % 2 else [])
+    return copies[0]

@@ -118,7 +118,7 @@ class TransformersSource:
 
 
 class TransformersSession:
-    capabilities = Capabilities(rollback=True, join=True, fork=True)
+    capabilities = Capabilities(rollback=True, join=True, fork=True, gather=True)
 
     def __init__(self, source: TransformersSource, prompts: Sequence[Sequence[int]]):
         self.source = source
@@ -213,6 +213,29 @@ class TransformersSession:
         twin._drop_leading_padding()
         return twin
 
+    def gather(self, parts: Sequence[tuple["TransformersSession", Sequence[int]]]) -> "TransformersSession":
+        """The rows of several sessions of this source in one new session: each row's keys and values are
+        copied once into the new cache, right-aligned (left padding: zeros under a 0 mask), as fork + join
+        would give them (each of which copies the rows again)."""
+        sessions = [session for session, _ in parts]
+        if any(s.source is not self.source or s.mask is None for s, _ in parts):
+            raise ValueError("gather takes prefilled sessions of this session's source")
+        width = max(s.mask.shape[1] for s in sessions)
+        total = sum(len(rows) for _, rows in parts)
+        twin = TransformersSession(self.source, [s.prompts[r] for s, rows in parts for r in rows])
+        for depth, layer in enumerate(self.cache.layers):
+            layers = [s.cache.layers[depth] for s in sessions]
+            if any(type(layer) is not DynamicLayer for layer in layers):
+                raise ValueError("cannot copy rows of sliding or static caches")
+            gathered = DynamicLayer()
+            gathered.lazy_initialization(layer.keys, layer.values)
+            gathered.keys = _gather(parts, [lay.keys for lay in layers], total, width)
+            gathered.values = _gather(parts, [lay.values for lay in layers], total, width)
+            twin.cache.layers.append(gathered)
+        twin.mask = _gather(parts, [s.mask for s in sessions], total, width, dim=-1)
+        twin._drop_leading_padding()
+        return twin
+
     def _drop_leading_padding(self) -> None:
         # Columns no row attends to (left by rows that left or by a long row that joined) only cost
         # compute; positions come from the mask, so cutting them changes nothing.
@@ -230,6 +253,29 @@ class TransformersSession:
 
 def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor[index.to(tensor.device)]
+
+
+def _gather(parts, tensors: list[torch.Tensor], total: int, width: int, dim: int = -2) -> torch.Tensor:
+    """Rows of each part's tensor (rows first, sequence along `dim`, counted from the end) stacked, right-aligned in `width`
+    positions; only the padding is zeroed. A part as wide as the result is copied by one index_select."""
+    ref = tensors[0]
+    shape = list(ref.shape)
+    shape[0], shape[dim] = total, width
+    out = ref.new_empty(shape)
+    at = 0
+    for (_, rows), tensor in zip(parts, tensors):
+        rows = list(rows)
+        index = torch.tensor(rows, dtype=torch.long, device=tensor.device)
+        target = out.narrow(0, at, len(rows))  # rows first: a contiguous block of `out`
+        missing = width - tensor.shape[dim]
+        if missing == 0:
+            torch.index_select(tensor, 0, index, out=target)
+        else:  # row by row into the right-aligned place: an index_select would copy them twice
+            target.narrow(dim, 0, missing).zero_()
+            for j, row in enumerate(rows):
+                target[j].narrow(dim, missing, tensor.shape[dim]).copy_(tensor[row])
+        at += len(rows)
+    return out
 
 
 def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
