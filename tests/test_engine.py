@@ -267,3 +267,21 @@ def test_where_every_model_must_write_what_is_chosen_any_models_minus_inf_rules_
     assert combined_logits(base, [expert], [anti], alphas).tolist() == [[4.0, -inf, inf, -inf, 1.0]]
     assert combined_logits(base, [expert], [anti], alphas, every_model_writes=True).tolist() == \
         [[4.0, -inf, -inf, -inf, -inf]]
+
+
+def test_rows_alone_follow_their_roles_own_model_beside_proxy_rows_in_one_batch(trio, tok):
+    """The playground's three columns in one batch: base alone and expert alone are those models' own greedy
+    generate(); the proxy row is unchanged by its batch-mates; speculative decoding gives the same."""
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    models = dict(zip(("base", "expert", "anti_expert"), trio))
+    requests = [tuner.request(p, max_new_tokens=12, alone=alone)
+                for p in PROMPTS for alone in (None, "base", "expert", "anti_expert")]
+    for speculative in (False, True):
+        outputs = tuner.run(requests, speculative=speculative)
+        for request, prompt, out in zip(requests, [p for p in PROMPTS for _ in range(4)], outputs):
+            if request.alone is None:
+                assert out.token_ids == tuner.generate(prompt, max_new_tokens=12)[0].token_ids
+            else:
+                assert out.token_ids == hf_greedy(models[request.alone], tok, prompt, 12)
+    with pytest.raises(ProxyTuneError, match="alone names a role"):
+        tuner.request("x", alone="teacher")

@@ -363,3 +363,46 @@ def test_response_format_and_penalties_are_those_of_the_library(client, tuner):
                                         temperature=1.0, extra_body={"repetition_penalty": 1.2, "response_format": fmt})
     for choice in sampled.choices:
         assert choice.finish_reason == "stop" and set(json.loads(choice.text)) == {"animal", "n"}
+
+
+def test_alone_and_details_give_each_models_own_text_and_every_roles_numbers(client, tuner):
+    """The playground's extension fields: `alone` decodes one model by itself (beside proxy rows), `details`
+    adds each role's top tokens and the probability each gave the chosen one, streamed and not."""
+    prompt = PROMPTS[1]
+    for role in ("base", "expert"):
+        got = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                        extra_body={"alone": role})
+        assert got.choices[0].text == tuner.generate(prompt, max_new_tokens=10, alone=role)[0].text
+    expected = tuner.generate(prompt, max_new_tokens=10, return_details=3)[0]
+    whole = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                      extra_body={"details": 3}).model_dump()["choices"][0]["proxytune"]
+    stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, stream=True,
+                                       extra_body={"details": 3})
+    streamed = [d for chunk in stream for d in (chunk.model_dump()["choices"][0].get("proxytune") or [])]
+    for details in (whole, streamed):
+        assert [d["token_id"] for d in details][:len(expected.token_ids)] == expected.token_ids
+        for got, want in zip(details, expected.details):
+            assert set(got["top"]) == {"base", "expert", "anti_expert", "proxy"} and len(got["top"]["proxy"]) == 3
+            for role, p in want.chosen_prob.items():
+                assert got["chosen"][role] == pytest.approx(p, abs=1e-5)
+    plain = client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0).model_dump()
+    assert "proxytune" not in plain["choices"][0]  # plain OpenAI clients see nothing new
+
+
+@pytest.mark.parametrize("body, param", [({**DONE, "alone": "teacher"}, "alone"),
+                                          ({**DONE, "alone": "base", "alpha": 2}, "alone"),
+                                          ({**DONE, "details": 50}, "details")])
+def test_bad_extension_fields_are_400s(server, body, param):
+    response = post(server, "/v1/completions", body)
+    assert response.status_code == 400 and response.json()["error"]["param"] == param
+
+
+def test_the_playground_page_is_served_without_the_key_and_loads_nothing_from_elsewhere(server):
+    page = httpx.get(server.url + "/")
+    assert page.status_code == 200 and "proxytune playground" in page.text
+    assert "default-src 'self'" in page.headers["content-security-policy"]
+    assert "http" not in page.text.replace("http-equiv", "")  # no outside URL in the page
+    for name in ("app.js", "style.css"):
+        assert httpx.get(f"{server.url}/ui/{name}").status_code == 200
+    assert httpx.get(server.url + "/ui/secret.py").status_code == 404
+    assert httpx.get(server.url + "/v1/models").status_code == 401  # the API still needs the key

@@ -44,6 +44,8 @@ def register(subparsers) -> None:
     parser.add_argument("--chat-roles", default="base,expert,anti_expert",
                         help="roles that get their chat template on /v1/chat/completions, the rest plain text "
                              "(the paper's setting: expert)")
+    parser.add_argument("--no-ui", dest="ui", action="store_false",
+                        help="do not serve the playground page at / (base, expert and proxy side by side)")
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -104,9 +106,10 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "proxytune"
     app = create_app(tuner, served_names=[name], api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout, chat_roles=chat_roles,
-                     host=args.host, allowed=args.allowed_host, max_echo_tokens=args.max_echo_tokens)
+                     host=args.host, allowed=args.allowed_host, max_echo_tokens=args.max_echo_tokens, ui=args.ui)
     print(f"proxytune serve: model {name!r} on http://{args.host}:{args.port}/v1"
-          f"{' (API key required)' if args.api_key else ''}", flush=True)
+          f"{' (API key required)' if args.api_key else ''}"
+          f"{f'; playground at http://{args.host}:{args.port}/' if args.ui else ''}", flush=True)
     grace = args.shutdown_grace
 
     class DrainingServer(uvicorn.Server):

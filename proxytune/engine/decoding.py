@@ -37,6 +37,7 @@ class Request:
     seed: int | None = None
     details: int = 0  # top-k per role to record at each step (0 = none)
     shaping: Shaping = NO_SHAPING  # penalties, logit_bias, an output format: on the combined logits (shaping.py)
+    alone: str | None = None  # a role name: this row follows that role's own distribution (base/expert alone)
 
 
 @dataclass
@@ -187,7 +188,7 @@ def open_session(base: LogitSource, pairs: Sequence[ExpertPair], requests: Seque
                  times: StepTimes | None = None) -> ProxySession:
     prompts = {role: [r.prompts[role] for r in requests] for role in Roles(len(pairs))}
     alphas = torch.tensor([r.alphas for r in requests], dtype=torch.float32).reshape(len(requests), len(pairs))
-    return ProxySession(base, pairs, prompts, alphas, times)
+    return ProxySession(base, pairs, prompts, alphas, times, [r.alone for r in requests])
 
 
 class Decoding:

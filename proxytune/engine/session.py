@@ -41,14 +41,20 @@ class RoleLogits:
 
 
 def combine(roles: Roles, logits: dict[str, torch.Tensor], alphas: torch.Tensor,
-            every_model_writes: bool = False) -> RoleLogits:
-    """RoleLogits from each role's logits ([B, V] or [B, k, V]) and per-row α [B, P]."""
+            every_model_writes: bool = False, alone: Sequence[str | None] = ()) -> RoleLogits:
+    """RoleLogits from each role's logits ([B, V] or [B, k, V]) and per-row α [B, P]. A row whose `alone`
+    names a role is decoded from that role's own logits instead (base alone, expert alone, side by side with
+    proxy rows in one batch); where every model must write, what any rules out stays ruled out."""
     base = logits["base"]
     device = base.device
     experts = [logits[name].to(device) for name in roles.experts]
     antis = [logits[name].to(device) for name in roles.anti_experts]
-    return RoleLogits(roles, base, experts, antis,
-                      combined_logits(base, experts, antis, alphas.to(device), every_model_writes))
+    combined = combined_logits(base, experts, antis, alphas.to(device), every_model_writes)
+    for row, role in enumerate(alone):
+        if role is not None:
+            own = logits[role][row].to(device)
+            combined[row] = own.masked_fill(combined[row].isneginf(), float("-inf")) if every_model_writes else own
+    return RoleLogits(roles, base, experts, antis, combined)
 
 
 def moving_average(old: float | None, new: float, memory: float = 0.7) -> float:
@@ -158,9 +164,10 @@ class ProxySession:
     concurrent = True
 
     def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], prompts: dict[str, list[list[int]]],
-                 alphas: torch.Tensor, times: StepTimes | None = None):
+                 alphas: torch.Tensor, times: StepTimes | None = None, alone: Sequence[str | None] | None = None):
         self.roles = Roles(len(pairs))
         self.alphas = alphas
+        self.alone = list(alone) if alone is not None else [None] * len(alphas)  # per row: a role decoded alone
         self.times = times if times is not None else StepTimes()
         self.sources = role_sources(base, pairs)
         self.sessions: dict[tuple, Session] = {}
@@ -179,7 +186,7 @@ class ProxySession:
     def collect(self, outputs: dict[tuple, torch.Tensor]) -> RoleLogits:
         """Combined logits from each session's output (keyed like `sessions`)."""
         return combine(self.roles, {role: outputs[key] for role, key in self.session_of.items()}, self.alphas,
-                       any(s.capabilities.must_write for s in self.sessions.values()))
+                       any(s.capabilities.must_write for s in self.sessions.values()), self.alone)
 
     def each_session(self, call, but: tuple | None = None) -> dict[tuple, torch.Tensor]:
         """{key: call(key)} over the sessions (all `but` one), concurrently where their places allow."""
@@ -247,6 +254,7 @@ class ProxySession:
         for session in self.sessions.values():
             session.select(rows)
         self.alphas = self.alphas[list(rows)]
+        self.alone = [self.alone[r] for r in rows]
 
     def lacking(self, capability: str) -> list[str]:
         """The sessions that do not declare `capability` ("rollback" | "join" | "fork"), as
@@ -286,6 +294,7 @@ class ProxySession:
             session_of.update({role: (mine, theirs) for role in roles})
         self.sessions, self.session_of = sessions, session_of
         self.alphas = torch.cat([self.alphas, other.alphas.to(self.alphas.device)])
+        self.alone += other.alone
 
 
 def fork(session: Session, roles: Sequence[str]) -> Session:

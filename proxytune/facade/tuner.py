@@ -226,13 +226,16 @@ class ProxyTuner:
                 min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None, return_details=False,
                 label: str = "prompt", repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
                 presence_penalty: float = 0.0, logit_bias=None, response_format=None,
-                shaping: Shaping | None = None) -> Request:
+                shaping: Shaping | None = None, alone: str | None = None) -> Request:
         """One decoding request: a raw prompt for every role, or a conversation formatted per role.
         Penalties, logit_bias and response_format act on the combined logits (see `shaping()`; or give a
-        `shaping` made by it, e.g. once for many requests)."""
+        `shaping` made by it, e.g. once for many requests). alone="base" / "expert" / any role: the row
+        follows that role's own distribution (its own prompt), in the same batch as proxy rows."""
         if shaping is None:
             shaping = self.shaping(repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
                                    response_format)
+        if alone is not None and alone not in self.roles:
+            raise ProxyTuneError(f"alone names a role ({', '.join(self.roles)}), got {alone!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ProxyTuneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if messages is not None:
@@ -264,7 +267,7 @@ class ProxyTuner:
             raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
         details = (5 if return_details is True else int(return_details or 0))
         return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
-                       max_new_tokens, tuple(stop or ()), seed, details, shaping)
+                       max_new_tokens, tuple(stop or ()), seed, details, shaping, alone)
 
     def shaping(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                 logit_bias=None, response_format=None) -> Shaping:

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import time
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Sequence
 
 from fastapi import Depends, FastAPI, Request
@@ -62,10 +63,36 @@ class JobStream(StreamingResponse):
             self.job.cancel()
 
 
+UI = Path(__file__).parent / "ui"
+# the page loads nothing from elsewhere and talks only to this server
+PAGE_POLICY = {"Content-Security-Policy": "default-src 'self'; style-src 'self'; script-src 'self'; "
+                                          "connect-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+               "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
+
+
+def add_playground(app: FastAPI) -> None:
+    """The playground page at / and its two files under /ui/ (inside the package; no build step, no CDN).
+    The page is public like /health: it holds no data, and the API calls it makes carry the key typed into it."""
+    files = {"index.html": "text/html", "app.js": "text/javascript", "style.css": "text/css"}
+
+    def page(name: str) -> Response:
+        return Response((UI / name).read_bytes(), media_type=files[name], headers=PAGE_POLICY)
+
+    @app.get("/", include_in_schema=False)
+    async def playground():
+        return page("index.html")
+
+    @app.get("/ui/{name}", include_in_schema=False)
+    async def playground_file(name: str):
+        if name not in files:
+            raise APIError(404, f"unknown route GET /ui/{name}")
+        return page(name)
+
+
 def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str | None = None,
                max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0,
                chat_roles: Sequence[str] = ALL_ROLES, host: str = "127.0.0.1",
-               allowed: Sequence[str] = (), max_echo_tokens: int = MAX_ECHO_TOKENS) -> FastAPI:
+               allowed: Sequence[str] = (), max_echo_tokens: int = MAX_ECHO_TOKENS, ui: bool = True) -> FastAPI:
     scheduler = Scheduler(tuner, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
     context = context_length(tuner)
     text_of = TokenStrings(tuner.tokenizer)
@@ -110,6 +137,8 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                               "alpha": tuner.alphas, "context_length": context}}
 
     add_tokenizer_routes(app, tuner, authorize, context)
+    if ui:
+        add_playground(app)
 
     @app.get("/health")
     async def health():
@@ -162,10 +191,13 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
             return fmt.chat_logprobs(positions, text_of)
         return fmt.completion_logprobs(positions, text_of, offset)
 
-    def generated_positions(token_ids, logprobs, details) -> list[TokenLogprob]:
-        # details exist when top_logprobs > 0; they may hold one more step (the EOS) than token_ids
-        return [TokenLogprob(t, lp, details[i].top_logprobs if details else [])
+    def generated_positions(token_ids, logprobs, details, top: int) -> list[TokenLogprob]:
+        # details exist when top_logprobs > 0 (or `details` asked); they may hold one more step (the EOS)
+        return [TokenLogprob(t, lp, details[i].top_logprobs[:top] if details else [])
                 for i, (t, lp) in enumerate(zip(token_ids, logprobs))]
+
+    def details_of(params: Params, details) -> list | None:
+        return [fmt.token_details(d, text_of) for d in details or []] if params.details else None
 
     async def respond(job: Job, shape: Shape, params: Params, rows: list[PromptRows]):
         prompt_positions, outputs = None, None
@@ -189,13 +221,14 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                 output = outputs[index] if outputs else None
                 text = output.text if output else ""
                 positions = [] if output is None else generated_positions(
-                    output.token_ids, output.logprobs, output.details)
+                    output.token_ids, output.logprobs, output.details, params.top_logprobs)
                 if params.echo:
                     text = prompt.text + text
                     positions = (prompt_positions[p] if prompt_positions else []) + positions
                 logprobs = logprobs_of(positions, params.kind) if params.logprobs else None
                 reason = fmt.public_finish_reason(output.finish_reason) if output else "length"
-                choices.append(shape.choice(index, text, reason, logprobs))
+                choices.append(shape.choice(index, text, reason, logprobs,
+                                            details_of(params, output.details if output else None)))
         completion_tokens = sum(len(o.token_ids) for o in outputs)
         return shape.response(choices, fmt.usage(sum(len(r.prompt_ids) for r in rows), completion_tokens))
 
@@ -224,16 +257,18 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
             if kind != "events":
                 continue
             for index, event in value:
-                logprobs = None
+                logprobs, details = None, None
                 if event.token_id is not None:
                     completion_tokens += 1
                     if params.logprobs:
-                        details = [event.detail] if event.detail else None
-                        positions = generated_positions([event.token_id], [event.logprob], details)
+                        step = [event.detail] if event.detail else None
+                        positions = generated_positions([event.token_id], [event.logprob], step, params.top_logprobs)
                         logprobs = logprobs_of(positions, params.kind, offsets[index])
                         offsets[index] += len(text_of(event.token_id))
-                if event.delta or logprobs:
-                    yield shape.chunk([shape.chunk_choice(index, event.delta, None, logprobs)], usage_null)
+                    details = details_of(params, [event.detail] if event.detail else None)
+                if event.delta or logprobs or details:
+                    yield shape.chunk([shape.chunk_choice(index, event.delta, None, logprobs, details=details)],
+                                      usage_null)
                 if event.finish_reason == "error":  # the text so far was sent; then the reason, and the end
                     yield fmt.sse(generation_failed(event.error or "a model stopped answering").body())
                     return

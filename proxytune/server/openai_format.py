@@ -106,11 +106,14 @@ class Shape:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "system_fingerprint": None, "choices": choices, "usage": usage_}
 
-    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None) -> dict:
+    def choice(self, index: int, text: str, finish_reason: str | None, logprobs: dict | None,
+               details: list | None = None) -> dict:
         if self.kind == "chat":
             message = {"role": "assistant", "content": text, "refusal": None}
-            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return choice if details is None else {**choice, "proxytune": details}
 
     def chunk(self, choices: list[dict], with_usage: bool, usage_: dict | None = None) -> str:
         kind = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -121,14 +124,24 @@ class Shape:
         return sse(payload)
 
     def chunk_choice(self, index: int, text: str | None, finish_reason: str | None = None,
-                     logprobs: dict | None = None, role: bool = False) -> dict:
+                     logprobs: dict | None = None, role: bool = False, details: list | None = None) -> dict:
         if self.kind == "chat":
             delta = {} if text is None else {"content": text}
             if role:
                 delta = {"role": "assistant", **delta}
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
+        return choice if details is None else {**choice, "proxytune": details}
 
 
 def public_finish_reason(reason: str | None) -> str | None:
     return "stop" if reason == "cancelled" else reason
+
+
+def token_details(detail, text_of: TokenStrings) -> dict:
+    """The "proxytune" extension of one generated token (`details`): each role's top tokens with their
+    probabilities and the probability each role gave the chosen token ("proxy": the combined distribution)."""
+    return {"token": text_of(detail.token_id), "token_id": detail.token_id,
+            "chosen": {role: p for role, p in detail.chosen_prob.items()},
+            "top": {role: [[text_of(t), p] for t, p in top] for role, top in detail.top.items()}}

@@ -10,6 +10,9 @@ Extension fields (the openai client sends them through `extra_body`), the whole 
   top_k   keep the k most likely tokens before sampling (0 = off)
   min_p   drop tokens below min_p x the top token's probability (0 = off)
   repetition_penalty  transformers' / vLLM's, over the prompt's and the generated tokens (1 = off)
+  alone   a role name ("base", "expert", ...): that model alone, with its own prompt (the playground's columns)
+  details k: with every generated token, each role's top k tokens and the probability each gave the chosen
+          one, under the choice's "proxytune" key (streamed per chunk; plain OpenAI clients never ask)
 OpenAI's presence_penalty, frequency_penalty, logit_bias and response_format (json_object, json_schema, and
 proxytune's regex and grammar types) act on the combined logits (engine/shaping.py). OpenAI fields proxytune
 does not implement are refused unless their value changes nothing.
@@ -84,6 +87,8 @@ class Common(Body):
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
     repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
+    alone: str | None = None  # a role name: that model alone (its own prompt), beside proxy rows in one batch
+    details: int | None = Field(None, ge=1, le=MAX_TOP_LOGPROBS)  # per token: every role's top-k and chosen p
     # OpenAI's, on the combined logits (engine/shaping.py)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
@@ -134,7 +139,9 @@ class Params:
     echo: bool
     alpha: float | list[float] | None  # None: the server's default
     shaping: dict = dataclasses.field(default_factory=dict)  # penalties, logit_bias, response_format (tuner.request)
-    max_tokens_given: bool = False  # asked for explicitly: refused when prompt + max_tokens overflow the context
+    max_tokens_given: bool = False
+    alone: str | None = None
+    details: int = 0  # asked for explicitly: refused when prompt + max_tokens overflow the context
 
 
 @dataclass
@@ -189,7 +196,7 @@ def first_problem(error: ValidationError) -> APIError:
     if problem["type"] == "extra_forbidden":
         where = "" if len(loc) == 1 else f" in {'.'.join(loc[:-1])}"
         return bad_request(f"Unrecognized request argument supplied: {loc[-1]}{where} (proxytune's own fields: "
-                           f"alpha, proxy, top_k, min_p, repetition_penalty)", param)
+                           f"alpha, proxy, top_k, min_p, repetition_penalty, alone, details)", param)
     if problem["type"] == "missing":
         return bad_request(f"{'.'.join(loc)} is required", param)
     shown = repr(problem.get("input"))
@@ -283,17 +290,24 @@ def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_r
     top_p = 1.0 if body.top_p is None else body.top_p
     sampling = SamplingParams(temperature, top_p, body.top_k or 0, body.min_p or 0.0)
     shaping = {name: getattr(body, name) for name in SHAPING if getattr(body, name) is not None}
+    if body.alone is not None and (body.proxy is not None or body.alpha is not None):
+        raise bad_request("alone decodes one model by itself: leave out alpha and proxy", "alone")
     return Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
                   stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
-                  asked is not None)
+                  asked is not None, body.alone, body.details or 0)
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
     """Engine requests: n rows per prompt; choice i is seeded with seed + i (as ProxyTuner.generate)."""
-    details = params.top_logprobs if params.logprobs else 0
+    details = max(params.top_logprobs if params.logprobs else 0, params.details)
     options = dict(max_new_tokens=max(params.max_tokens, 1), temperature=params.sampling.temperature,
                    top_p=params.sampling.top_p, top_k=params.sampling.top_k, min_p=params.sampling.min_p,
                    stop=list(params.stop), alpha=params.alpha, return_details=details)
+    if params.alone is not None:
+        if params.alone not in tuner.roles:
+            raise bad_request(f"alone names a role of this trio ({', '.join(tuner.roles)}), got {params.alone!r}",
+                              "alone")
+        options["alone"] = params.alone
     try:  # once per request (a format is compiled once), with the field it came from named
         options["shaping"] = tuner.shaping(**params.shaping)
     except ProxyTuneError as error:
