@@ -406,3 +406,14 @@ def test_the_playground_page_is_served_without_the_key_and_loads_nothing_from_el
         assert httpx.get(f"{server.url}/ui/{name}").status_code == 200
     assert httpx.get(server.url + "/ui/secret.py").status_code == 404
     assert httpx.get(server.url + "/v1/models").status_code == 401  # the API still needs the key
+
+
+def test_no_ui_serves_no_page(tuner):
+    from fastapi.testclient import TestClient
+
+    from proxytune.server import create_app
+
+    for ui, status in ((True, 200), (False, 404)):
+        with TestClient(create_app(tuner, ui=ui), base_url="http://localhost") as client:
+            assert client.get("/").status_code == status and client.get("/ui/app.js").status_code == status
+            assert client.get("/health").status_code == 200
