@@ -68,6 +68,33 @@ def test_gap_closed_is_the_papers_ratio():
     assert gap_closed(proxy=0.3, base=0.2, tuned=0.2) is None
 
 
+def test_mcnemar_is_the_exact_two_sided_binomial_test_on_the_discordant_examples():
+    from scipy.stats import binomtest
+
+    from proxytune.evaluation.stats import mcnemar_exact, paired
+
+    for fixed, broken in [(8, 2), (0, 5), (3, 3), (15, 4), (1, 0), (40, 22)]:
+        assert mcnemar_exact(fixed, broken) == pytest.approx(binomtest(fixed, fixed + broken, 0.5).pvalue)
+    assert mcnemar_exact(0, 0) == 1.0
+    assert paired([True, True, False, False], [False, True, True, False]) == {"fixed": 1, "broken": 1, "mcnemar_p": 1.0}
+
+
+def test_the_gap_closed_interval_is_a_seeded_paired_bootstrap_around_the_estimate():
+    import random
+
+    from proxytune.evaluation.stats import gap_closed_interval
+
+    rng = random.Random(1)
+    base = [rng.random() < 0.1 for _ in range(200)]
+    tuned = [b or rng.random() < 0.35 for b in base]
+    proxy = [b or (t and rng.random() < 0.5) for b, t in zip(base, tuned)]
+    low, high = gap_closed_interval(proxy, base, tuned)
+    estimate = gap_closed(sum(proxy) / 200, sum(base) / 200, sum(tuned) / 200)
+    assert low < estimate < high and 0.2 < high - low < 0.6
+    assert gap_closed_interval(proxy, base, tuned) == [low, high]  # seeded: the same interval every run
+    assert gap_closed_interval(proxy, base, base) is None  # tuning never moved the base: undefined
+
+
 # --- every task through the CLI, tiny models, --limit 2 ------------------------------------------------
 
 @pytest.mark.parametrize("task, extra", [("gsm", ["--max-new-tokens", "12"]),
@@ -98,6 +125,10 @@ def test_tuned_anchor_adds_a_role_and_gap_closed(trio_dirs, tmp_path, capsys):
                  "--max-new-tokens", "8", "--output", str(out), "--no-progress"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert "tuned" in summary["roles"] and "gap_closed" in summary["roles"]["proxy"]
+    assert "gap_closed_ci95" in summary["roles"]["proxy"] and "mcnemar_p_vs_base" in summary["roles"]["proxy"]
+    pairs = {(p["role"], p["versus"]) for p in summary["paired"]}
+    assert {("expert", "base"), ("proxy", "base"), ("proxy", "expert"), ("tuned", "proxy")} <= pairs
+    assert "McNemar p" in capsys.readouterr().out
     # The anchor here is the expert model itself: the same greedy text as "expert alone".
     by_role = {(r["id"], r["role"]): r["output"] for r in read_results(out)}
     assert all(by_role[(i, "tuned")] == by_role[(i, "expert")] for i, role in by_role if role == "expert")

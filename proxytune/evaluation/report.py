@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-STANDARD = {"title", "alpha", "n", "correct", "accuracy", "ci95", "gap_closed", "fixed_vs_base", "broken_vs_base"}
+STANDARD = {"title", "alpha", "n", "correct", "accuracy", "ci95", "gap_closed", "fixed_vs_base", "broken_vs_base",
+            "mcnemar_p_vs_base", "gap_closed_ci95"}
 
 
 def percent(value) -> str:
@@ -22,20 +23,36 @@ def summary_table(summary: dict) -> str:
     entries = summary["roles"]
     extras = sorted({key for entry in entries.values() for key in entry} - STANDARD)
     with_gap = any("gap_closed" in entry for entry in entries.values())
-    header = ["role", "n", "accuracy", "95% CI", *extras, "fixed/broken vs base"] + (["gap closed"] if with_gap else [])
+    header = ["role", "n", "accuracy", "95% CI", *extras, "fixed/broken vs base", "McNemar p"] + (
+        ["gap closed [95% bootstrap]"] if with_gap else [])
     rows = []
     for entry in entries.values():
         low, high = entry["ci95"]
         row = [entry["title"], str(entry["n"]), percent(entry["accuracy"]), f"[{100 * low:.1f}, {100 * high:.1f}]"]
         row += [percent(entry.get(key)) for key in extras]
         row.append(f"+{entry['fixed_vs_base']}/-{entry['broken_vs_base']}" if "fixed_vs_base" in entry else "")
+        row.append(f"{entry['mcnemar_p_vs_base']:.3g}" if "mcnemar_p_vs_base" in entry else "")
         if with_gap:
-            row.append(percent(entry.get("gap_closed")) if "gap_closed" in entry else "")
+            row.append(_gap(entry) if "gap_closed" in entry else "")
         rows.append(row)
     title = f"{summary['task']}: {summary['examples']} examples finished by every role"
     if summary["examples"] < summary["examples_requested"]:
         title += f" (of {summary['examples_requested']} requested)"
-    return title + "\n" + _table(header, rows)
+    text = title + "\n" + _table(header, rows)
+    others = [p for p in summary.get("paired", []) if p["versus"] != "base"]
+    if others:
+        names = {name: entry["title"] for name, entry in entries.items()}
+        text += "\n\npaired, other than against the base\n" + _table(
+            ["role", "versus", "fixed/broken", "McNemar p"],
+            [[names[p["role"]], names[p["versus"]], f"+{p['fixed']}/-{p['broken']}", f"{p['mcnemar_p']:.3g}"]
+             for p in others])
+    return text
+
+
+def _gap(entry: dict) -> str:
+    interval = entry.get("gap_closed_ci95")
+    shown = percent(entry.get("gap_closed"))
+    return shown if not interval else f"{shown} [{100 * interval[0]:.0f}, {100 * interval[1]:.0f}]"
 
 
 def sweep_points(summary: dict, alphas: Sequence[float]) -> list[dict]:

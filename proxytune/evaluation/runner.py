@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 from ..errors import ProxyTuneError
 from .records import ResultStore
 from .roles import Role, RoleRunner
-from .stats import accuracy, gap_closed
+from .stats import accuracy, gap_closed, gap_closed_interval, paired
 from .task import Example
 
 
@@ -149,21 +149,27 @@ def summarize(task, roles: Sequence[Role], records: list[dict], example_ids: Seq
         entry = {"title": role.title, "alpha": role.alpha, **accuracy([r["correct"] for r in rows]),
                  **task.summarize(rows)}
         if role.kind != "base" and "base" in by_role:
-            base = by_role["base"]
-            entry["fixed_vs_base"] = sum(r["correct"] and not base[r["id"]]["correct"] for r in rows)
-            entry["broken_vs_base"] = sum(base[r["id"]]["correct"] and not r["correct"] for r in rows)
+            versus = paired([r["correct"] for r in rows], [by_role["base"][i]["correct"] for i in complete])
+            entry["fixed_vs_base"], entry["broken_vs_base"] = versus["fixed"], versus["broken"]
+            entry["mcnemar_p_vs_base"] = versus["mcnemar_p"]
         summary["roles"][role.name] = entry
-    _add_gap_closed(summary["roles"], roles)
+    results = {role.name: [by_role[role.name][i]["correct"] for i in complete] for role in roles}
+    # every pair of roles on the same examples: fixed and broken, McNemar's exact p (issue: paired statistics)
+    summary["paired"] = [{"role": a.name, "versus": b.name, **paired(results[a.name], results[b.name])}
+                         for k, a in enumerate(roles) for b in roles[:k]]
+    _add_gap_closed(summary["roles"], roles, results)
     return summary
 
 
-def _add_gap_closed(entries: dict, roles: Sequence[Role]) -> None:
+def _add_gap_closed(entries: dict, roles: Sequence[Role], results: dict[str, list]) -> None:
     if "tuned" not in entries or "base" not in entries or entries["base"]["accuracy"] is None:
         return
     base, tuned = entries["base"]["accuracy"], entries["tuned"]["accuracy"]
     for role in roles:
         if role.kind == "proxy":
             entries[role.name]["gap_closed"] = gap_closed(entries[role.name]["accuracy"], base, tuned)
+            entries[role.name]["gap_closed_ci95"] = gap_closed_interval(results[role.name], results["base"],
+                                                                        results["tuned"])
 
 
 class _NoBar:
