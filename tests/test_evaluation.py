@@ -95,6 +95,31 @@ def test_the_gap_closed_interval_is_a_seeded_paired_bootstrap_around_the_estimat
     assert gap_closed_interval(proxy, base, base) is None  # tuning never moved the base: undefined
 
 
+def test_a_breakdown_groups_examples_and_counts_what_the_proxy_fixed_and_broke():
+    from proxytune.evaluation.task import Example
+    from proxytune.evaluation.transfer import breakdown, breakdown_table
+
+    examples = [Example(f"e{i}", "", "", {"steps": 2 + i % 2}) for i in range(6)]
+    right = {"base": {0}, "expert": {0, 1, 2}, "proxy": {1, 2, 3, 4}}
+    records = [{"id": e.id, "role": role, "correct": int(e.id[1:]) in ids} for role, ids in right.items()
+               for e in examples]
+    rows = breakdown(records[:-1], examples, "steps")  # e5 lacks the proxy: left out everywhere
+    assert [(r["steps"], r["n"]) for r in rows] == [(2, 3), (3, 2)]
+    two = rows[0]  # e0, e2, e4
+    assert (two["base"], two["expert"], two["proxy"]) == (1 / 3, 2 / 3, 2 / 3)
+    assert two["proxy_vs_base"]["fixed"] == 2 and two["proxy_vs_base"]["broken"] == 1
+    assert two["proxy_vs_expert"]["fixed"] == 1 and two["proxy_vs_expert"]["broken"] == 1
+    assert breakdown_table(rows, "steps").splitlines()[1].startswith("2      3")
+
+
+def test_gsm_problems_know_their_template_and_steps():
+    from proxytune.evaluation.gsm import GSMTask, steps
+
+    assert steps("a = 1\nb = 2\n\n#### 3") == 2
+    example = GSMTask().examples(1)[0]
+    assert example.data["steps"] == 3 and example.data["template"] == 12
+
+
 # --- every task through the CLI, tiny models, --limit 2 ------------------------------------------------
 
 @pytest.mark.parametrize("task, extra", [("gsm", ["--max-new-tokens", "12"]),
@@ -129,6 +154,13 @@ def test_tuned_anchor_adds_a_role_and_gap_closed(trio_dirs, tmp_path, capsys):
     pairs = {(p["role"], p["versus"]) for p in summary["paired"]}
     assert {("expert", "base"), ("proxy", "base"), ("proxy", "expert"), ("tuned", "proxy")} <= pairs
     assert "McNemar p" in capsys.readouterr().out
+    assert main(["eval", "gsm", *model_args(trio_dirs), "--tuned", trio_dirs["expert"], "--limit", "2",
+                 "--max-new-tokens", "8", "--output", str(out), "--no-progress", "--by", "steps"]) == 0
+    assert "by steps" in capsys.readouterr().out
+    assert json.loads((out / "summary.json").read_text())["by"]["steps"][0]["n"] >= 1
+    assert main(["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--output", str(tmp_path / "new"),
+                 "--by", "colour"]) == 2
+    assert "can be grouped by steps, template" in capsys.readouterr().err
     # The anchor here is the expert model itself: the same greedy text as "expert alone".
     by_role = {(r["id"], r["role"]): r["output"] for r in read_results(out)}
     assert all(by_role[(i, "tuned")] == by_role[(i, "expert")] for i, role in by_role if role == "expert")

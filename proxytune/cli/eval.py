@@ -12,15 +12,30 @@ def register(subparsers) -> None:
                                                "task; resumable per-example results in --output.")
     add_evaluation_options(parser)
     add_roles_option(parser)
+    parser.add_argument("--by", action="append", default=[], metavar="KEY",
+                        help="also break the results down by a property of the problems (gsm: steps, template): "
+                             "every role's accuracy and the proxy's fixed/broken vs base and expert per group")
     parser.set_defaults(func=run)
+
+
+def check_by(task, keys, limit) -> None:
+    from ..errors import ProxyTuneError
+
+    example = task.examples(1)[0]
+    known = sorted(k for k, v in example.data.items() if isinstance(v, (int, str)))
+    for key in keys:
+        if key not in known:
+            raise ProxyTuneError(f"--by {key}: {task.name} problems can be grouped by {', '.join(known) or 'nothing'}")
 
 
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import eval_roles, evaluate, summarize
     from ..evaluation.report import summary_table
+    from ..evaluation.transfer import breakdown, breakdown_table
 
     wanted = parse_roles(args.roles, bool(args.tuned))
     task, store, specs = prepare(args, "eval", {"alpha": args.alpha})
+    check_by(task, args.by, args.limit)
     roles = [r for r in eval_roles(args.alpha, bool(args.tuned)) if wanted is None or r.name in wanted]
     runner = load_runner(args, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
     evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress)
@@ -28,7 +43,11 @@ def run(args: argparse.Namespace) -> int:
     present = {record["role"] for record in store.records}
     summary = summarize(task, [r for r in eval_roles(args.alpha, bool(args.tuned)) if r.name in present],
                         store.records, [ex.id for ex in task.examples(args.limit)])
+    examples = task.examples(args.limit)
+    summary["by"] = {key: breakdown(store.records, examples, key) for key in args.by}
     path = store.write_summary(summary)
     print(summary_table(summary))
+    for key, rows in summary["by"].items():
+        print(f"\nby {key}\n" + breakdown_table(rows, key))
     print(f"results: {store.results_path}\nsummary: {path}")
     return 0

@@ -10,6 +10,11 @@ from .task import Example, GenerationTask
 DEFAULT_SIZE = 200
 
 
+def steps(target: str) -> int:
+    """Reasoning steps of a reference solution: its lines before the "#### answer" line."""
+    return sum(1 for line in target.split("####")[0].splitlines() if line.strip())
+
+
 class GSMTask(GenerationTask):
     name = "gsm"
     max_new_tokens = 512  # the paper's budget
@@ -25,8 +30,8 @@ class GSMTask(GenerationTask):
     def examples(self, limit: int | None) -> list[Example]:
         # Item i depends only on (seed, i): a larger --limit extends a run, never reshuffles it.
         items = gsm.heldout_examples(DEFAULT_SIZE if limit is None else limit, seed=self.seed)
-        return [Example(f"gsm-{self.seed}-{i}", item.prompt, item.answer, {"template": item.template})
-                for i, item in enumerate(items)]
+        return [Example(f"gsm-{self.seed}-{i}", item.prompt, item.answer,
+                        {"template": item.template, "steps": steps(item.target)}) for i, item in enumerate(items)]
 
     def judge(self, example: Example, output: str) -> dict:
         return {"answer": gsm.extract_answer(output), "correct": gsm.is_correct(output, example.gold),
