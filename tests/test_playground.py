@@ -129,3 +129,17 @@ def test_a_bad_request_shows_the_servers_reason_in_the_page(browser, server):
     except Exception:
         raise AssertionError(f"error box: {error.text!r}; proxy column: {text(browser, 'proxy')!r}")
     assert "Error:" in text(browser, "proxy")
+
+
+def test_chat_mode_formats_the_prompt_as_a_user_message_for_every_column(browser, server, dirs):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    open_page(browser, server, prompt="def add(a, b):", max_tokens=8)
+    Select(browser.find_element(By.ID, "mode")).select_by_value("chat")
+    browser.find_element(By.ID, "run").send_keys("\n")  # the keyboard runs it too
+    tuner = ProxyTuner.from_pretrained(dirs["base"], dirs["expert"], dirs["anti_expert"])
+    messages = [{"role": "user", "content": "def add(a, b):"}]
+    for column, alone in (("base", "base"), ("expert", "expert"), ("proxy", None)):
+        want = tuner.chat(messages, max_new_tokens=8, alone=alone).text
+        wait(browser, lambda: text(browser, column) == want)
