@@ -98,7 +98,8 @@ class RowState:
         self.details: list[StepDetail] | None = [] if request.details else None
         self.finish_reason: str | None = None
         self.error: str | None = None
-        self.shaper = RowShaper(request.shaping, request.prompts["base"]) if request.shaping.active else None
+        own_prompt = request.prompts[request.alone or "base"]  # what the repetition penalty counts
+        self.shaper = RowShaper(request.shaping, own_prompt) if request.shaping.active else None
 
     def shaped(self, z: torch.Tensor, drafts: Sequence[int] = ()) -> torch.Tensor | None:
         """The logits this row's next token is chosen from: z [V] itself, or shaped (engine/shaping.py); for

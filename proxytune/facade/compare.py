@@ -1,4 +1,8 @@
-"""Base alone, expert alone and proxy-tuned, on the same request: what did proxy-tuning change?"""
+"""Base alone, expert alone and proxy-tuned, on the same request: what did proxy-tuning change?
+
+Here a role's model runs by itself (one model's forwards, not three): for whole batches of one role, as the
+CLI's --compare, the demo and the evaluations run them. `Request.alone` gives the same distribution to a row
+inside a shared batch of proxy rows (the server's playground), at the cost of every role's forward."""
 from __future__ import annotations
 
 import dataclasses
