@@ -285,3 +285,32 @@ def test_rows_alone_follow_their_roles_own_model_beside_proxy_rows_in_one_batch(
                 assert out.token_ids == hf_greedy(models[request.alone], tok, prompt, 12)
     with pytest.raises(ProxyTuneError, match="alone names a role"):
         tuner.request("x", alone="teacher")
+
+
+def test_an_alpha_schedule_uses_each_positions_alpha_batched_or_alone(trio, tok):
+    """alpha_schedule={0: 0.0, 4: 2.0}: the first four tokens are the base's own, then α = 2; recomputed from
+    full forwards; a row's schedule does not leak into its batch-mates; speculative decoding refuses it."""
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    base, expert, anti = trio
+    for prompt in PROMPTS:
+        ids, generated = tok(prompt)["input_ids"], []
+        for position in range(12):
+            x = torch.tensor([ids + generated])
+            alpha = 0.0 if position < 4 else 2.0
+            with torch.no_grad():
+                z = base(x).logits[0, -1] + alpha * (expert(x).logits[0, -1] - anti(x).logits[0, -1])
+            if int(z.argmax()) == 1:
+                break
+            generated.append(int(z.argmax()))
+        assert tuner.generate(prompt, max_new_tokens=12, alpha_schedule={0: 0.0, 4: 2.0})[0].token_ids == generated
+    assert tuner.generate(PROMPTS[0], max_new_tokens=12, alpha_schedule={0: 1.0})[0].token_ids == \
+        tuner.generate(PROMPTS[0], max_new_tokens=12)[0].token_ids
+    requests = [tuner.request(PROMPTS[0], max_new_tokens=12, alpha_schedule={3: 0.0}),
+                tuner.request(PROMPTS[1], max_new_tokens=12), tuner.request(PROMPTS[2], max_new_tokens=12, alpha=0.5)]
+    together = tuner.run(requests)
+    assert [o.token_ids for o in together] == [tuner.run([r])[0].token_ids for r in requests]
+    with pytest.raises(ProxyTuneError, match="α schedule"):
+        tuner.run(requests, speculative=True)
+    for bad in ({-1: 1.0}, {"4": 1.0}, {0: float("nan")}, {}):
+        with pytest.raises(ProxyTuneError):
+            tuner.request("x", alpha_schedule=bad)

@@ -353,3 +353,21 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     error = capsys.readouterr().err
     assert message in error and "Traceback" not in error
     assert not (tmp_path / "o").exists()  # nothing written for a rejected command
+
+
+def test_an_alpha_schedule_is_a_configuration_of_its_own_and_decodes_as_the_library_does(trio_dirs, tmp_path, capsys):
+    out = tmp_path / "scheduled"
+    args = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "10", "--output", str(out),
+            "--no-progress", "--roles", "proxy"]
+    assert main([*args, "--alpha-schedule", "0:0,3:2"]) == 0
+    assert "proxy-tuned α=1, 0 from token 0, 2 from token 3" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["alpha_schedule"] == [[0, 0.0], [3, 2.0]]
+    tuner = ProxyTuner.from_pretrained(trio_dirs["base"], trio_dirs["expert"], trio_dirs["anti"])
+    for record in read_results(out):
+        want = tuner.generate(record["prompt"], max_new_tokens=10, stop=["\nQuestion:"],
+                              alpha_schedule={0: 0.0, 3: 2.0})[0]
+        assert record["output"] == want.text
+    assert main(args) == 2  # the same directory without the schedule: another configuration
+    assert "alpha_schedule" in capsys.readouterr().err
+    assert main(["eval", "gsm", *model_args(trio_dirs), "--output", str(tmp_path / "x"), "--alpha-schedule", "0-2"]) == 2
+    assert "POSITION:ALPHA" in capsys.readouterr().err

@@ -12,6 +12,9 @@ def register(subparsers) -> None:
                                                "task; resumable per-example results in --output.")
     add_evaluation_options(parser)
     add_roles_option(parser)
+    parser.add_argument("--alpha-schedule", metavar="POS:ALPHA,...", default=None,
+                        help="the proxy's α changes by output position: '0:2,32:1' is α = 2 for the first 32 "
+                             "tokens, then 1 (before the first position given: --alpha); part of the configuration")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
                         help="also break the results down by a property of the problems (gsm: steps, template): "
                              "every role's accuracy and the proxy's fixed/broken vs base and expert per group")
@@ -28,20 +31,42 @@ def check_by(task, keys, limit) -> None:
             raise ProxyTuneError(f"--by {key}: {task.name} problems can be grouped by {', '.join(known) or 'nothing'}")
 
 
+def parse_schedule(text: str | None) -> tuple[tuple[int, float], ...]:
+    import math
+
+    from ..errors import ProxyTuneError
+
+    if text is None:
+        return ()
+    steps = []
+    for part in text.split(","):
+        position, _, alpha = part.partition(":")
+        try:
+            step = (int(position), float(alpha))
+        except ValueError:
+            raise ProxyTuneError(f"--alpha-schedule takes POSITION:ALPHA pairs, e.g. 0:2,32:1; got {part!r}") from None
+        if step[0] < 0 or not math.isfinite(step[1]):
+            raise ProxyTuneError(f"--alpha-schedule: positions are >= 0 and α finite, got {part!r}")
+        steps.append(step)
+    return tuple(sorted(steps))
+
+
 def run(args: argparse.Namespace) -> int:
     from ..evaluation import eval_roles, evaluate, summarize
     from ..evaluation.report import summary_table
     from ..evaluation.transfer import breakdown, breakdown_table
 
     wanted = parse_roles(args.roles, bool(args.tuned))
-    task, store, specs = prepare(args, "eval", {"alpha": args.alpha})
+    schedule = parse_schedule(args.alpha_schedule)
+    task, store, specs = prepare(args, "eval", {"alpha": args.alpha,
+                                                **({"alpha_schedule": [list(s) for s in schedule]} if schedule else {})})
     check_by(task, args.by, args.limit)
-    roles = [r for r in eval_roles(args.alpha, bool(args.tuned)) if wanted is None or r.name in wanted]
+    roles = [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if wanted is None or r.name in wanted]
     runner = load_runner(args, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
     evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress)
     # The summary covers every role with results in the directory, including roles earlier runs computed.
     present = {record["role"] for record in store.records}
-    summary = summarize(task, [r for r in eval_roles(args.alpha, bool(args.tuned)) if r.name in present],
+    summary = summarize(task, [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if r.name in present],
                         store.records, [ex.id for ex in task.examples(args.limit)])
     examples = task.examples(args.limit)
     summary["by"] = {key: breakdown(store.records, examples, key) for key in args.by}

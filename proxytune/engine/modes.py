@@ -18,7 +18,7 @@ from .speculative import SpeculativeDecoding
 def start_decoding(base: LogitSource, pairs: Sequence[ExpertPair], requests: Sequence[Request], tokenizer,
                    eos_ids: set[int], speculative: bool = False, draft_length: int | None = None) -> Decoding:
     session = open_session(base, pairs, requests)
-    if session.base_drafts:
+    if session.base_drafts and not any(r.alpha_schedule for r in requests):  # chunks verify several positions
         return ChunkedDecoding(base, pairs, requests, tokenizer, eos_ids, draft_length, session=session)
     if speculative:
         return SpeculativeDecoding(base, pairs, requests, tokenizer, eos_ids, draft_length, session=session)

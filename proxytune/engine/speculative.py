@@ -140,6 +140,12 @@ def verify_row(p_logits: torch.Tensor, drafts: Sequence[int], q_probs: Sequence[
     return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=randomness(len(drafts), RESAMPLE)))
 
 
+def refuse_schedules(requests, mode: str) -> None:
+    if any(r.alpha_schedule for r in requests):
+        raise ProxyTuneError(f"an α schedule changes α by output position, and {mode} decoding verifies several "
+                             f"positions at once: decode without speculative (a remote base: chunk=0)")
+
+
 class DraftedDecoding(Decoding):
     """What every draft-and-verify round shares: k from `DraftLength`, the caps on a draft, the counts,
     and recording several verified tokens per row as one event list per position (so streams show
@@ -153,12 +159,17 @@ class DraftedDecoding(Decoding):
                                          or draft_length < 1):
             raise ProxyTuneError(f"draft_length must be an integer >= 1 (or None: adaptive), got {draft_length!r}")
         super().__init__(base, pairs, requests, tokenizer, eos_ids, session=session)
+        refuse_schedules(requests, self.mode)
         cannot = self.session.lacking("rollback")
         if cannot:
             raise ProxyTuneError(f"{self.mode} decoding needs every role's session to roll back a multi-token draft; "
                                  f"{', '.join(cannot)} cannot: decode without speculative=True")
         self.draft_length = lengths or DraftLength(fixed=draft_length)
         self.rounds = self.drafted = self.accepted_total = 0
+
+    def add(self, requests) -> list[int]:
+        refuse_schedules(requests, self.mode)
+        return super().add(requests)
 
     @property
     def acceptance_rate(self) -> float:

@@ -20,16 +20,18 @@ class Role:
     name: str  # how results are labelled: "base", "expert", "proxy", "proxy@0.5", "tuned"
     kind: str  # "base" | "expert" | "proxy" | "tuned"
     alpha: float | None = None  # proxy roles only
+    schedule: tuple[tuple[int, float], ...] = ()  # proxy roles: (from output position, α) changes of α
 
     @property
     def title(self) -> str:
         if self.kind == "proxy":
-            return f"proxy-tuned α={self.alpha:g}"
+            changes = "".join(f", {a:g} from token {p}" for p, a in self.schedule)
+            return f"proxy-tuned α={self.alpha:g}{changes}"
         return {"base": "base alone", "expert": "expert alone", "tuned": "tuned (anchor)"}[self.kind]
 
 
-def eval_roles(alpha: float, with_tuned: bool) -> list[Role]:
-    roles = [Role("base", "base"), Role("expert", "expert"), Role("proxy", "proxy", alpha)]
+def eval_roles(alpha: float, with_tuned: bool, schedule: tuple = ()) -> list[Role]:
+    roles = [Role("base", "base"), Role("expert", "expert"), Role("proxy", "proxy", alpha, tuple(schedule))]
     return roles + ([Role("tuned", "tuned")] if with_tuned else [])
 
 
@@ -61,7 +63,8 @@ class RoleRunner:
 
     def request(self, role: Role, prompt: str, **options) -> Request:
         if role.kind == "proxy":
-            return self.tuner.request(prompt, alpha=role.alpha, **options)
+            schedule = dict(role.schedule) or None
+            return self.tuner.request(prompt, alpha=role.alpha, alpha_schedule=schedule, **options)
         request = self._tuner_of(role).request(prompt, alpha=0.0, **options)
         return role_alone(request, role.kind) if role.kind in ("base", "expert") else request
 

@@ -226,7 +226,7 @@ class ProxyTuner:
                 min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None, return_details=False,
                 label: str = "prompt", repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
                 presence_penalty: float = 0.0, logit_bias=None, response_format=None,
-                shaping: Shaping | None = None, alone: str | None = None) -> Request:
+                shaping: Shaping | None = None, alone: str | None = None, alpha_schedule=None) -> Request:
         """One decoding request: a raw prompt for every role, or a conversation formatted per role.
         Penalties, logit_bias and response_format act on the combined logits (see `shaping()`; or give a
         `shaping` made by it, e.g. once for many requests). alone="base" / "expert" / any role: the row
@@ -234,6 +234,7 @@ class ProxyTuner:
         if shaping is None:
             shaping = self.shaping(repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
                                    response_format)
+        schedule = self._schedule(alpha_schedule)
         if alone is not None and alone not in self.roles:
             raise ProxyTuneError(f"alone names a role ({', '.join(self.roles)}), got {alone!r}")
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -267,7 +268,21 @@ class ProxyTuner:
             raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
         details = (5 if return_details is True else int(return_details or 0))
         return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
-                       max_new_tokens, tuple(stop or ()), seed, details, shaping, alone)
+                       max_new_tokens, tuple(stop or ()), seed, details, shaping, alone, schedule)
+
+    def _schedule(self, schedule) -> tuple:
+        """alpha_schedule={position: α or [α per pair], ...}: from that output position on (0 = the first new
+        token), the pairs use these α; before the first position given, the request's alpha."""
+        if schedule is None:
+            return ()
+        if not isinstance(schedule, dict) or not schedule:
+            raise ProxyTuneError(f"alpha_schedule maps output positions to α, e.g. {{0: 2.0, 32: 1.0}}; got {schedule!r}")
+        steps = []
+        for position, alpha in schedule.items():
+            if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+                raise ProxyTuneError(f"alpha_schedule positions are token positions >= 0, got {position!r}")
+            steps.append((position, tuple(self._alphas(alpha))))
+        return tuple(sorted(steps))
 
     def shaping(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                 logit_bias=None, response_format=None) -> Shaping:
