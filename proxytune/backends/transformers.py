@@ -177,16 +177,9 @@ class TransformersSession:
             raise ValueError("only sessions of the same source can be joined")
         if self.mask is None or other.mask is None:
             raise ValueError("prefill both sessions before joining them")
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            if type(mine) is not DynamicLayer or type(theirs) is not DynamicLayer:
-                raise ValueError(f"cannot join {type(mine).__name__} caches (sliding or static layers)")
-            mine.keys = torch.cat([_pad_left(mine.keys, width, dim=-2), _pad_left(theirs.keys, width, dim=-2)])
-            mine.values = torch.cat([_pad_left(mine.values, width, dim=-2), _pad_left(theirs.values, width, dim=-2)])
-        self.mask = torch.cat([_pad_left(self.mask, width, dim=1), _pad_left(other.mask, width, dim=1)])
-        self.prompts += other.prompts
+        joined = self.gather([(self, range(len(self.prompts))), (other, range(len(other.prompts)))])
+        self.cache, self.mask, self.prompts = joined.cache, joined.mask, joined.prompts
         self._last_width = 0  # a rewind cannot reach back across a join
-        self._drop_leading_padding()
 
     def fork(self, rows: Sequence[int] | None = None) -> "TransformersSession":
         """An independent copy (cache included) that can then advance on its own; `rows`: of these rows
@@ -199,36 +192,25 @@ class TransformersSession:
             return twin
         if self.mask is None:
             raise ValueError("prefill the session before copying its rows")
-        index = torch.tensor(list(rows), dtype=torch.long)
-        twin = TransformersSession(self.source, [self.prompts[r] for r in rows])
-        for layer in self.cache.layers:
-            if type(layer) is not DynamicLayer:
-                raise ValueError(f"cannot copy rows of {type(layer).__name__} caches (sliding or static layers)")
-        for layer in self.cache.layers:
-            copied = DynamicLayer()
-            copied.lazy_initialization(layer.keys, layer.values)
-            copied.keys, copied.values = _rows(layer.keys, index), _rows(layer.values, index)
-            twin.cache.layers.append(copied)
-        twin.mask = self.mask[index]
-        twin._drop_leading_padding()
-        return twin
+        return self.gather([(self, rows)])
 
     def gather(self, parts: Sequence[tuple["TransformersSession", Sequence[int]]]) -> "TransformersSession":
         """The rows of several sessions of this source in one new session: each row's keys and values are
-        copied once into the new cache, right-aligned (left padding: zeros under a 0 mask), as fork + join
-        would give them (each of which copies the rows again)."""
+        copied once into the new cache, right-aligned (left padding: zeros under a 0 mask, so every row still
+        attends to exactly its own tokens at its own positions). `fork(rows)` and `join` are gathers too."""
         sessions = [session for session, _ in parts]
         if any(s.source is not self.source or s.mask is None for s, _ in parts):
             raise ValueError("gather takes prefilled sessions of this session's source")
         width = max(s.mask.shape[1] for s in sessions)
         total = sum(len(rows) for _, rows in parts)
         twin = TransformersSession(self.source, [s.prompts[r] for s, rows in parts for r in rows])
-        for depth, layer in enumerate(self.cache.layers):
+        for depth, mine in enumerate(self.cache.layers):
             layers = [s.cache.layers[depth] for s in sessions]
-            if any(type(layer) is not DynamicLayer for layer in layers):
-                raise ValueError("cannot copy rows of sliding or static caches")
+            odd = next((type(lay).__name__ for lay in layers if type(lay) is not DynamicLayer), None)
+            if odd is not None:
+                raise ValueError(f"cannot copy rows of {odd} caches (sliding or static layers)")
             gathered = DynamicLayer()
-            gathered.lazy_initialization(layer.keys, layer.values)
+            gathered.lazy_initialization(mine.keys, mine.values)
             gathered.keys = _gather(parts, [lay.keys for lay in layers], total, width)
             gathered.values = _gather(parts, [lay.values for lay in layers], total, width)
             twin.cache.layers.append(gathered)
@@ -249,10 +231,6 @@ class TransformersSession:
         for layer in layers:
             layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
         self.mask = self.mask[:, start:]
-
-
-def _rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    return tensor[index.to(tensor.device)]
 
 
 def _gather(parts, tensors: list[torch.Tensor], total: int, width: int, dim: int = -2) -> torch.Tensor:
@@ -276,12 +254,3 @@ def _gather(parts, tensors: list[torch.Tensor], total: int, width: int, dim: int
                 target[j].narrow(dim, missing, tensor.shape[dim]).copy_(tensor[row])
         at += len(rows)
     return out
-
-
-def _pad_left(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
