@@ -127,8 +127,7 @@ class ByteSession:
         generation = Generation(session, len(self.prompts))
         vocab = self.source.vocab
         self.rows = []
-        for row in range(len(self.prompts)):
-            probs, eos = vocab.distribution(logits[row])
+        for row, (probs, eos) in enumerate(vocab.distributions(logits)):
             root = Hypothesis(0, 1.0, probs, eos, vocab.everything, generation, row)
             self.rows.append(RowBytes(hypotheses=[root]))
         return self._byte_logits()

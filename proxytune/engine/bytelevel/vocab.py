@@ -116,18 +116,12 @@ class ByteVocab:
         return torch.bincount(self.bytes_at[start:end, depth].long(), weights=probs[start:end], minlength=256)
 
     def distributions(self, logits: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """`distribution` of every row of logits [n, V]: one gather and one normalisation for all the token
-        paths of a step, the same numbers as row by row. Each row's probabilities are a tensor of its own (a
+        """Each row of next-token logits [n, V] as (probabilities in sorted places, float64; p(end of text)),
+        normalised over the tokens that write text and the end-of-text ones: tokens that write nothing are
+        masked, exactly as a logit mask would remove them from token-level decoding. One gather and one
+        normalisation for all the token paths of a step; each row's probabilities are a tensor of its own (a
         view of one block would keep the whole step's block alive as long as any of its paths lives)."""
         text, end = logits[:, self.order].double(), logits[:, self.eos_ids].double()
         norm = torch.logsumexp(torch.cat([text, end], dim=1), dim=1, keepdim=True)
         eos = torch.exp(end - norm).sum(dim=1).tolist()
         return [(torch.exp(text[i] - norm[i]), eos[i]) for i in range(len(eos))]
-
-    def distribution(self, logits: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """A model's next-token logits [V] as (probabilities in sorted places, float64; p(end of text)),
-        normalised over the tokens that write text and the end-of-text ones: tokens that write nothing
-        are masked, exactly as a logit mask would remove them from token-level decoding."""
-        text, end = logits[self.order].double(), logits[self.eos_ids].double()
-        norm = torch.logsumexp(torch.cat([text, end]), dim=0)
-        return torch.exp(text - norm), float(torch.exp(end - norm).sum())
