@@ -150,8 +150,9 @@ class RowShaper:
         self._repetition = (RepetitionPenaltyLogitsProcessor(shaping.repetition_penalty)
                             if shaping.repetition_penalty != 1.0 else None)
 
-    def shape(self, z: torch.Tensor, generated: Sequence[int]) -> torch.Tensor:
-        """The shaped logits [V] after the generated tokens (a new tensor; z is left as it is)."""
+    def shape(self, z: torch.Tensor, generated: Sequence[int], allowed: torch.Tensor | None = None) -> torch.Tensor:
+        """The shaped logits [V] after the generated tokens (a new tensor; z is left as it is). `allowed`: the
+        grammar's mask there, when the caller has computed it already."""
         s, z = self.shaping, z.float().clone()
         if s.logit_bias:
             ids, bias = zip(*s.logit_bias)
@@ -164,7 +165,8 @@ class RowShaper:
             counts = counts[:z.shape[-1]].to(z.dtype)
             z -= s.frequency_penalty * counts + s.presence_penalty * (counts > 0).to(z.dtype)
         if self.matcher is not None:
-            z[~self._allowed(z.shape[-1]).to(z.device)] = float("-inf")
+            allowed = self._allowed(z.shape[-1]) if allowed is None else allowed
+            z[~allowed.to(z.device)] = float("-inf")
         return z
 
     def shape_after(self, z: torch.Tensor, generated: Sequence[int], drafts: Sequence[int]) -> torch.Tensor | None:
@@ -178,9 +180,8 @@ class RowShaper:
             return None
         self.matcher.consume_tokens(drafts)
         try:
-            if not self._allowed(z.shape[-1]).any():
-                return None
-            return self.shape(z, list(generated) + drafts)
+            allowed = self._allowed(z.shape[-1])
+            return self.shape(z, list(generated) + drafts, allowed) if allowed.any() else None
         finally:
             self.matcher.rollback(len(drafts))
 
