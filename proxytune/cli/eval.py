@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def check_by(task, keys, limit) -> None:
+def check_by(task, keys) -> None:
     from ..errors import ProxyTuneError
 
     example = task.examples(1)[0]
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     schedule = parse_schedule(args.alpha_schedule)
     task, store, specs = prepare(args, "eval", {"alpha": args.alpha,
                                                 **({"alpha_schedule": [list(s) for s in schedule]} if schedule else {})})
-    check_by(task, args.by, args.limit)
+    check_by(task, args.by)
     roles = [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if wanted is None or r.name in wanted]
     runner = load_runner(args, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
     evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress)

@@ -12,7 +12,7 @@ def percent(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}%"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
     lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -38,11 +38,11 @@ def summary_table(summary: dict) -> str:
     title = f"{summary['task']}: {summary['examples']} examples finished by every role"
     if summary["examples"] < summary["examples_requested"]:
         title += f" (of {summary['examples_requested']} requested)"
-    text = title + "\n" + _table(header, rows)
+    text = title + "\n" + table(header, rows)
     others = [p for p in summary.get("paired", []) if p["versus"] != "base"]
     if others:
         names = {name: entry["title"] for name, entry in entries.items()}
-        text += "\n\npaired, other than against the base\n" + _table(
+        text += "\n\npaired, other than against the base\n" + table(
             ["role", "versus", "fixed/broken", "McNemar p"],
             [[names[p["role"]], names[p["versus"]], f"+{p['fixed']}/-{p['broken']}", f"{p['mcnemar_p']:.3g}"]
              for p in others])
@@ -79,7 +79,7 @@ def sweep_table(summary: dict, alphas: Sequence[float]) -> str:
     anchors = [f"{e['title']}: {percent(e['accuracy'])}" for name, e in summary["roles"].items()
                if name in ("expert", "tuned")]
     return (f"{summary['task']} α sweep over {summary['examples']} examples (α = 0 is the base model)\n"
-            + _table(header, rows) + ("\n" + "; ".join(anchors) if anchors else ""))
+            + table(header, rows) + ("\n" + "; ".join(anchors) if anchors else ""))
 
 
 def plot_sweep(summary: dict, alphas: Sequence[float], path: Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .report import table
 from .stats import paired
 
 
@@ -31,11 +32,9 @@ def breakdown(records: Sequence[dict], examples, key: str) -> list[dict]:
 
 def breakdown_table(rows: list[dict], key: str) -> str:
     roles = [k for k in rows[0] if k not in (key, "n") and not k.startswith("proxy_vs_")] if rows else []
-    header = [key, "n", *roles, "proxy vs base", "proxy vs expert"]
-    lines = [header]
+    rows_shown = []
     for row in rows:
         versus = [f"+{row[k]['fixed']}/-{row[k]['broken']}" if k in row else "" for k in ("proxy_vs_base",
                                                                                             "proxy_vs_expert")]
-        lines.append([str(row[key]), str(row["n"]), *(f"{100 * row[r]:.0f}%" for r in roles), *versus])
-    widths = [max(len(cell) for cell in column) for column in zip(*lines)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+        rows_shown.append([str(row[key]), str(row["n"]), *(f"{100 * row[r]:.0f}%" for r in roles), *versus])
+    return table([key, "n", *roles, "proxy vs base", "proxy vs expert"], rows_shown)
