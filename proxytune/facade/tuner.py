@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import sys
 from typing import Iterator, Sequence
@@ -309,8 +310,6 @@ class ProxyTuner:
 
     def _grammar(self, kind: str, value) -> Grammar:
         """Compiled once per format (the server compiles a request's format once for all its rows)."""
-        import json
-
         key = (kind, json.dumps(value, sort_keys=True) if not isinstance(value, str) else value)
         if key not in self._grammars:
             if len(self._grammars) >= 64:

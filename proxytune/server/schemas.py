@@ -139,9 +139,9 @@ class Params:
     echo: bool
     alpha: float | list[float] | None  # None: the server's default
     shaping: dict = dataclasses.field(default_factory=dict)  # penalties, logit_bias, response_format (tuner.request)
-    max_tokens_given: bool = False
-    alone: str | None = None
-    details: int = 0  # asked for explicitly: refused when prompt + max_tokens overflow the context
+    max_tokens_given: bool = False  # asked for explicitly: refused when prompt + max_tokens overflow the context
+    alone: str | None = None  # a role decoded by itself (tuner.request checks the name)
+    details: int = 0
 
 
 @dataclass
@@ -304,9 +304,6 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
                    top_p=params.sampling.top_p, top_k=params.sampling.top_k, min_p=params.sampling.min_p,
                    stop=list(params.stop), alpha=params.alpha, return_details=details)
     if params.alone is not None:
-        if params.alone not in tuner.roles:
-            raise bad_request(f"alone names a role of this trio ({', '.join(tuner.roles)}), got {params.alone!r}",
-                              "alone")
         options["alone"] = params.alone
     try:  # once per request (a format is compiled once), with the field it came from named
         options["shaping"] = tuner.shaping(**params.shaping)
@@ -325,7 +322,8 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
                 first = token_request(tuner, prompt, tuner.request("x", **options))
         except ProxyTuneError as error:
             code = "context_length_exceeded" if "context" in str(error) else None
-            raise bad_request(str(error), "messages" if params.kind == "chat" else "prompt", code) from None
+            field = "alone" if str(error).startswith("alone") else "messages" if params.kind == "chat" else "prompt"
+            raise bad_request(str(error), field, code) from None
         if params.max_tokens_given:
             check_room(tuner, first, params)
         if params.seed is None:
