@@ -32,9 +32,8 @@ def check_by(task, keys) -> None:
 
 
 def parse_schedule(text: str | None) -> tuple[tuple[int, float], ...]:
-    import math
-
     from ..errors import ProxyTuneError
+    from ..facade.tuner import check_alpha
 
     if text is None:
         return ()
@@ -45,9 +44,9 @@ def parse_schedule(text: str | None) -> tuple[tuple[int, float], ...]:
             step = (int(position), float(alpha))
         except ValueError:
             raise ProxyTuneError(f"--alpha-schedule takes POSITION:ALPHA pairs, e.g. 0:2,32:1; got {part!r}") from None
-        if step[0] < 0 or not math.isfinite(step[1]):
-            raise ProxyTuneError(f"--alpha-schedule: positions are >= 0 and α finite, got {part!r}")
-        steps.append(step)
+        if step[0] < 0:
+            raise ProxyTuneError(f"--alpha-schedule: positions are >= 0, got {part!r}")
+        steps.append((step[0], check_alpha(step[1])))
     return tuple(sorted(steps))
 
 
