@@ -110,6 +110,18 @@ def test_a_format_and_penalties_give_the_references_shaped_tokens_in_every_mode(
 
 @pytest.mark.parametrize("backend", MATRIX)
 @pytest.mark.parametrize("speculative", [False, True])
+def test_rows_alone_beside_proxy_rows_give_the_references_tokens_in_every_mode(backends, backend, speculative):
+    """The playground's batch (base alone, expert alone, proxy) on every backend: each row as the reference."""
+    tuner, reference = pick(backends, backend)
+    requests = [tuner.request(p, max_new_tokens=NEW, alone=alone)
+                for p in PROMPTS[:2] for alone in ("base", "expert", None)]
+    want = [reference.run([reference.request(p, max_new_tokens=NEW, alone=alone)])[0].token_ids
+            for p in PROMPTS[:2] for alone in ("base", "expert", None)]
+    assert [o.token_ids for o in tuner.run(requests, speculative=speculative)] == want
+
+
+@pytest.mark.parametrize("backend", MATRIX)
+@pytest.mark.parametrize("speculative", [False, True])
 def test_rows_joining_mid_way_get_the_tokens_they_get_alone(backends, backend, speculative):
     tuner, reference = pick(backends, backend)
     decoding = tuner.decoding([tuner.request(PROMPTS[0], max_new_tokens=NEW)], speculative=speculative)
