@@ -94,7 +94,12 @@ class ByteVocab:
         for place, piece in enumerate(self.keys):
             padded[place * self.longest:place * self.longest + len(piece)] = piece
         self.bytes_at = torch.frombuffer(padded, dtype=torch.uint8).reshape(len(self.keys), self.longest).clone()
+        # every token's first byte as an index, ready for bincount: each new token path's distribution is
+        # summed over the whole vocabulary by first byte, so this one column is read far more than the others
+        self.first_bytes = self.bytes_at[:, 0].long()
         self.eos_ids = torch.tensor(sorted(i for i in eos_ids if i < vocab_size), dtype=torch.long)
+        # the columns a distribution is read from: the text tokens in sorted places, then the end-of-text ones
+        self.columns = torch.cat([self.order, self.eos_ids])
         self.everything = self.lookup(b"")  # the span of the empty remainder: every token
 
     def lookup(self, prefix: bytes, within: tuple[int, int] | None = None) -> tuple[int, int, int]:
@@ -113,6 +118,8 @@ class ByteVocab:
         _, start, end = span
         if end <= start:
             return probs.new_zeros(256)
+        if depth == 0 and span == self.everything:
+            return torch.bincount(self.first_bytes, weights=probs, minlength=256)
         return torch.bincount(self.bytes_at[start:end, depth].long(), weights=probs[start:end], minlength=256)
 
     def distributions(self, logits: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
@@ -121,7 +128,8 @@ class ByteVocab:
         masked, exactly as a logit mask would remove them from token-level decoding. One gather and one
         normalisation for all the token paths of a step; each row's probabilities are a tensor of its own (a
         view of one block would keep the whole step's block alive as long as any of its paths lives)."""
-        text, end = logits[:, self.order].double(), logits[:, self.eos_ids].double()
-        norm = torch.logsumexp(torch.cat([text, end], dim=1), dim=1, keepdim=True)
-        eos = torch.exp(end - norm).sum(dim=1).tolist()
-        return [(torch.exp(text[i] - norm[i]), eos[i]) for i in range(len(eos))]
+        block = logits.index_select(1, self.columns).double()  # [n, text tokens + end-of-text tokens]
+        block.sub_(torch.logsumexp(block, dim=1, keepdim=True)).exp_()
+        text = len(self.order)
+        eos = block[:, text:].sum(dim=1).tolist()
+        return [(block[i, :text].clone(), eos[i]) for i in range(len(eos))]
