@@ -17,6 +17,15 @@ def test_examples_come_only_from_their_split():
     assert {e.template for e in gsm.heldout_examples(50, seed=3)} == set(gsm.HELDOUT_TEMPLATES)
 
 
+def test_recipes_are_chosen_on_training_templates_only():
+    # validation (where a learning rate or rank is chosen) and fit (what is trained meanwhile) split TRAIN;
+    # HELD-OUT is never part of either
+    assert set(gsm.VALIDATION_TEMPLATES) | set(gsm.FIT_TEMPLATES) == set(gsm.TRAIN_TEMPLATES)
+    assert not set(gsm.VALIDATION_TEMPLATES) & set(gsm.FIT_TEMPLATES)
+    assert {e.template for e in gsm.fit_examples(300, seed=0)} == set(gsm.FIT_TEMPLATES)
+    assert {e.template for e in gsm.validation_examples(48, seed=0)} == set(gsm.VALIDATION_TEMPLATES)
+
+
 def test_same_seed_same_examples_other_seed_other_examples():
     assert gsm.heldout_examples(5, seed=1) == gsm.heldout_examples(5, seed=1)
     assert gsm.heldout_examples(5, seed=1) != gsm.heldout_examples(5, seed=2)

@@ -99,6 +99,18 @@ def test_resume_continues_from_the_checkpoint_to_the_same_result(tiny_dir, tmp_p
     assert resumed["steps_this_run"] == straight["steps"] - 3
     assert resumed["heldout_loss_after"] == pytest.approx(straight["heldout_loss_after"], abs=1e-4)
     assert not (tmp_path / "b" / "expert" / "checkpoint").exists()
+    # the time reported is the whole training's, both runs together; the memory the larger of their peaks
+    assert resumed["train_seconds"] > resumed["train_seconds_this_run"]
+    assert resumed["peak_rss_gb"] > 0
+
+
+def test_other_sets_are_measured_before_and_after_training(tiny_dir, tmp_path):
+    # a recipe is chosen on one set (validation) and the result reported on another (held-out)
+    validation = write_jsonl(tmp_path / "validation.jsonl", ROWS[::5])
+    summary = tune(config(tiny_dir, tmp_path, loss_sets={"validation": str(validation)}))
+    losses = summary["losses"]["validation"]
+    assert losses["after"] < losses["before"] - 0.5
+    assert summary["train_seconds"] == summary["train_seconds_this_run"] > 0
 
 
 def test_bad_input_is_reported_clearly(tiny_dir, tmp_path):

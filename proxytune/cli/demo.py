@@ -7,11 +7,11 @@ from templates the expert never saw in training.
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
 import time
 
 from ..errors import ProxyTuneError
+from ..usage import peak_rss_gb
 
 STOPS = ["\nQuestion:", "\n\n\n"]
 
@@ -30,10 +30,6 @@ def register(subparsers) -> None:
                         help="CPU threads for torch (default: 1 when other processes already load every core, "
                              "else torch's choice)")
     parser.set_defaults(func=run)
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
 def busy_cpu_threads() -> int | None:

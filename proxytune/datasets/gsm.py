@@ -3,7 +3,8 @@
 `gsm_symbolic` instantiates 100 templates abstracted from GSM8K with fresh names and numbers (85 of
 them are marked usable by reasoning-gym). Items from one template share their reasoning, so an honest
 held-out set must use templates never seen in training: every fifth usable template is HELD-OUT, the
-other 68 are TRAIN. The prompt is the paper's zero-shot GSM prompt; the target is the template's
+other 68 are TRAIN. Recipes (learning rate, rank, epochs) are chosen on VALIDATION templates, every sixth
+TRAIN template, with the model trained on the other 56 (FIT), so nothing is ever tuned on HELD-OUT. The prompt is the paper's zero-shot GSM prompt; the target is the template's
 chain of thought ending in "#### <answer>" (GSM8K's convention), which answer extraction reads back.
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ HELDOUT_TEMPLATES = (2, 7, 12, 17, 22, 27, 33, 40, 45, 50, 55, 60, 68, 73, 82, 8
 TRAIN_TEMPLATES = (0, 1, 3, 4, 5, 6, 8, 9, 10, 11, 13, 14, 15, 16, 18, 19, 20, 21, 23, 24, 25, 26, 28, 29, 30, 31,
                    34, 36, 38, 39, 41, 42, 43, 44, 46, 47, 48, 49, 51, 52, 53, 54, 56, 57, 58, 59, 62, 64, 66, 67,
                    69, 70, 71, 72, 75, 78, 80, 81, 83, 84, 85, 88, 91, 92, 93, 94, 96, 99)
+# every sixth TRAIN template: where a training recipe is chosen; FIT: what a model is trained on while choosing
+VALIDATION_TEMPLATES = TRAIN_TEMPLATES[::6]
+FIT_TEMPLATES = tuple(t for t in TRAIN_TEMPLATES if t not in VALIDATION_TEMPLATES)
 
 PROMPT = "Answer the following question.\n\nQuestion: {question}\nAnswer:"
 # reasoning-gym appends this to every question; the paper's prompt has no such instruction.
@@ -86,6 +90,17 @@ def train_examples(n: int, seed: int = 0) -> list[GSMExample]:
 
 def heldout_examples(n: int, seed: int = 0) -> list[GSMExample]:
     return examples(HELDOUT_TEMPLATES, n, seed)
+
+
+def fit_examples(n: int, seed: int = 0) -> list[GSMExample]:
+    return examples(FIT_TEMPLATES, n, seed)
+
+
+def validation_examples(n: int, seed: int = 0) -> list[GSMExample]:
+    return examples(VALIDATION_TEMPLATES, n, seed)
+
+
+SPLITS = {"train": train_examples, "fit": fit_examples, "validation": validation_examples, "held-out": heldout_examples}
 
 
 def extract_answer(text: str) -> str | None:

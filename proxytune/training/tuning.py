@@ -23,6 +23,7 @@ import torch
 from ..models import registry
 from ..errors import ProxyTuneError
 from ..models.loading import load_plain, pick_device, pick_dtype
+from ..usage import peak_rss_gb
 from .data import Example, batches, collate, read_jsonl, split_heldout, tokenize
 
 STATE = "trainer_state.pt"
@@ -35,6 +36,9 @@ class TuneConfig:
     output: str
     heldout_data: str | None = None  # else a held-out fraction of `data`
     heldout_fraction: float = 0.05
+    # more sets (name -> JSONL) whose loss is measured before and after training, e.g. validation templates
+    # (where a recipe is chosen) beside the held-out ones (what is reported)
+    loss_sets: dict = field(default_factory=dict)
     full: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -195,9 +199,18 @@ def tune(config: TuneConfig) -> dict:
     optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     warmup = max(1, round(config.warmup_fraction * len(plan)))
     start = restore_checkpoint(output, model, optimizer, config) if config.resume else 0
-    before = config.history[0]["heldout_loss"] if start else heldout_loss(model, heldout, pad_id, config.batch_size)
+    others = {name: tokenize(read_jsonl(Path(path)), tokenizer, config.max_length)
+              for name, path in config.loss_sets.items()}
+
+    def losses() -> dict:
+        return {name: heldout_loss(model, rows, pad_id, config.batch_size) for name, rows in others.items()}
+
     if not start:
-        config.history.append({"step": 0, "heldout_loss": before})
+        config.history.append({"step": 0, "heldout_loss": heldout_loss(model, heldout, pad_id, config.batch_size),
+                               "losses": losses(), "seconds": 0.0})
+    first = config.history[0]
+    # wall time and peak memory over every run of this training (a resumed run goes on from the checkpoint's)
+    seconds_before = next((h["seconds"] for h in reversed(config.history) if "seconds" in h), 0.0)
 
     from tqdm import tqdm
 
@@ -215,21 +228,28 @@ def tune(config: TuneConfig) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens += int(batch["attention_mask"].sum())
-        config.history.append({"step": step + 1, "train_loss": round(loss.item(), 4)})
+        config.history.append({"step": step + 1, "train_loss": round(loss.item(), 4),
+                               "seconds": round(seconds_before + time.perf_counter() - began, 1)})
         bar.update(1)
         bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{tokens / (time.perf_counter() - began):.0f}")
         if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < len(plan):
+            config.history[-1]["peak_rss_gb"] = round(peak_rss_gb(), 2)
             save_checkpoint(output, model, tokenizer, optimizer, step + 1, config)
     bar.close()
     seconds = time.perf_counter() - began
     after = heldout_loss(model, heldout, pad_id, config.batch_size)
-    config.history.append({"step": len(plan), "heldout_loss": after})
+    config.history.append({"step": len(plan), "heldout_loss": after, "losses": losses(),
+                           "seconds": round(seconds_before + seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2)})
 
     model.eval()
     save_model(model, tokenizer, output, config.full)
     summary = {"model": config.model, "mode": "full" if config.full else "lora", "train_examples": len(train),
                "heldout_examples": len(heldout), "steps": len(plan), "steps_this_run": len(plan) - start,
-               "heldout_loss_before": before, "heldout_loss_after": after, "train_seconds_this_run": round(seconds, 1),
+               "heldout_loss_before": first["heldout_loss"], "heldout_loss_after": after,
+               "losses": {name: {"before": first.get("losses", {}).get(name), "after": config.history[-1]["losses"][name]}
+                          for name in others},
+               "train_seconds": config.history[-1]["seconds"], "train_seconds_this_run": round(seconds, 1),
+               "peak_rss_gb": max(h.get("peak_rss_gb", 0.0) for h in config.history),
                "train_tokens_per_second": round(tokens / seconds, 1) if seconds > 0 else None,
                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                "config": {k: v for k, v in asdict(config).items() if k not in ("history", "progress")}}

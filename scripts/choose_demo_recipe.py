@@ -1,0 +1,155 @@
+"""Choose the demo expert's training recipe on VALIDATION templates, never on the held-out ones.
+
+Every candidate (learning rate × LoRA rank × epochs) trains the 0.5B on the same FIT examples
+(`scripts/train_demo_expert.py --split fit`, resumable: a killed search goes on where it stopped, each run from its
+last checkpoint) and is scored by its loss on the VALIDATION templates. The shipped expert, trained on 320
+examples of every TRAIN template (the validation ones included, so the comparison favours it), is scored on the
+same validation examples. The table goes to results/recipe/ (summary.json and README.md).
+
+    python scripts/choose_demo_recipe.py                                  # the default grid, 1,500 examples
+    python scripts/choose_demo_recipe.py --learning-rates 3e-4 --ranks 16 --epochs 1 2
+    python scripts/choose_demo_recipe.py --report                          # only the table of what has finished
+
+The winner's adapter (in ~/.cache/proxytune/recipes/) becomes the demo expert only if it beats the shipped one
+on validation: copy it with --ship. The anchor is then trained with the same recipe:
+`python scripts/train_demo_expert.py --anchor --split fit --train-examples N --learning-rate LR --rank R --epochs E`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from proxytune.datasets import gsm  # noqa: E402
+from proxytune.models.registry import ADAPTERS  # noqa: E402
+
+RUNS = Path.home() / ".cache" / "proxytune" / "recipes"
+RESULTS = ROOT / "results" / "recipe"
+MODEL = "qwen2.5-coder-0.5b-instruct"
+SHIPPED = "gsm-qwen2.5-coder-0.5b"
+
+
+def run_name(lr: float, rank: int, epochs: float, examples: int) -> str:
+    return f"n{examples}-lr{lr:g}-r{rank}-e{epochs:g}"
+
+
+def train(directory: Path, lr: float, rank: int, epochs: float, args) -> None:
+    """One candidate, resumed from its checkpoint when a previous search was stopped."""
+    command = [sys.executable, str(ROOT / "scripts" / "train_demo_expert.py"), "--split", "fit",
+               "--train-examples", str(args.train_examples), "--validation-examples", str(args.validation_examples),
+               "--learning-rate", str(lr), "--rank", str(rank), "--epochs", str(epochs), "--output", str(directory),
+               "--card", "expert", "--threads", str(args.threads)]
+    if (directory / "checkpoint").exists() or (directory / "checkpoint.old").exists():
+        command.append("--resume")
+    print("+", " ".join(command[1:]), flush=True)
+    subprocess.run(command, check=True)
+
+
+def shipped_validation_loss(args) -> float:
+    """The shipped expert's loss on the same validation examples the candidates are scored on."""
+    import torch
+    from peft import PeftModel
+
+    from proxytune.models.loading import load_plain
+    from proxytune.training.data import read_jsonl, tokenize
+    from proxytune.training.tuning import heldout_loss
+
+    torch.set_num_threads(args.threads)
+    model, tokenizer = load_plain(MODEL, torch.device("cpu"), torch.bfloat16)
+    model = PeftModel.from_pretrained(model, str(ADAPTERS[SHIPPED])).eval()
+    with tempfile.TemporaryDirectory() as temp:
+        path = Path(temp) / "validation.jsonl"
+        path.write_text("".join(json.dumps(e.row()) + "\n"
+                                for e in gsm.validation_examples(args.validation_examples, seed=0)))
+        rows = tokenize(read_jsonl(path), tokenizer, 320)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return heldout_loss(model, rows, pad, 4)
+
+
+def report(args, candidates) -> dict:
+    rows = []
+    for lr, rank, epochs in candidates:
+        summary_file = RUNS / run_name(lr, rank, epochs, args.train_examples) / "tune_summary.json"
+        if not summary_file.exists():
+            continue
+        summary = json.loads(summary_file.read_text())
+        rows.append({"learning_rate": lr, "rank": rank, "epochs": epochs, "train_examples": summary["train_examples"],
+                     "validation_loss": summary["losses"]["validation"]["after"],
+                     "validation_loss_before": summary["losses"]["validation"]["before"],
+                     "heldout_loss": summary["heldout_loss_after"], "steps": summary["steps"],
+                     "train_seconds": summary.get("train_seconds"), "peak_rss_gb": summary.get("peak_rss_gb"),
+                     "directory": summary_file.parent.name})
+    rows.sort(key=lambda row: row["validation_loss"])
+    shipped = shipped_validation_loss(args)
+    out = {"model": MODEL, "fit_templates": list(gsm.FIT_TEMPLATES), "validation_templates": list(gsm.VALIDATION_TEMPLATES),
+           "validation_examples": args.validation_examples, "candidates": rows,
+           "shipped": {"adapter": SHIPPED, "train_examples": 320, "validation_loss": shipped,
+                       "note": "trained on every TRAIN template, the validation ones included"},
+           "best": rows[0] if rows else None,
+           "best_beats_shipped": bool(rows) and rows[0]["validation_loss"] < shipped}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = ["# The demo expert's recipe, chosen on validation templates", "",
+             f"Written by `python scripts/choose_demo_recipe.py`. Each candidate trains {MODEL} on FIT templates "
+             f"({len(gsm.FIT_TEMPLATES)} of the 68 TRAIN ones) and is scored on {args.validation_examples} examples of "
+             f"the {len(gsm.VALIDATION_TEMPLATES)} VALIDATION templates; held-out templates are only reported, never "
+             "used to choose.", "",
+             "| learning rate | rank | epochs | examples | validation loss | held-out loss | training time | peak RSS |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['learning_rate']:g} | {row['rank']} | {row['epochs']:g} | {row['train_examples']} | "
+                     f"{row['validation_loss']:.4f} | {row['heldout_loss']:.4f} | "
+                     f"{(row['train_seconds'] or 0) / 60:.0f} min | {row['peak_rss_gb'] or 0:.1f} GB |")
+    lines.append(f"| shipped expert (3e-4, r 16, 1 epoch) | | | 320 | {shipped:.4f} | | | |")
+    (RESULTS / "README.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16])
+    parser.add_argument("--epochs", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--train-examples", type=int, default=1500)
+    parser.add_argument("--validation-examples", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="train nothing: the table of the finished candidates")
+    parser.add_argument("--ship", action="store_true",
+                        help="copy the best candidate over the shipped expert, if it is better on validation")
+    args = parser.parse_args()
+    if args.train_examples < 1500:
+        print(f"note: {args.train_examples} training examples (issue 19 asks for at least 1,500)", file=sys.stderr)
+    candidates = [(lr, rank, epochs) for lr in args.learning_rates for rank in args.ranks for epochs in args.epochs]
+    if not args.report:
+        for lr, rank, epochs in candidates:
+            directory = RUNS / run_name(lr, rank, epochs, args.train_examples)
+            if not (directory / "tune_summary.json").exists():
+                train(directory, lr, rank, epochs, args)
+    out = report(args, candidates)
+    if args.ship:
+        if not out["best_beats_shipped"]:
+            print("the shipped expert is still better on validation: nothing copied", file=sys.stderr)
+            return 1
+        target, best = ADAPTERS[SHIPPED], RUNS / out["best"]["directory"]
+        for name in ("adapter_model.safetensors", "adapter_config.json", "tune_summary.json"):
+            shutil.copy(best / name, target / name)
+        # its card's command, as it would be typed to write the shipped directory itself
+        card = (best / "README.md").read_text()
+        card = card.replace(f" --output ~/.cache/proxytune/recipes/{best.name}", "").replace(" --card expert", "")
+        (target / "README.md").write_text(card)
+        print(f"copied {out['best']['directory']} to {target}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
