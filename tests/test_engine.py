@@ -314,3 +314,28 @@ def test_an_alpha_schedule_uses_each_positions_alpha_batched_or_alone(trio, tok)
     for bad in ({-1: 1.0}, {"4": 1.0}, {0: float("nan")}, {}):
         with pytest.raises(ProxyTuneError):
             tuner.request("x", alpha_schedule=bad)
+
+
+def test_a_marker_in_the_schedule_changes_alpha_once_the_output_contains_it(trio, tok):
+    """alpha_schedule={0: 0.0, marker: 2.0}: the base's own tokens until the text so far contains the marker,
+    then α = 2 (recomputed from full forwards); a marker never written leaves the position schedule alone."""
+    tuner = ProxyTuner(*trio, tokenizer=tok)
+    base, expert, anti = trio
+    prompt = PROMPTS[0]
+    plain = tuner.generate(prompt, max_new_tokens=12, alpha=0.0)[0]
+    marker = tok.decode(plain.token_ids[:3])[-2:]  # two characters the base writes by its third token
+    ids, generated = tok(prompt)["input_ids"], []
+    for position in range(12):
+        x = torch.tensor([ids + generated])
+        alpha = 2.0 if marker in tok.decode(generated) else 0.0
+        with torch.no_grad():
+            z = base(x).logits[0, -1] + alpha * (expert(x).logits[0, -1] - anti(x).logits[0, -1])
+        if int(z.argmax()) == 1:
+            break
+        generated.append(int(z.argmax()))
+    scheduled = tuner.generate(prompt, max_new_tokens=12, alpha_schedule={0: 0.0, marker: 2.0})[0]
+    assert scheduled.token_ids == generated and generated[:3] == plain.token_ids[:3]
+    assert tuner.generate(prompt, max_new_tokens=12, alpha_schedule={0: 0.0, "never written": 2.0})[0].token_ids == \
+        plain.token_ids
+    with pytest.raises(ProxyTuneError, match="a position is a number"):
+        tuner.request("x", alpha_schedule={"4": 1.0})

@@ -5,6 +5,7 @@ import pytest
 from tiny import tiny_model, tiny_tokenizer
 
 from proxytune.cli import main
+from proxytune.errors import ProxyTuneError
 from proxytune.evaluation import ResultStore, RoleRunner, eval_roles, evaluate, get_task
 from proxytune.evaluation.stats import gap_closed, pass_at_k, wilson_interval
 from proxytune.facade.tuner import ProxyTuner
@@ -371,3 +372,14 @@ def test_an_alpha_schedule_is_a_configuration_of_its_own_and_decodes_as_the_libr
     assert "alpha_schedule" in capsys.readouterr().err
     assert main(["eval", "gsm", *model_args(trio_dirs), "--output", str(tmp_path / "x"), "--alpha-schedule", "0-2"]) == 2
     assert "POSITION:ALPHA" in capsys.readouterr().err
+
+
+def test_schedule_option_reads_positions_and_markers():
+    from proxytune.cli.eval import parse_schedule
+
+    assert parse_schedule("32:1,0:2") == ((0, 2.0), (32, 1.0))
+    assert parse_schedule("0:2,####:1") == ((0, 2.0), ("####", 1.0))  # a key that is no number is a marker
+    assert parse_schedule("0:2,a:b:1") == ((0, 2.0), ("a:b", 1.0))  # the α is after the last ':'
+    for bad in ("0-2", ":1", "-1:2", "0:x", "0:nan"):
+        with pytest.raises(ProxyTuneError):
+            parse_schedule(bad)

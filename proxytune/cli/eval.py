@@ -14,7 +14,9 @@ def register(subparsers) -> None:
     add_roles_option(parser)
     parser.add_argument("--alpha-schedule", metavar="POS:ALPHA,...", default=None,
                         help="the proxy's α changes by output position: '0:2,32:1' is α = 2 for the first 32 "
-                             "tokens, then 1 (before the first position given: --alpha); part of the configuration")
+                             "tokens, then 1 (before the first position given: --alpha); a key that is not a number "
+                             "is a text marker: '0:2,####:1' is α = 2 until the output contains '####', then 1; "
+                             "part of the configuration")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
                         help="also break the results down by a property of the problems (gsm: steps, template): "
                              "every role's accuracy and the proxy's fixed/broken vs base and expert per group")
@@ -31,23 +33,31 @@ def check_by(task, keys) -> None:
             raise ProxyTuneError(f"--by {key}: {task.name} problems can be grouped by {', '.join(known) or 'nothing'}")
 
 
-def parse_schedule(text: str | None) -> tuple[tuple[int, float], ...]:
+def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
+    """'0:2,32:1' -> ((0, 2.0), (32, 1.0)); '0:2,####:1' -> ((0, 2.0), ('####', 1.0)): positions sorted, then
+    markers in the order given (as ProxyTuner.request orders them)."""
     from ..errors import ProxyTuneError
     from ..facade.tuner import check_alpha
 
     if text is None:
         return ()
-    steps = []
+    positions, markers = [], []
     for part in text.split(","):
-        position, _, alpha = part.partition(":")
+        key, _, alpha = part.rpartition(":")
         try:
-            step = (int(position), float(alpha))
+            value = float(alpha)
         except ValueError:
-            raise ProxyTuneError(f"--alpha-schedule takes POSITION:ALPHA pairs, e.g. 0:2,32:1; got {part!r}") from None
-        if step[0] < 0:
-            raise ProxyTuneError(f"--alpha-schedule: positions are >= 0, got {part!r}")
-        steps.append((step[0], check_alpha(step[1])))
-    return tuple(sorted(steps))
+            raise ProxyTuneError(f"--alpha-schedule takes POSITION:ALPHA (or MARKER:ALPHA) pairs, e.g. 0:2,32:1 or "
+                                 f"0:2,####:1; got {part!r}") from None
+        if not key:
+            raise ProxyTuneError(f"--alpha-schedule: {part!r} names no position or marker before its ':'")
+        if key.lstrip("-").isdigit():
+            if int(key) < 0:
+                raise ProxyTuneError(f"--alpha-schedule: positions are >= 0, got {part!r}")
+            positions.append((int(key), check_alpha(value)))
+        else:
+            markers.append((key, check_alpha(value)))
+    return tuple(sorted(positions)) + tuple(markers)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -38,13 +38,15 @@ class Request:
     details: int = 0  # top-k per role to record at each step (0 = none)
     shaping: Shaping = NO_SHAPING  # penalties, logit_bias, an output format: on the combined logits (shaping.py)
     alone: str | None = None  # a role name: this row follows that role's own distribution (base/expert alone)
-    alpha_schedule: tuple[tuple[int, tuple[float, ...]], ...] = ()  # (from output position, α per pair), sorted
+    # (from output position, α per pair) sorted, then (text marker, α per pair): α changes at a position, or
+    # once the output so far contains the marker (a marker's change comes after every position's)
+    alpha_schedule: tuple[tuple[int | str, tuple[float, ...]], ...] = ()
 
-    def alphas_at(self, position: int) -> list[float]:
-        """The α of each pair for the token at this output position (0 = the first new token)."""
+    def alphas_at(self, position: int, text: str = "") -> list[float]:
+        """The α of each pair for the token at this output position (0 = the first new token), after `text`."""
         alphas = list(self.alphas)
         for start, values in self.alpha_schedule:
-            if start <= position:
+            if (start in text) if isinstance(start, str) else start <= position:
                 alphas = list(values)
         return alphas
 
@@ -382,7 +384,8 @@ class Decoding:
     def round(self, rows: list[RowState]) -> Iterator[list[Event]]:
         """One token per row: every role advances by the row's last chosen token."""
         if any(row.request.alpha_schedule for row in rows):  # α of the position each row predicts now
-            self.session.alphas = torch.tensor([row.request.alphas_at(len(row.tracker.token_ids)) for row in rows],
+            self.session.alphas = torch.tensor([row.request.alphas_at(len(row.tracker.token_ids), row.tracker.text)
+                                                for row in rows],
                                                dtype=torch.float32).reshape(self.session.alphas.shape)
         tokens = torch.tensor([[row.tracker.token_ids[-1]] for row in rows], dtype=torch.long)
         yield self.choose_and_record(rows, self.session.advance(tokens).map(lambda z: z[:, -1]))

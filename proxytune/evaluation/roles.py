@@ -20,12 +20,13 @@ class Role:
     name: str  # how results are labelled: "base", "expert", "proxy", "proxy@0.5", "tuned"
     kind: str  # "base" | "expert" | "proxy" | "tuned"
     alpha: float | None = None  # proxy roles only
-    schedule: tuple[tuple[int, float], ...] = ()  # proxy roles: (from output position, α) changes of α
+    schedule: tuple[tuple[int | str, float], ...] = ()  # proxy roles: (from output position or marker, α)
 
     @property
     def title(self) -> str:
         if self.kind == "proxy":
-            changes = "".join(f", {a:g} from token {p}" for p, a in self.schedule)
+            changes = "".join(f", {a:g} after {p!r}" if isinstance(p, str) else f", {a:g} from token {p}"
+                              for p, a in self.schedule)
             return f"proxy-tuned α={self.alpha:g}{changes}"
         return {"base": "base alone", "expert": "expert alone", "tuned": "tuned (anchor)"}[self.kind]
 

@@ -273,17 +273,25 @@ class ProxyTuner:
 
     def _schedule(self, schedule) -> tuple:
         """alpha_schedule={position: α or [α per pair], ...}: from that output position on (0 = the first new
-        token), the pairs use these α; before the first position given, the request's alpha."""
+        token), the pairs use these α; before the first position given, the request's alpha. A key may also be
+        text, e.g. {0: 2.0, "####": 1.0}: once the output so far contains it, its α (after any position's)."""
         if schedule is None:
             return ()
         if not isinstance(schedule, dict) or not schedule:
-            raise ProxyTuneError(f"alpha_schedule maps output positions to α, e.g. {{0: 2.0, 32: 1.0}}; got {schedule!r}")
-        steps = []
-        for position, alpha in schedule.items():
-            if isinstance(position, bool) or not isinstance(position, int) or position < 0:
-                raise ProxyTuneError(f"alpha_schedule positions are token positions >= 0, got {position!r}")
-            steps.append((position, tuple(self._alphas(alpha))))
-        return tuple(sorted(steps))
+            raise ProxyTuneError(f"alpha_schedule maps output positions (or text markers) to α, e.g. "
+                                 f"{{0: 2.0, 32: 1.0}} or {{0: 2.0, '####': 1.0}}; got {schedule!r}")
+        positions, markers = [], []
+        for key, alpha in schedule.items():
+            if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+                raise ProxyTuneError(f"alpha_schedule key {key!r} is text; a position is a number: {int(key)}")
+            if isinstance(key, str) and key:
+                markers.append((key, tuple(self._alphas(alpha))))
+            elif isinstance(key, bool) or not isinstance(key, int) or key < 0:
+                raise ProxyTuneError(f"alpha_schedule keys are token positions >= 0 or non-empty text markers, "
+                                     f"got {key!r}")
+            else:
+                positions.append((key, tuple(self._alphas(alpha))))
+        return tuple(sorted(positions)) + tuple(markers)
 
     def shaping(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                 logit_bias=None, response_format=None) -> Shaping:
