@@ -142,7 +142,29 @@ def test_every_task_evaluates_three_roles_with_limit_2(task, extra, trio_dirs, t
         assert all(len(r["samples"]) == 2 for r in records)
         assert "pass@1 (n=2" in printed
     if task == "gsm":
-        assert {"format_rate", "lenient_accuracy", "finished_rate"} <= set(summary["roles"]["proxy"])
+        assert {"format_rate", "finished_rate"} <= set(summary["roles"]["proxy"])
+        lenient = summary["readings"]["lenient"]  # the same records read leniently, with their own statistics
+        assert set(lenient["roles"]) == {"base", "expert", "proxy"} and "mcnemar_p_vs_base" in lenient["roles"]["proxy"]
+        assert "lenient reading" in printed
+
+
+def test_a_reading_judges_the_same_records_its_own_way():
+    """The lenient reading counts a \\boxed{} answer the protocol does not: its accuracy, paired tests and gap
+    closed come from its own judgement of the very same records."""
+    from proxytune.evaluation.runner import summarize
+
+    task, roles = get_task("gsm"), eval_roles(1.0, True)
+    gold = ["7", "9"]
+    outputs = {"base": ["so \\boxed{7}", "9 apples"], "expert": ["#### 7", "#### 8"],
+               "proxy": ["#### 7", "#### 9"], "tuned": ["#### 7", "#### 9"]}
+    records = [{"id": f"x{i}", "role": role, "output": text, "gold": gold[i],
+                "correct": text.startswith("####") and text.endswith(gold[i]), "format_ok": "####" in text}
+               for role, texts in outputs.items() for i, text in enumerate(texts)]
+    summary = summarize(task, roles, records, ["x0", "x1"])
+    assert summary["roles"]["base"]["accuracy"] == 0.0 and summary["roles"]["proxy"]["gap_closed"] == 1.0
+    lenient = summary["readings"]["lenient"]["roles"]
+    assert lenient["base"]["accuracy"] == 1.0  # the boxed 7 and the last number 9
+    assert lenient["expert"]["broken_vs_base"] == 1 and lenient["proxy"]["fixed_vs_base"] == 0
 
 
 def test_tuned_anchor_adds_a_role_and_gap_closed(trio_dirs, tmp_path, capsys):

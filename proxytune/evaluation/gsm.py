@@ -1,6 +1,6 @@
 """GSM (reasoning-gym gsm_symbolic, held-out templates only): zero-shot paper prompt, exact match of
 the number after "####" (else the last number), how often the answer came in that format, how often it
-ended within the token budget, and a lenient accuracy that also reads \\boxed{} answers (a diagnostic)."""
+ended within the token budget, and beside it a lenient reading that also takes \\boxed{} answers."""
 from __future__ import annotations
 
 from ..datasets import gsm
@@ -42,13 +42,16 @@ class GSMTask(GenerationTask):
                 "templates": list(gsm.HELDOUT_TEMPLATES)}
 
     def summarize(self, records: list[dict]) -> dict:
-        """`####` format rate; the share of answers that ended before the token budget; and, as a diagnostic
-        beside the protocol's accuracy, accuracy reading a LaTeX \\boxed{} answer when there is no "####"."""
+        """`####` format rate; the share of answers that ended before the token budget."""
         if not records:
             return {}
         n = len(records)
-        summary = {"format_rate": sum(r["format_ok"] for r in records) / n,
-                   "lenient_accuracy": sum(gsm.is_correct(r["output"], r["gold"], lenient=True) for r in records) / n}
+        summary = {"format_rate": sum(r["format_ok"] for r in records) / n}
         if all("finish_reason" in r for r in records):
             summary["finished_rate"] = sum(r["finish_reason"] != "length" for r in records) / n
         return summary
+
+    def readings(self) -> dict:
+        # a model that never learned "####" but boxes its answer (the demo's base does) is read as it meant
+        return {"lenient": ("also a LaTeX \\boxed{} answer when there is no ####",
+                            lambda record: gsm.is_correct(record["output"], record["gold"], lenient=True))}

@@ -20,6 +20,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def summary_table(summary: dict) -> str:
+    """The protocol's table, then one per other reading of the same records (e.g. gsm's lenient one)."""
+    title = f"{summary['task']}: {summary['examples']} examples finished by every role"
+    if summary["examples"] < summary["examples_requested"]:
+        title += f" (of {summary['examples_requested']} requested)"
+    text = title + "\n" + _reading_table(summary)
+    for name, reading in summary.get("readings", {}).items():
+        text += f"\n\n{name} reading ({reading['description']}), the same examples\n" + _reading_table(reading)
+    return text
+
+
+def _reading_table(summary: dict) -> str:
     entries = summary["roles"]
     extras = sorted({key for entry in entries.values() for key in entry} - STANDARD)
     with_gap = any("gap_closed" in entry for entry in entries.values())
@@ -35,10 +46,7 @@ def summary_table(summary: dict) -> str:
         if with_gap:
             row.append(_gap(entry) if "gap_closed" in entry else "")
         rows.append(row)
-    title = f"{summary['task']}: {summary['examples']} examples finished by every role"
-    if summary["examples"] < summary["examples_requested"]:
-        title += f" (of {summary['examples_requested']} requested)"
-    text = title + "\n" + table(header, rows)
+    text = table(header, rows)
     others = [p for p in summary.get("paired", []) if p["versus"] != "base"]
     if others:
         names = {name: entry["title"] for name, entry in entries.items()}

@@ -143,22 +143,30 @@ def summarize(task, roles: Sequence[Role], records: list[dict], example_ids: Seq
         if record["id"] in wanted and record["role"] in by_role:
             by_role[record["role"]][record["id"]] = record
     complete = [i for i in example_ids if all(i in by_role[r.name] for r in roles)]
-    summary = {"task": task.name, "examples": len(complete), "examples_requested": len(example_ids), "roles": {}}
+    summary = {"task": task.name, "examples": len(complete), "examples_requested": len(example_ids),
+               **_reading(roles, by_role, complete, lambda record: record["correct"])}
     for role in roles:
-        rows = [by_role[role.name][i] for i in complete]
-        entry = {"title": role.title, "alpha": role.alpha, **accuracy([r["correct"] for r in rows]),
-                 **task.summarize(rows)}
+        summary["roles"][role.name].update(task.summarize([by_role[role.name][i] for i in complete]))
+    readings = {name: {"description": description, **_reading(roles, by_role, complete, judge)}
+                for name, (description, judge) in task.readings().items()}
+    return summary | ({"readings": readings} if readings else {})
+
+
+def _reading(roles: Sequence[Role], by_role: dict, complete: Sequence[str], judge) -> dict:
+    """Every role's accuracy with its interval, paired tests and gap closed, judging each record by `judge`."""
+    results = {role.name: [bool(judge(by_role[role.name][i])) for i in complete] for role in roles}
+    entries = {}
+    for role in roles:
+        entry = {"title": role.title, "alpha": role.alpha, **accuracy(results[role.name])}
         if role.kind != "base" and "base" in by_role:
-            versus = paired([r["correct"] for r in rows], [by_role["base"][i]["correct"] for i in complete])
+            versus = paired(results[role.name], results["base"])
             entry["fixed_vs_base"], entry["broken_vs_base"] = versus["fixed"], versus["broken"]
             entry["mcnemar_p_vs_base"] = versus["mcnemar_p"]
-        summary["roles"][role.name] = entry
-    results = {role.name: [by_role[role.name][i]["correct"] for i in complete] for role in roles}
+        entries[role.name] = entry
+    _add_gap_closed(entries, roles, results)
     # every pair of roles on the same examples: fixed and broken, McNemar's exact p (issue: paired statistics)
-    summary["paired"] = [{"role": a.name, "versus": b.name, **paired(results[a.name], results[b.name])}
-                         for k, a in enumerate(roles) for b in roles[:k]]
-    _add_gap_closed(summary["roles"], roles, results)
-    return summary
+    return {"roles": entries, "paired": [{"role": a.name, "versus": b.name, **paired(results[a.name], results[b.name])}
+                                         for k, a in enumerate(roles) for b in roles[:k]]}
 
 
 def _add_gap_closed(entries: dict, roles: Sequence[Role], results: dict[str, list]) -> None:

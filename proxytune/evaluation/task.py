@@ -41,6 +41,11 @@ class GenerationTask:
         """Task-specific numbers for one role's records (beyond accuracy)."""
         return {}
 
+    def readings(self) -> dict:
+        """Other ways to judge a record than the protocol's `correct`, by name: {name: (description,
+        record -> bool)}. Each gets its own accuracies, paired tests and gap closed beside the protocol's."""
+        return {}
+
 
 class ChoiceTask:
     name = "choice"
@@ -57,6 +62,9 @@ class ChoiceTask:
         return {}
 
     def summarize(self, records: list[dict]) -> dict:
+        return {}
+
+    def readings(self) -> dict:
         return {}
 
 
