@@ -225,6 +225,22 @@ def test_sweep_reuses_an_eval_run_instead_of_recomputing(trio_dirs, tmp_path, ca
     assert "max_new_tokens: 4 there, 5 now" in capsys.readouterr().err
 
 
+def test_a_scheduled_eval_reuses_base_and_expert_but_decodes_its_own_proxy(trio_dirs, tmp_path, capsys):
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "5", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "plain")]) == 0
+    assert main(common + ["--output", str(tmp_path / "scheduled"), "--alpha-schedule", "0:0,2:2",
+                          "--reuse", str(tmp_path / "plain")]) == 0
+    assert "reused 4 results" in capsys.readouterr().out  # base and expert; the proxy is decoded anew
+    plain, scheduled = read_results(tmp_path / "plain"), read_results(tmp_path / "scheduled")
+    assert [r for r in scheduled if r["role"] != "proxy"] == [r for r in plain if r["role"] != "proxy"]
+    tuner = ProxyTuner.from_pretrained(trio_dirs["base"], trio_dirs["expert"], trio_dirs["anti"])
+    for record in (r for r in scheduled if r["role"] == "proxy"):
+        want = tuner.generate(record["prompt"], max_new_tokens=5, stop=["\nQuestion:"], alpha_schedule={0: 0.0, 2: 2.0})
+        assert record["output"] == want[0].text
+    assert main(common + ["--output", str(tmp_path / "same"), "--reuse", str(tmp_path / "plain")]) == 0
+    assert "reused 6 results" in capsys.readouterr().out  # the same α and schedule: the proxy rows too
+
+
 def test_roles_run_later_complete_the_same_results_as_one_run(trio_dirs, tmp_path, capsys):
     common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "5", "--no-progress"]
     assert main(common + ["--output", str(tmp_path / "split"), "--roles", "base"]) == 0

@@ -101,8 +101,10 @@ SHARED_SETTINGS = ("task", "task_settings", "models", "tuned", "dtype")
 
 
 def import_eval_results(store: ResultStore, eval_dir) -> int:
-    """Copy an `eval` run's results into a sweep's store: its base, expert and tuned rows as they are, its
-    proxy rows as proxy@α. Only when every setting that changes those results agrees; returns rows added."""
+    """Copy an `eval` run's results into this store (a sweep's or another eval's): its base, expert and tuned
+    rows as they are, and its proxy rows as proxy@α into a sweep, as proxy into an eval with the same α and α
+    schedule (skipped otherwise: another schedule decodes the proxy differently). Only when every setting that
+    changes those rows agrees; returns rows added."""
     source = Path(eval_dir)
     config_path = source / CONFIG
     if not config_path.exists():
@@ -114,11 +116,16 @@ def import_eval_results(store: ResultStore, eval_dir) -> int:
                              {k: store.config.get(k) for k in SHARED_SETTINGS})
     if differing:
         raise ProxyTuneError(f"cannot reuse {source}: other settings ({'; '.join(differing)})")
+    if store.config.get("command") == "eval":
+        same_proxy = all(config.get(k) == store.config.get(k) for k in ("alpha", "alpha_schedule"))
+        proxy = "proxy" if same_proxy else None
+    else:
+        proxy = f"proxy@{config['alpha']:g}"
     done = store.done()
     added = 0
     for record in ResultStore(source, config).records:
-        role = f"proxy@{config['alpha']:g}" if record["role"] == "proxy" else record["role"]
-        if role == "proxy@0" or (record["id"], role) in done:
+        role = proxy if record["role"] == "proxy" else record["role"]
+        if role in (None, "proxy@0") or (record["id"], role) in done:
             continue
         store.append({**record, "role": role})
         added += 1
