@@ -100,7 +100,9 @@ def test_resume_continues_from_the_checkpoint_to_the_same_result(tiny_dir, tmp_p
     assert resumed["heldout_loss_after"] == pytest.approx(straight["heldout_loss_after"], abs=1e-4)
     assert not (tmp_path / "b" / "expert" / "checkpoint").exists()
     # the time reported is the whole training's, both runs together; the memory the larger of their peaks
-    assert resumed["train_seconds"] > resumed["train_seconds_this_run"]
+    history = json.loads((tmp_path / "b" / "expert" / "tune_summary.json").read_text())["history"]
+    first_run = next(h["seconds"] for h in history if h["step"] == 3 and "train_loss" in h)
+    assert resumed["train_seconds"] == pytest.approx(first_run + resumed["train_seconds_this_run"], abs=0.15)
     assert resumed["peak_rss_gb"] > 0
 
 
