@@ -38,14 +38,14 @@ def check_by(task, keys) -> None:
 
 
 def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
-    """'0:2,32:1' -> ((0, 2.0), (32, 1.0)); '0:2,####:1' -> ((0, 2.0), ('####', 1.0)): positions sorted, then
-    markers in the order given (as ProxyTuner.request orders them)."""
+    """'0:2,32:1' -> ((0, 2.0), (32, 1.0)); '0:2,####:1' -> ((0, 2.0), ('####', 1.0)): a key that is a number is
+    a position, any other a text marker; ordered and checked as ProxyTuner.request orders and checks them."""
     from ..errors import ProxyTuneError
-    from ..facade.tuner import check_alpha
+    from ..facade.tuner import check_alpha, order_schedule
 
     if text is None:
         return ()
-    positions, markers = [], []
+    schedule = {}
     for part in text.split(","):
         key, _, alpha = part.rpartition(":")
         try:
@@ -55,13 +55,8 @@ def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
                                  f"0:2,####:1; got {part!r}") from None
         if not key:
             raise ProxyTuneError(f"--alpha-schedule: {part!r} names no position or marker before its ':'")
-        if key.lstrip("-").isdigit():
-            if int(key) < 0:
-                raise ProxyTuneError(f"--alpha-schedule: positions are >= 0, got {part!r}")
-            positions.append((int(key), check_alpha(value)))
-        else:
-            markers.append((key, check_alpha(value)))
-    return tuple(sorted(positions)) + tuple(markers)
+        schedule[int(key) if key.lstrip("-").isdigit() else key] = value
+    return order_schedule(schedule, check_alpha)
 
 
 def run(args: argparse.Namespace) -> int:

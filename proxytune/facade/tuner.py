@@ -35,6 +35,26 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
+def order_schedule(schedule: dict, value) -> tuple:
+    """An α schedule {position or text marker: α} as the engine reads it: positions (ints >= 0) sorted, then
+    markers in the order given (a marker's change comes after every position's), each α through `value`."""
+    if not schedule:
+        raise ProxyTuneError("an α schedule maps output positions (or text markers) to α, e.g. {0: 2.0, 32: 1.0} "
+                             "or {0: 2.0, '####': 1.0}; got an empty one")
+    positions, markers = [], []
+    for key, alpha in schedule.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            raise ProxyTuneError(f"alpha_schedule key {key!r} is text; a position is a number: {int(key)}")
+        if isinstance(key, str) and key:
+            markers.append((key, value(alpha)))
+        elif isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise ProxyTuneError(f"alpha_schedule keys are token positions >= 0 or non-empty text markers, "
+                                 f"got {key!r}")
+        else:
+            positions.append((key, value(alpha)))
+    return tuple(sorted(positions)) + tuple(markers)
+
+
 def eos_ids_of(model_or_source, tokenizer) -> set[int]:
     ids: set[int] = set()
     config = getattr(model_or_source, "generation_config", None) or getattr(
@@ -277,21 +297,10 @@ class ProxyTuner:
         text, e.g. {0: 2.0, "####": 1.0}: once the output so far contains it, its α (after any position's)."""
         if schedule is None:
             return ()
-        if not isinstance(schedule, dict) or not schedule:
+        if not isinstance(schedule, dict):
             raise ProxyTuneError(f"alpha_schedule maps output positions (or text markers) to α, e.g. "
                                  f"{{0: 2.0, 32: 1.0}} or {{0: 2.0, '####': 1.0}}; got {schedule!r}")
-        positions, markers = [], []
-        for key, alpha in schedule.items():
-            if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-                raise ProxyTuneError(f"alpha_schedule key {key!r} is text; a position is a number: {int(key)}")
-            if isinstance(key, str) and key:
-                markers.append((key, tuple(self._alphas(alpha))))
-            elif isinstance(key, bool) or not isinstance(key, int) or key < 0:
-                raise ProxyTuneError(f"alpha_schedule keys are token positions >= 0 or non-empty text markers, "
-                                     f"got {key!r}")
-            else:
-                positions.append((key, tuple(self._alphas(alpha))))
-        return tuple(sorted(positions)) + tuple(markers)
+        return order_schedule(schedule, lambda alpha: tuple(self._alphas(alpha)))
 
     def shaping(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                 logit_bias=None, response_format=None) -> Shaping:
