@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,17 +60,13 @@ def shipped_validation_loss(args) -> float:
     from peft import PeftModel
 
     from proxytune.models.loading import load_plain
-    from proxytune.training.data import read_jsonl, tokenize
+    from proxytune.training.data import tokenize
     from proxytune.training.tuning import heldout_loss
 
     torch.set_num_threads(args.threads)
     model, tokenizer = load_plain(MODEL, torch.device("cpu"), torch.bfloat16)
     model = PeftModel.from_pretrained(model, str(ADAPTERS[SHIPPED])).eval()
-    with tempfile.TemporaryDirectory() as temp:
-        path = Path(temp) / "validation.jsonl"
-        path.write_text("".join(json.dumps(e.row()) + "\n"
-                                for e in gsm.validation_examples(args.validation_examples, seed=0)))
-        rows = tokenize(read_jsonl(path), tokenizer, 320)
+    rows = tokenize([e.row() for e in gsm.validation_examples(args.validation_examples, seed=0)], tokenizer, 320)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return heldout_loss(model, rows, pad, 4)
 
