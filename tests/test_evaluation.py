@@ -121,6 +121,22 @@ def test_gsm_problems_know_their_template_and_steps():
     assert example.data["steps"] == 3 and example.data["template"] == 12
 
 
+def test_a_recipe_is_chosen_on_validation_templates_never_on_held_out_ones():
+    from proxytune.datasets import gsm
+    from proxytune.evaluation.gsm import GSMTask
+
+    heldout, validation = GSMTask().examples(40), GSMTask(split="validation").examples(40)
+    assert {e.data["template"] for e in heldout} <= set(gsm.HELDOUT_TEMPLATES)
+    assert {e.data["template"] for e in validation} == set(gsm.VALIDATION_TEMPLATES)  # 40 items cover all 12
+    assert not {e.id for e in heldout} & {e.id for e in validation}  # one output directory never mixes them
+    assert GSMTask(split="validation").settings()["split"] == "validation templates"
+    assert GSMTask().settings()["split"] == "held-out templates"  # as directories written before splits say
+    with pytest.raises(ProxyTuneError, match="unknown gsm split 'test'"):
+        GSMTask(split="test")
+    with pytest.raises(ProxyTuneError, match="--split applies to gsm only"):
+        get_task("mmlu", split="validation")
+
+
 # --- every task through the CLI, tiny models, --limit 2 ------------------------------------------------
 
 @pytest.mark.parametrize("task, extra", [("gsm", ["--max-new-tokens", "12"]),

@@ -21,6 +21,9 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=0, help="humaneval: sampled completions per problem for pass@k "
                                                                "(T=0.8, top-p 0.95), besides the greedy one")
     parser.add_argument("--seed", type=int, default=0, help="gsm: which held-out problems (default 0)")
+    parser.add_argument("--split", choices=("held-out", "validation"), default=None,
+                        help="gsm: held-out templates (the default, what results report) or validation templates "
+                             "(TRAIN templates kept out of a recipe's training, to choose the recipe on)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -51,7 +54,8 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
         raise ProxyTuneError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ProxyTuneError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    task = get_task(args.task, samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed)
+    task = get_task(args.task, samples=args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                    split=args.split)
     specs = model_specs(args)
     config = {"command": command, "task": task.name, "task_settings": task.settings(), "models": specs,
               "tuned": args.tuned, "dtype": args.dtype or "auto", **extra_config}

@@ -13,11 +13,15 @@ TASKS = {
 }
 
 
-def get_task(name: str, samples: int = 0, max_new_tokens: int | None = None, seed: int = 0):
-    """A task by name; `samples` (pass@k) applies to humaneval, `max_new_tokens` to generation tasks."""
+def get_task(name: str, samples: int = 0, max_new_tokens: int | None = None, seed: int = 0,
+             split: str | None = None):
+    """A task by name; `samples` (pass@k) applies to humaneval, `max_new_tokens` to generation tasks, `split`
+    (held-out, or validation to choose a recipe on) to gsm."""
+    if split is not None and name != "gsm":
+        raise ProxyTuneError(f"--split applies to gsm only, not {name}")
     if name == "gsm":
         from .gsm import GSMTask
-        task = GSMTask(seed=seed, max_new_tokens=max_new_tokens)
+        task = GSMTask(seed=seed, max_new_tokens=max_new_tokens, split=split or "held-out")
     elif name == "humaneval":
         from .humaneval import HumanEvalTask
         task = HumanEvalTask(samples=samples)

@@ -1,6 +1,7 @@
-"""GSM (reasoning-gym gsm_symbolic, held-out templates only): zero-shot paper prompt, exact match of
-the number after "####" (else the last number), how often the answer came in that format, how often it
-ended within the token budget, and beside it a lenient reading that also takes \\boxed{} answers."""
+"""GSM (reasoning-gym gsm_symbolic): zero-shot paper prompt, exact match of the number after "####" (else
+the last number), how often the answer came in that format, how often it ended within the token budget, and
+beside it a lenient reading that also takes \\boxed{} answers. Reported on HELD-OUT templates; a training
+recipe is chosen on VALIDATION templates (`split="validation"`), never on the held-out ones."""
 from __future__ import annotations
 
 from ..datasets import gsm
@@ -8,6 +9,9 @@ from ..errors import ProxyTuneError
 from .task import Example, GenerationTask
 
 DEFAULT_SIZE = 200
+# the splits an evaluation can run on: name -> (how config.json names it, its templates)
+SPLITS = {"held-out": ("held-out templates", gsm.HELDOUT_TEMPLATES),
+          "validation": ("validation templates", gsm.VALIDATION_TEMPLATES)}
 
 
 def steps(target: str) -> int:
@@ -20,8 +24,10 @@ class GSMTask(GenerationTask):
     max_new_tokens = 512  # the paper's budget
     stop = ("\nQuestion:",)  # a model that starts the next question has answered this one
 
-    def __init__(self, seed: int = 0, max_new_tokens: int | None = None):
-        self.seed = seed
+    def __init__(self, seed: int = 0, max_new_tokens: int | None = None, split: str = "held-out"):
+        if split not in SPLITS:
+            raise ProxyTuneError(f"unknown gsm split {split!r}; use one of: {', '.join(SPLITS)}")
+        self.seed, self.split = seed, split
         if max_new_tokens is not None:
             if max_new_tokens < 1:
                 raise ProxyTuneError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -29,8 +35,9 @@ class GSMTask(GenerationTask):
 
     def examples(self, limit: int | None) -> list[Example]:
         # Item i depends only on (seed, i): a larger --limit extends a run, never reshuffles it.
-        items = gsm.heldout_examples(DEFAULT_SIZE if limit is None else limit, seed=self.seed)
-        return [Example(f"gsm-{self.seed}-{i}", item.prompt, item.answer,
+        items = gsm.SPLITS[self.split](DEFAULT_SIZE if limit is None else limit, seed=self.seed)
+        prefix = "gsm" if self.split == "held-out" else f"gsm-{self.split}"
+        return [Example(f"{prefix}-{self.seed}-{i}", item.prompt, item.answer,
                         {"template": item.template, "steps": steps(item.target)}) for i, item in enumerate(items)]
 
     def judge(self, example: Example, output: str) -> dict:
@@ -38,8 +45,8 @@ class GSMTask(GenerationTask):
                 "format_ok": "####" in output}
 
     def settings(self) -> dict:
-        return {**super().settings(), "split": "held-out templates", "seed": self.seed,
-                "templates": list(gsm.HELDOUT_TEMPLATES)}
+        name, templates = SPLITS[self.split]
+        return {**super().settings(), "split": name, "seed": self.seed, "templates": list(templates)}
 
     def summarize(self, records: list[dict]) -> dict:
         """`####` format rate; the share of answers that ended before the token budget."""
