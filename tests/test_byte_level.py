@@ -212,6 +212,43 @@ def test_chat_gives_each_role_its_own_template(tok, sp, sp_pair):
     assert len(tuner.chat([{"role": "user", "content": "hi"}], max_new_tokens=6).token_ids) == 6
 
 
+def test_alpha_schedules_count_bytes_and_read_markers_in_the_text_so_far(tok, sp, sp_pair):
+    """At the byte level an output position is a byte: {0: 0.0, marker: 2.0} follows the base's own bytes until
+    the text contains the marker, then α = 2, recomputed here from each role's byte view of the whole text."""
+    from proxytune.engine.combine import combined_logits
+
+    tuner = cross_tuner(tok, sp, sp_pair, prune=0.0)
+    views = [byte_view(model, t) for model, t in ((tiny_model(0), tok), (sp_pair[0], sp), (sp_pair[1], sp))]
+    prompt = "The quick brown"  # the tiny base writes ASCII after it ("s qu qu"): text and bytes agree
+    prompts = [tok(prompt)["input_ids"], sp(prompt)["input_ids"], sp(prompt)["input_ids"]]
+    plain = tuner.generate(prompt, max_new_tokens=14, alpha=0.0)[0]
+    assert plain.text[:3].isascii()
+    marker = plain.text[1:3]
+
+    def recomputed(alpha_after: float, start: int) -> list[int]:
+        written: list[int] = []
+        for position in range(14):
+            base, expert, anti = (byte_logprobs(view, prompt, bytes(written))[-1:]
+                                  for view, prompt in zip(views, prompts))
+            alpha = alpha_after if marker in bytes(written).decode("utf-8", "replace") or position >= start else 0.0
+            z = combined_logits(base, [expert], [anti], torch.tensor([[alpha]]), every_model_writes=True)
+            if int(z.argmax()) == 256:  # the end of text
+                break
+            written.append(int(z.argmax()))
+        return written
+
+    scheduled = tuner.generate(prompt, max_new_tokens=14, alpha_schedule={0: 0.0, marker: 2.0})[0]
+    assert scheduled.token_ids == recomputed(2.0, start=99) and scheduled.token_ids[:3] == plain.token_ids[:3]
+    assert scheduled.token_ids != plain.token_ids  # α = 2 from the fourth byte on changes the text
+    marker = "never written"
+    for start in (3, 5):
+        by_position = tuner.generate(prompt, max_new_tokens=14, alpha_schedule={0: 0.0, start: 2.0})[0]
+        assert by_position.token_ids == recomputed(2.0, start=start)
+    # the marker was complete after three bytes: the same as α = 2 from position 3 on
+    assert tuner.generate(prompt, max_new_tokens=14, alpha_schedule={0: 0.0, 3: 2.0})[0].token_ids == \
+        scheduled.token_ids != by_position.token_ids
+
+
 def test_a_same_vocabulary_trio_can_be_forced_to_bytes(trio, tok):
     """Same vocabulary: at α = 0 both levels are the base's own distribution over texts (equal step by step
     for a vocabulary of single bytes, where each text has one tokenization); at α ≠ 0 with merges the
