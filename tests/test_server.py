@@ -180,6 +180,20 @@ def test_alpha_changes_the_output_and_proxy_false_is_the_base_alone(client, tune
     assert len({complete(), complete(alpha=2.5), complete(proxy=False)}) == 3
 
 
+def test_an_alpha_schedule_is_the_librarys_with_positions_written_as_json_keys(client, tuner):
+    """JSON keys are text: "4" is output position 4, any other key a text marker, as in tuner.request."""
+    def complete(schedule):
+        return client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=12, temperature=0,
+                                         extra_body={"alpha_schedule": schedule}).choices[0].text
+
+    plain = greedy(tuner, PROMPTS[3], 12, alpha=0.0).text
+    marker = plain[1:3]
+    for sent, meant in (({"0": 0.0, "4": 2.5}, {0: 0.0, 4: 2.5}), ({"0": 0, marker: 2.5}, {0: 0.0, marker: 2.5})):
+        expected = tuner.generate(PROMPTS[3], max_new_tokens=12, alpha_schedule=meant)[0].text
+        assert complete(sent) == expected
+    assert complete({"0": 0.0, "4": 2.5}) != plain != complete({"0": 2.5})
+
+
 def test_n_choices_and_seeded_sampling(client, tuner):
     options = dict(model="tiny", prompt=PROMPTS[4], max_tokens=10, temperature=1.0, n=3)
     first = client.completions.create(seed=7, **options)
@@ -267,6 +281,12 @@ DONE = {"model": "tiny", "prompt": "hi", "max_tokens": 4}
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 255}, 400, "max_completion_tokens"),
     ("/v1/completions", {**DONE, "alpha": "strong"}, 400, "alpha"),
     ("/v1/completions", {**DONE, "alpha": 1e39}, 400, "alpha"),  # finite in JSON, inf in float32
+    ("/v1/completions", {**DONE, "alpha_schedule": {}}, 400, "alpha_schedule"),
+    ("/v1/completions", {**DONE, "alpha_schedule": {"-3": 1.0}}, 400, "alpha_schedule"),
+    ("/v1/completions", {**DONE, "alpha_schedule": {"0": 1e39}}, 400, "alpha_schedule"),
+    ("/v1/completions", {**DONE, "alpha_schedule": {"0": [1.0, 2.0]}}, 400, "alpha_schedule"),  # one pair
+    ("/v1/completions", {**DONE, "alpha_schedule": {"0": "high"}}, 400, "alpha_schedule"),
+    ("/v1/completions", {**DONE, "alpha_schedule": {"0": 1.0}, "proxy": False}, 400, "alpha_schedule"),
     ("/v1/completions", {**DONE, "logprobs": 50}, 400, "logprobs"),
     ("/v1/completions", {**DONE, "logit_bias": {"5": 101}}, 400, "logit_bias"),
     ("/v1/completions", {**DONE, "logit_bias": {"99999": 1}}, 400, "logit_bias"),

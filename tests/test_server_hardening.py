@@ -239,8 +239,8 @@ def test_the_api_key_comes_from_a_variable_or_a_file_never_the_command_line(serv
 # --- the fuzzer --------------------------------------------------------------------------------------
 
 FIELDS = ["model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stop",
-          "seed", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "alpha", "proxy", "top_k", "min_p",
-          "user", "logit_bias", "response_format", "suffix", "best_of", "presence_penalty"]
+          "seed", "stream", "stream_options", "logprobs", "top_logprobs", "echo", "alpha", "alpha_schedule", "proxy",
+          "top_k", "min_p", "user", "logit_bias", "response_format", "suffix", "best_of", "presence_penalty"]
 
 
 def junk(rng: random.Random, depth: int = 0):

@@ -41,7 +41,7 @@ def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
     """'0:2,32:1' -> ((0, 2.0), (32, 1.0)); '0:2,####:1' -> ((0, 2.0), ('####', 1.0)): a key that is a number is
     a position, any other a text marker; ordered and checked as ProxyTuner.request orders and checks them."""
     from ..errors import ProxyTuneError
-    from ..facade.tuner import check_alpha, order_schedule
+    from ..facade.tuner import check_alpha, order_schedule, schedule_from_text
 
     if text is None:
         return ()
@@ -55,8 +55,8 @@ def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
                                  f"0:2,####:1; got {part!r}") from None
         if not key:
             raise ProxyTuneError(f"--alpha-schedule: {part!r} names no position or marker before its ':'")
-        schedule[int(key) if key.lstrip("-").isdigit() else key] = value
-    return order_schedule(schedule, check_alpha)
+        schedule[key] = value
+    return order_schedule(schedule_from_text(schedule), check_alpha)
 
 
 def run(args: argparse.Namespace) -> int:

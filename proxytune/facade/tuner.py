@@ -37,22 +37,31 @@ def check_alpha(alpha) -> float:
 
 def order_schedule(schedule: dict, value) -> tuple:
     """An α schedule {position or text marker: α} as the engine reads it: positions (ints >= 0) sorted, then
-    markers in the order given (a marker's change comes after every position's), each α through `value`."""
+    markers in the order given (a marker's change comes after every position's), each α through `value`.
+    Every complaint starts with "alpha_schedule", so a caller can name the field it came from."""
     if not schedule:
-        raise ProxyTuneError("an α schedule maps output positions (or text markers) to α, e.g. {0: 2.0, 32: 1.0} "
+        raise ProxyTuneError("alpha_schedule maps output positions (or text markers) to α, e.g. {0: 2.0, 32: 1.0} "
                              "or {0: 2.0, '####': 1.0}; got an empty one")
     positions, markers = [], []
     for key, alpha in schedule.items():
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             raise ProxyTuneError(f"alpha_schedule key {key!r} is text; a position is a number: {int(key)}")
-        if isinstance(key, str) and key:
-            markers.append((key, value(alpha)))
-        elif isinstance(key, bool) or not isinstance(key, int) or key < 0:
+        if not (isinstance(key, str) and key) and (isinstance(key, bool) or not isinstance(key, int) or key < 0):
             raise ProxyTuneError(f"alpha_schedule keys are token positions >= 0 or non-empty text markers, "
                                  f"got {key!r}")
-        else:
-            positions.append((key, value(alpha)))
+        try:
+            entry = (key, value(alpha))
+        except ProxyTuneError as error:
+            raise ProxyTuneError(f"alpha_schedule[{key!r}]: {error}") from None
+        (markers if isinstance(key, str) else positions).append(entry)
     return tuple(sorted(positions)) + tuple(markers)
+
+
+def schedule_from_text(schedule: dict) -> dict:
+    """JSON and the command line write every key as text: one that is a whole number is an output position,
+    any other a text marker ({"0": 2, "####": 1} -> {0: 2, "####": 1})."""
+    return {int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key: alpha
+            for key, alpha in schedule.items()}
 
 
 def eos_ids_of(model_or_source, tokenizer) -> set[int]:

@@ -6,6 +6,8 @@ OpenAI refuses it. Every mistake is a 400 whose `param` names the field.
 
 Extension fields (the openai client sends them through `extra_body`), the whole allow-list:
   alpha   a number, or one per expert pair (finite in float32, where the logits are combined)
+  alpha_schedule  {"0": 2, "64": 1} or {"0": 2, "####": 1}: α (a number or one per pair) from that output
+          position on, or once the output so far contains that text (a key that is a whole number is a position)
   proxy   false: the base model alone (alpha = 0), for A/B comparisons
   top_k   keep the k most likely tokens before sampling (0 = off)
   min_p   drop tokens below min_p x the top token's probability (0 = off)
@@ -33,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..engine.decoding import Request
 from ..engine.sampling import SamplingParams
 from ..errors import ProxyTuneError
-from ..facade.tuner import check_alpha
+from ..facade.tuner import check_alpha, schedule_from_text
 from .api_errors import APIError, bad_request
 
 MAX_TOP_LOGPROBS = 20
@@ -83,6 +85,7 @@ class Common(Body):
     user: str | None = None  # OpenAI's end-user id: accepted, unused
     # the extension fields
     alpha: Union[Finite, list[Finite], None] = None
+    alpha_schedule: dict[str, Union[Finite, list[Finite]]] | None = None
     proxy: bool | None = None
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, lt=1, allow_inf_nan=False)
@@ -142,6 +145,7 @@ class Params:
     max_tokens_given: bool = False  # asked for explicitly: refused when prompt + max_tokens overflow the context
     alone: str | None = None  # a role decoded by itself (tuner.request checks the name)
     details: int = 0
+    alpha_schedule: dict | None = None  # positions (ints) and text markers -> α, as tuner.request takes it
 
 
 @dataclass
@@ -196,7 +200,7 @@ def first_problem(error: ValidationError) -> APIError:
     if problem["type"] == "extra_forbidden":
         where = "" if len(loc) == 1 else f" in {'.'.join(loc[:-1])}"
         return bad_request(f"Unrecognized request argument supplied: {loc[-1]}{where} (proxytune's own fields: "
-                           f"alpha, proxy, top_k, min_p, repetition_penalty, alone, details)", param)
+                           f"alpha, alpha_schedule, proxy, top_k, min_p, repetition_penalty, alone, details)", param)
     if problem["type"] == "missing":
         return bad_request(f"{'.'.join(loc)} is required", param)
     shown = repr(problem.get("input"))
@@ -290,11 +294,15 @@ def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_r
     top_p = 1.0 if body.top_p is None else body.top_p
     sampling = SamplingParams(temperature, top_p, body.top_k or 0, body.min_p or 0.0)
     shaping = {name: getattr(body, name) for name in SHAPING if getattr(body, name) is not None}
-    if body.alone is not None and (body.proxy is not None or body.alpha is not None):
-        raise bad_request("alone decodes one model by itself: leave out alpha and proxy", "alone")
+    if body.alone is not None and any(v is not None for v in (body.proxy, body.alpha, body.alpha_schedule)):
+        raise bad_request("alone decodes one model by itself: leave out alpha, alpha_schedule and proxy", "alone")
+    if body.proxy is False and body.alpha_schedule is not None:
+        raise bad_request("proxy: false is the base model alone (alpha = 0); leave out alpha_schedule",
+                          "alpha_schedule")
+    schedule = None if body.alpha_schedule is None else schedule_from_text(body.alpha_schedule)
     return Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
                   stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
-                  asked is not None, body.alone, body.details or 0)
+                  asked is not None, body.alone, body.details or 0, schedule)
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
@@ -305,6 +313,8 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
                    stop=list(params.stop), alpha=params.alpha, return_details=details)
     if params.alone is not None:
         options["alone"] = params.alone
+    if params.alpha_schedule is not None:
+        options["alpha_schedule"] = params.alpha_schedule
     try:  # once per request (a format is compiled once), with the field it came from named
         options["shaping"] = tuner.shaping(**params.shaping)
     except ProxyTuneError as error:
@@ -322,7 +332,8 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
                 first = token_request(tuner, prompt, tuner.request("x", **options))
         except ProxyTuneError as error:
             code = "context_length_exceeded" if "context" in str(error) else None
-            field = "alone" if str(error).startswith("alone") else "messages" if params.kind == "chat" else "prompt"
+            field = next((name for name in ("alone", "alpha_schedule") if str(error).startswith(name)),
+                         "messages" if params.kind == "chat" else "prompt")
             raise bad_request(str(error), field, code) from None
         if params.max_tokens_given:
             check_room(tuner, first, params)
