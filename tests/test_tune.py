@@ -41,6 +41,39 @@ def test_loss_covers_completion_tokens_and_eos_only(tok):
     assert example.labels[prompt_len:] == tok(" 7", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_the_chunked_loss_is_transformers_loss_and_gradient_without_the_full_logits(tiny_dir, tmp_path, tok, full):
+    """completion_loss runs the output layer only on positions that predict a completion token, a few at a
+    time, recomputed in the backward pass: the same mean loss and the same gradients as model(**batch).loss."""
+    import torch
+
+    from proxytune.training.data import collate
+    from proxytune.training.tuning import build_model, completion_loss
+
+    model, tokenizer = build_model(config(tiny_dir, tmp_path, full=full), torch.device("cpu"))
+    if not full:  # LoRA starts as a no-op: move B off zero so the adapter's own gradients are tested too
+        torch.manual_seed(0)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.02)
+    batch = collate(tokenize(ROWS[:5], tokenizer, 64), tokenizer.pad_token_id)  # rows of different lengths
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss_and_grads(loss_of):
+        loss = loss_of()
+        grads = torch.autograd.grad(loss, trainable)
+        return loss.detach(), grads
+
+    reference = loss_and_grads(lambda: model(**batch).loss)
+    for chunk in (3, 1000):  # several chunks (some positions in each), or one
+        summed, count = completion_loss(model, batch, full, chunk=chunk)
+        assert count == int((batch["labels"][:, 1:] != IGNORE).sum())
+        chunked = loss_and_grads(lambda: completion_loss(model, batch, full, chunk=chunk)[0] / count)
+        assert float(chunked[0]) == pytest.approx(float(reference[0]), rel=1e-5)
+        for mine, theirs in zip(chunked[1], reference[1]):
+            torch.testing.assert_close(mine, theirs, rtol=1e-4, atol=1e-6)
+
+
 def test_chat_rows_train_on_the_assistant_reply_only(tok):
     row = {"messages": [{"role": "user", "content": "what is 3 + 4?"}, {"role": "assistant", "content": "7"}]}
     [example] = tokenize([row], tok, 64)

@@ -24,7 +24,7 @@ from ..models import registry
 from ..errors import ProxyTuneError
 from ..models.loading import load_plain, pick_device, pick_dtype
 from ..usage import peak_rss_gb
-from .data import Example, batches, collate, read_jsonl, split_heldout, tokenize
+from .data import IGNORE, Example, batches, collate, read_jsonl, split_heldout, tokenize
 
 STATE = "trainer_state.pt"
 
@@ -106,8 +106,37 @@ def build_model(config: TuneConfig, device: torch.device):
     return model, tokenizer
 
 
+LOSS_CHUNK = 256  # completion positions whose logits exist at once
+
+
+def completion_loss(model, batch: dict, full: bool, chunk: int = LOSS_CHUNK) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, count) over the completion tokens of a batch, the loss transformers computes
+    (next-token, prompt and padding ignored), without its [batch, length, vocab] logits: only the positions
+    that predict a completion token go through the output layer, `chunk` at a time, and each chunk's logits
+    are recomputed in the backward pass (activation checkpointing) instead of being kept. With a 151,936-token
+    vocabulary the full logits of 4 x 320 positions are 0.4 GB in bf16, and the loss, its softmax and their
+    gradients several times that again (scripts/bench_tune_memory.py)."""
+    from torch.utils.checkpoint import checkpoint
+
+    causal = model if full else model.get_base_model()  # peft: the transformers model under the adapters
+    hidden = causal.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    labels = batch["labels"][:, 1:]
+    keep = labels != IGNORE
+    hidden, labels = hidden[:, :-1][keep], labels[keep]
+    head = causal.get_output_embeddings()
+
+    def summed(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(head(h).float(), y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, len(labels), chunk):
+        part = (hidden[start:start + chunk], labels[start:start + chunk])
+        total = total + (checkpoint(summed, *part, use_reentrant=False) if torch.is_grad_enabled() else summed(*part))
+    return total, len(labels)
+
+
 @torch.no_grad()
-def heldout_loss(model, examples: list[Example], pad_id: int, batch_size: int) -> float | None:
+def heldout_loss(model, examples: list[Example], pad_id: int, batch_size: int, full: bool = False) -> float | None:
     """Mean cross-entropy per completion token (token-weighted over the whole held-out set)."""
     if not examples:
         return None
@@ -115,12 +144,9 @@ def heldout_loss(model, examples: list[Example], pad_id: int, batch_size: int) -
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id)
-        logits = model(input_ids=batch["input_ids"].to(model.device),
-                       attention_mask=batch["attention_mask"].to(model.device)).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:].to(model.device)
-        total += torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="sum").item()
-        count += int((labels != -100).sum())
+        batch = {k: v.to(model.device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        summed, n = completion_loss(model, batch, full)
+        total, count = total + summed.item(), count + n
     model.train(was_training)
     return total / count
 
@@ -203,10 +229,11 @@ def tune(config: TuneConfig) -> dict:
               for name, path in config.loss_sets.items()}
 
     def losses() -> dict:
-        return {name: heldout_loss(model, rows, pad_id, config.batch_size) for name, rows in others.items()}
+        return {name: heldout_loss(model, rows, pad_id, config.batch_size, config.full) for name, rows in others.items()}
 
     if not start:
-        config.history.append({"step": 0, "heldout_loss": heldout_loss(model, heldout, pad_id, config.batch_size),
+        config.history.append({"step": 0, "heldout_loss": heldout_loss(model, heldout, pad_id, config.batch_size,
+                                                                       config.full),
                                "losses": losses(), "seconds": 0.0})
     first = config.history[0]
     # wall time and peak memory over every run of this training (a resumed run goes on from the checkpoint's)
@@ -222,7 +249,8 @@ def tune(config: TuneConfig) -> dict:
         batch = {k: v.to(device) for k, v in collate(plan[step], pad_id).items()}
         for group in optimizer.param_groups:
             group["lr"] = config.lr * schedule(step, len(plan), warmup)
-        loss = model(**batch).loss
+        summed, count = completion_loss(model, batch, config.full)
+        loss = summed / count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
@@ -237,7 +265,7 @@ def tune(config: TuneConfig) -> dict:
             save_checkpoint(output, model, tokenizer, optimizer, step + 1, config)
     bar.close()
     seconds = time.perf_counter() - began
-    after = heldout_loss(model, heldout, pad_id, config.batch_size)
+    after = heldout_loss(model, heldout, pad_id, config.batch_size, config.full)
     config.history.append({"step": len(plan), "heldout_loss": after, "losses": losses(),
                            "seconds": round(seconds_before + seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2)})
 
