@@ -10,7 +10,7 @@ TRAIN template, the validation ones included, so its own validation numbers are 
 retrained on FIT templates (320 examples) is the baseline candidate, the one a new recipe has to beat. The table
 goes to results/recipe/ (summary.json and README.md).
 
-    python scripts/choose_demo_recipe.py                                  # the default grid, 1,500 examples
+    python scripts/choose_demo_recipe.py                                  # lr 3e-5 / 1e-4 / 3e-4, 1,500 examples
     python scripts/choose_demo_recipe.py --learning-rates 3e-4 --ranks 16 --epochs 1 2
     python scripts/choose_demo_recipe.py --report                          # only the table of what has finished
 
@@ -148,7 +148,8 @@ def report(args, candidates) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4, 3e-4, 1e-3])
+    # 3e-4 (the shipped rate) at 1,500 examples memorised the FIT templates (results/recipe): gentler rates next
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=[3e-5, 1e-4, 3e-4])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16])
     parser.add_argument("--epochs", type=float, nargs="+", default=[1.0])
     parser.add_argument("--train-examples", type=int, default=1500)
