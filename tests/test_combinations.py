@@ -135,6 +135,25 @@ def test_rows_joining_mid_way_get_the_tokens_they_get_alone(backends, backend, s
 
 
 @pytest.mark.parametrize("backend", MATRIX)
+def test_alpha_schedules_by_position_and_marker_give_the_references_tokens_batched_or_alone(backends, backend):
+    """Rows with their own schedules (a position, a text marker, none) decoded together: each gets the reference's
+    scheduled tokens and the tokens it gets alone; the schedules change the text. (Speculative decoding refuses
+    schedules; a chunked remote base falls back to plain decoding for them.)"""
+    tuner, reference = pick(backends, backend)
+    written = reference.generate(PROMPTS[1], max_new_tokens=NEW, alpha=0.0)[0].text
+    # two characters it writes early (text that reads as a whole number would be a position, as in JSON)
+    marker = next(written[i:i + 2] for i in range(2, len(written)) if not written[i:i + 2].strip().isdigit())
+    schedules = [{0: 0.0, 3: 2.0}, {0: 0.0, marker: 2.0}, None, {0: 2.0, 5: 0.0}]
+    requests = [tuner.request(p, max_new_tokens=NEW, alpha_schedule=s) for p, s in zip(PROMPTS, schedules)]
+    together = [o.token_ids for o in tuner.run(requests)]
+    assert together == [tuner.run([r])[0].token_ids for r in requests]
+    assert together == [reference.generate(p, max_new_tokens=NEW, alpha_schedule=s)[0].token_ids
+                        for p, s in zip(PROMPTS, schedules)]
+    unscheduled = [plain(reference, [p])[0] for p in PROMPTS]
+    assert together[0] != unscheduled[0] and together[1] != unscheduled[1] and together[2] == unscheduled[2]
+
+
+@pytest.mark.parametrize("backend", MATRIX)
 def test_scoring_equals_the_reference(backends, backend):
     tuner, reference = pick(backends, backend)
     pairs = [(p, " the lazy dog") for p in PROMPTS]
