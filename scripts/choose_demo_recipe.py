@@ -158,7 +158,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
                         help="skip the shipped expert's own recipe (320 examples) retrained on FIT templates")
-    parser.add_argument("--report", action="store_true", help="train nothing: the table of the finished candidates")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing: evaluate (on validation) and table the finished candidates")
     parser.add_argument("--ship", action="store_true",
                         help="copy the best candidate over the shipped expert, if it beats the baseline on validation")
     args = parser.parse_args()
