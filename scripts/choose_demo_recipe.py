@@ -21,6 +21,7 @@ least 1,500 examples that beats the baseline on validation: copy it with --ship.
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import shutil
@@ -57,7 +58,7 @@ def train(directory: Path, examples: int, lr: float, rank: int, epochs: float, a
     subprocess.run(command, check=True)
 
 
-def validation_accuracy(adapter: Path, output: Path, args) -> dict:
+def validation_accuracy(adapter: Path, output: Path, name: str, args) -> dict:
     """The adapter as an expert alone on the validation templates, greedy (resumable like any eval)."""
     command = [sys.executable, "-m", "proxytune", "eval", "gsm", "--split", "validation",
                "--limit", str(args.validation_examples), "--roles", "expert", "--base", MODEL, "--anti-expert", MODEL,
@@ -67,6 +68,10 @@ def validation_accuracy(adapter: Path, output: Path, args) -> dict:
             < args.validation_examples:
         print("+", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
+    # every answer beside the table, as results/ keeps an evaluation's records
+    records = RESULTS / "validation" / f"{name}.jsonl.gz"
+    records.parent.mkdir(parents=True, exist_ok=True)
+    records.write_bytes(gzip.compress((output / "results.jsonl").read_bytes(), mtime=0))
     expert = json.loads((output / "summary.json").read_text())["roles"]["expert"]
     return {key: expert[key] for key in ("n", "correct", "accuracy", "format_rate")}
 
@@ -95,7 +100,8 @@ def report(args, candidates) -> dict:
         if not summary_file.exists():
             continue
         summary = json.loads(summary_file.read_text())
-        validation = validation_accuracy(summary_file.parent, summary_file.parent / "validation-eval", args)
+        validation = validation_accuracy(summary_file.parent, summary_file.parent / "validation-eval",
+                                         summary_file.parent.name, args)
         rows.append({"learning_rate": lr, "rank": rank, "epochs": epochs, "train_examples": summary["train_examples"],
                      "validation_accuracy": validation["accuracy"], "validation_correct": validation["correct"],
                      "validation_format_rate": validation["format_rate"],
@@ -106,7 +112,7 @@ def report(args, candidates) -> dict:
                      "directory": summary_file.parent.name})
     rows.sort(key=lambda row: (-row["validation_accuracy"], row["validation_loss"]))
     shipped = shipped_validation_loss(args)
-    shipped_accuracy = validation_accuracy(ADAPTERS[SHIPPED], RUNS / "shipped-validation-eval", args)
+    shipped_accuracy = validation_accuracy(ADAPTERS[SHIPPED], RUNS / "shipped-validation-eval", "shipped", args)
     baseline = next((row for row in rows if row["train_examples"] == 320), None)
     best = rows[0] if rows else None
     better = (best is not None and best is not baseline and best["train_examples"] >= 1500 and baseline is not None
