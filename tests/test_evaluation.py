@@ -6,7 +6,7 @@ from tiny import tiny_model, tiny_tokenizer
 
 from proxytune.cli import main
 from proxytune.errors import ProxyTuneError
-from proxytune.evaluation import ResultStore, RoleRunner, eval_roles, evaluate, get_task
+from proxytune.evaluation import ResultStore, RoleRunner, eval_roles, evaluate, get_task, summarize
 from proxytune.evaluation.stats import gap_closed, pass_at_k, wilson_interval
 from proxytune.facade.tuner import ProxyTuner
 
@@ -286,6 +286,17 @@ def test_one_directory_holds_one_decoding_level(trio_dirs, tmp_path, capsys):
     assert records[1]["new_tokens"] == len(records[1]["output"].encode())  # bytes, written as they came
 
 
+def test_until_answered_is_part_of_a_runs_configuration(trio_dirs, tmp_path, capsys):
+    """Rows cut once answered report other lengths and finish reasons: one directory holds one rule."""
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "4", "--no-progress",
+              "--output", str(tmp_path / "run")]
+    assert main(common + ["--until-answered"]) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["until_answered"] is True
+    capsys.readouterr()
+    assert main(common) == 2
+    assert "until_answered" in capsys.readouterr().err
+
+
 def test_a_tuned_anchor_can_join_a_finished_run_but_not_replace_another(trio_dirs, tmp_path, capsys):
     common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "2", "--max-new-tokens", "5", "--no-progress",
               "--output", str(tmp_path / "run")]
@@ -318,6 +329,60 @@ def test_roles_alone_are_each_models_own_greedy_decoding(tuner, tmp_path):
     for role, reference in expected.items():
         texts = [o.text for o in reference.generate(prompts, max_new_tokens=8, stop=list(task.stop), batch_size=1)]
         assert [outputs[(ex.id, role)] for ex in task.examples(2)] == texts, role
+
+
+def test_until_answered_ends_each_row_at_the_shortest_prefix_whose_judgement_is_settled(tuner, tmp_path):
+    """A row ends at the first text `task.settled` accepts (finish_reason "answered"): the prefix of what it
+    writes without the option, judged the same when the task's rule is right; the other rows go on as before."""
+    from proxytune.engine.text import TextTracker
+    from proxytune.evaluation.gsm import GSMTask
+
+    class SettlesEarly(GSMTask):  # a stand-in rule the tiny models meet: six characters written
+        def settled(self, text):
+            return len(text) >= 6
+
+    task = SettlesEarly(max_new_tokens=10)
+    runs = {}
+    for until in (False, True):
+        store = ResultStore(tmp_path / f"until-{until}", {"test": until})
+        evaluate(RoleRunner(tuner), task, eval_roles(1.0, False), store, limit=3, batch_size=2, progress=False,
+                 until_answered=until)
+        runs[until] = {(r["id"], r["role"]): r for r in store.records}
+    assert runs[True].keys() == runs[False].keys()
+
+    def first_settled(token_ids):  # the text as the row had it after each token (whole characters only)
+        tracker = TextTracker(tuner.tokenizer, task.stop)
+        for n, token in enumerate(token_ids, 1):
+            tracker.add(token)
+            if task.settled(tracker.text):
+                return n
+
+    for key, full in runs[False].items():
+        cut = runs[True][key]
+        settled_at = first_settled(full["token_ids"])
+        if settled_at is None:
+            assert cut["output"] == full["output"] and cut["finish_reason"] == full["finish_reason"], key
+            continue
+        assert cut["token_ids"] == full["token_ids"][:settled_at] and full["output"].startswith(cut["output"]), key
+        # the budget reached by the same token ends it as before; anything later (even an EOS) is not waited for
+        budget_then = settled_at == len(full["token_ids"]) and full["finish_reason"] == "length"
+        assert cut["finish_reason"] == ("length" if budget_then else "answered"), key
+    assert any(r["finish_reason"] == "answered" for r in runs[True].values())
+    summary = summarize(task, eval_roles(1.0, False), list(runs[True].values()), [e.id for e in task.examples(3)])
+    assert summary["roles"]["proxy"]["answered_rate"] > 0
+
+
+def test_gsm_answers_are_settled_once_their_first_final_number_is_complete():
+    from proxytune.datasets.gsm import answer_settled, extract_answer, is_correct
+
+    assert not answer_settled("so 60 + 2 = 62")  # no "####": the last number may still change
+    assert not answer_settled("#### 62") and not answer_settled("#### 62.") and not answer_settled("#### 1,2")
+    assert answer_settled("#### 62\n") and answer_settled("#### 62.5 ") and answer_settled("#### $1,200\n####")
+    for text in ("#### 62\n", "#### 62.5 ", "The answer\n#### 1,200.\n", "x #### 7 and"):
+        assert answer_settled(text)
+        for more in ("#### 9", "3", ".5", ",000", "\\boxed{4}", " 11 12"):  # whatever comes next
+            assert extract_answer(text + more) == extract_answer(text)
+            assert is_correct(text + more, extract_answer(text), lenient=True)
 
 
 def test_batched_evaluation_equals_one_example_at_a_time(tuner, tmp_path):

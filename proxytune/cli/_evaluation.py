@@ -24,6 +24,10 @@ def add_evaluation_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("held-out", "validation"), default=None,
                         help="gsm: held-out templates (the default, what results report) or validation templates "
                              "(TRAIN templates kept out of a recipe's training, to choose the recipe on)")
+    parser.add_argument("--until-answered", action="store_true",
+                        help="end a row once nothing it writes next can change how it is judged (gsm: its first "
+                             "'#### number' is complete), recorded as finish_reason 'answered': the same judgements "
+                             "without decoding what a model repeats after its answer (byte-level proxies loop there)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -64,7 +68,9 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     config.update({name: value for name, value, default in (("backend", args.backend, None),
                                                             ("prune", args.prune, 1e-5),
                                                             ("place", args.place, None),
-                                                            ("config", args.config, None)) if value != default})
+                                                            ("config", args.config, None),
+                                                            ("until_answered", args.until_answered, False))
+                   if value != default})
     store = ResultStore(args.output, config)
     return task, store, specs
 

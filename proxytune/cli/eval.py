@@ -75,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"reused {import_eval_results(store, args.reuse)} results from {args.reuse}")
     roles = [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if wanted is None or r.name in wanted]
     runner = load_runner(args, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
-    evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress)
+    evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress,
+             until_answered=args.until_answered)
     # The summary covers every role with results in the directory, including roles earlier runs computed.
     present = {record["role"] for record in store.records}
     summary = summarize(task, [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if r.name in present],

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"reused {import_eval_results(store, args.reuse)} results from {args.reuse}")
     runner = load_runner(args, specs)
     summary = evaluate(runner, task, sweep_roles(alphas, bool(args.tuned)), store, args.limit, args.batch_size,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, until_answered=args.until_answered)
     summary["alphas"] = alphas
     store.write_summary(summary)
     print(sweep_table(summary, alphas), flush=True)  # the table first: a plotting failure cannot hide it

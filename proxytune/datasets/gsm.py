@@ -112,6 +112,18 @@ def extract_answer(text: str) -> str | None:
     return _normalize(numbers[-1]) if numbers else None
 
 
+def answer_settled(text: str) -> bool:
+    """Whether nothing written after `text` can change how it is judged: its first "#### number" is complete
+    (a character follows that cannot continue the number). extract_answer reads that first one, the lenient
+    reading defers to it, and the "####" format check is already met; a model that goes on writing "#### 62"
+    lines to the end of its budget (the byte-level proxy does) changes nothing after this point."""
+    final = FINAL.search(text)
+    if final is None:
+        return False
+    after = text[final.end():]  # the number took every digit and comma; a "." may still start decimals
+    return bool(after) and after != "."
+
+
 def extract_answer_lenient(text: str) -> str | None:
     """A diagnostic, not the protocol: "####", else the first LaTeX \\boxed{number} (how instruction-tuned
     models mark an answer before they ramble on), else the last number."""

@@ -49,14 +49,21 @@ class GSMTask(GenerationTask):
         return {**super().settings(), "split": name, "seed": self.seed, "templates": list(templates)}
 
     def summarize(self, records: list[dict]) -> dict:
-        """`####` format rate; the share of answers that ended before the token budget."""
+        """`####` format rate; the share of answers that ended by themselves before the token budget, and
+        (--until-answered) the share cut once their answer was settled, which may or may not have ended."""
         if not records:
             return {}
         n = len(records)
         summary = {"format_rate": sum(r["format_ok"] for r in records) / n}
         if all("finish_reason" in r for r in records):
-            summary["finished_rate"] = sum(r["finish_reason"] != "length" for r in records) / n
+            summary["finished_rate"] = sum(r["finish_reason"] not in ("length", "answered") for r in records) / n
+            answered = sum(r["finish_reason"] == "answered" for r in records)
+            if answered:
+                summary["answered_rate"] = answered / n
         return summary
+
+    def settled(self, text: str) -> bool:
+        return gsm.answer_settled(text)
 
     def readings(self) -> dict:
         # a model that never learned "####" but boxes its answer (the demo's base does) is read as it meant

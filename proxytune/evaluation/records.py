@@ -97,7 +97,7 @@ class ResultStore:
         return path
 
 
-SHARED_SETTINGS = ("task", "task_settings", "models", "tuned", "dtype")
+SHARED_SETTINGS = ("task", "task_settings", "models", "tuned", "dtype", "until_answered")
 
 
 def import_eval_results(store: ResultStore, eval_dir) -> int:

@@ -6,6 +6,7 @@ results.jsonl the moment its decoding row finishes.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from typing import Callable, Sequence
 
@@ -30,7 +31,10 @@ def sample_seed(example_id: str, sample: int) -> int:
 
 
 def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore, limit: int | None = None,
-             batch_size: int = 8, progress: bool = True) -> dict:
+             batch_size: int = 8, progress: bool = True, until_answered: bool = False) -> dict:
+    """Every role on every example not done yet, appended to `store` as it finishes; the summary.
+    until_answered: a row ends as soon as `task.settled` says nothing it writes next can change its judgement
+    (finish_reason "answered"): the same judgements, without paying for what a model rambles after its answer."""
     limit = check_limit(limit)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ProxyTuneError(f"batch size must be >= 1, got {batch_size!r}")
@@ -58,7 +62,7 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
             for role in roles:
                 pending = [ex for ex in chunk if (ex.id, role.name) not in done]
                 if pending:
-                    generate(runner, task, role, pending, write, batch_size)
+                    generate(runner, task, role, pending, write, batch_size, until_answered)
     finally:
         bar.close()
     return summarize(task, roles, store.records, [ex.id for ex in examples])
@@ -91,7 +95,7 @@ def choose_options(runner: RoleRunner, task, roles: Sequence[Role], examples: Se
 
 
 def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
-             write: Callable[[dict], None], batch_size: int) -> None:
+             write: Callable[[dict], None], batch_size: int, until_answered: bool = False) -> None:
     """Continuous batching: a row that finishes is replaced by the next request at once, so short answers
     do not wait for the longest one in their batch."""
     requests, owners, first_row = [], [], {}
@@ -107,10 +111,20 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
     decoding = runner.decoding(role, requests[:batch_size])
     queued = batch_size
     open_rows = {ex.id: 1 + task.samples for ex in examples}
+    answered: set[int] = set()  # rows ended by until_answered: their output says "answered", not "cancelled"
+
+    def output(row: int):
+        out = decoding.output(row)
+        return dataclasses.replace(out, finish_reason="answered") if row in answered else out
+
     for events in decoding.steps():
         for event in events:
             if event.finish_reason is None:
-                continue
+                # the row's whole text (a stream's delta holds back what could begin a stop string)
+                if not (until_answered and task.settled(decoding.output(event.row).text)):
+                    continue
+                decoding.cancel([event.row])  # it leaves the batch at the next step; its output is final now
+                answered.add(event.row)
             example = owners[event.row]
             if event.finish_reason == "error":  # not an answer: leave it unrecorded so a rerun retries it
                 raise ProxyTuneError(f"{role.title} failed on {example.id}: {event.error}")
@@ -118,7 +132,7 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
             if open_rows[example.id] == 0:
                 first = first_row[example.id]
                 write(_generation_record(task, role, example, runner.level,
-                                         [decoding.output(i) for i in range(first, first + 1 + task.samples)]))
+                                         [output(i) for i in range(first, first + 1 + task.samples)]))
         running = decoding.running
         if queued < len(requests) and running < batch_size:
             decoding.add(requests[queued:queued + batch_size - running])

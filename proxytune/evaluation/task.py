@@ -46,6 +46,11 @@ class GenerationTask:
         record -> bool)}. Each gets its own accuracies, paired tests and gap closed beside the protocol's."""
         return {}
 
+    def settled(self, text: str) -> bool:
+        """Whether nothing a model writes after `text` can change how `judge` and every reading judge it
+        (`eval --until-answered` ends a row there). Never, unless a task knows better."""
+        return False
+
 
 class ChoiceTask:
     name = "choice"
