@@ -47,7 +47,7 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
     bar = _progress_bar(len(units), sum((ex.id, r.name) in done for ex, r in units), task.name, progress)
     # Chunks of several batches keep continuous batching busy; every role finishes a chunk before the next.
     # One role needs no chunks: a chunk's end leaves the batch to its longest rows alone.
-    per_chunk = len(examples) if len(roles) == 1 else max(1, 4 * batch_size // (1 + getattr(task, "samples", 0)))
+    per_chunk = len(examples) if len(roles) == 1 else max(1, 4 * batch_size // (1 + task.samples))
 
     def write(record: dict) -> None:
         store.append(record)

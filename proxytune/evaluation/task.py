@@ -55,6 +55,7 @@ class GenerationTask:
 class ChoiceTask:
     name = "choice"
     kind = "choice"
+    samples = 0  # one scored choice per example
 
     def examples(self, limit: int | None) -> list[Example]:
         raise NotImplementedError
