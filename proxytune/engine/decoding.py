@@ -249,11 +249,12 @@ class Decoding:
             self.joining.append(new_rows)
         return [row.index for row in new_rows]
 
-    def cancel(self, indices: Sequence[int]) -> None:
-        """Stop these rows (finish_reason "cancelled"); they leave the batch at the next step."""
+    def cancel(self, indices: Sequence[int], reason: str = "cancelled") -> None:
+        """Stop these rows (their finish_reason: `reason`); they leave the batch at the next step, their output
+        is final now."""
         for index in indices:
             if self.rows[index].finish_reason is None:
-                self.rows[index].finish_reason = "cancelled"
+                self.rows[index].finish_reason = reason
 
     def output(self, index: int) -> GenerationOutput:
         return self.rows[index].output()

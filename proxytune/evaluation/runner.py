@@ -6,7 +6,6 @@ results.jsonl the moment its decoding row finishes.
 """
 from __future__ import annotations
 
-import dataclasses
 import zlib
 from typing import Callable, Sequence
 
@@ -111,20 +110,13 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
     decoding = runner.decoding(role, requests[:batch_size])
     queued = batch_size
     open_rows = {ex.id: 1 + task.samples for ex in examples}
-    answered: set[int] = set()  # rows ended by until_answered: their output says "answered", not "cancelled"
-
-    def output(row: int):
-        out = decoding.output(row)
-        return dataclasses.replace(out, finish_reason="answered") if row in answered else out
-
     for events in decoding.steps():
         for event in events:
             if event.finish_reason is None:
                 # the row's whole text (a stream's delta holds back what could begin a stop string)
                 if not (until_answered and task.settled(decoding.output(event.row).text)):
                     continue
-                decoding.cancel([event.row])  # it leaves the batch at the next step; its output is final now
-                answered.add(event.row)
+                decoding.cancel([event.row], "answered")  # it leaves the batch at the next step
             example = owners[event.row]
             if event.finish_reason == "error":  # not an answer: leave it unrecorded so a rerun retries it
                 raise ProxyTuneError(f"{role.title} failed on {example.id}: {event.error}")
@@ -132,7 +124,7 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
             if open_rows[example.id] == 0:
                 first = first_row[example.id]
                 write(_generation_record(task, role, example, runner.level,
-                                         [output(i) for i in range(first, first + 1 + task.samples)]))
+                                         [decoding.output(i) for i in range(first, first + 1 + task.samples)]))
         running = decoding.running
         if queued < len(requests) and running < batch_size:
             decoding.add(requests[queued:queued + batch_size - running])

@@ -35,6 +35,12 @@ def check_alpha(alpha) -> float:
     return float(alpha)
 
 
+def reads_as_position(key) -> bool:
+    """A schedule key written as text that is a whole number ("32", " -1"): JSON and the command line write
+    positions so; in Python a position is an int."""
+    return isinstance(key, str) and key.strip().lstrip("-").isdigit()
+
+
 def order_schedule(schedule: dict, value) -> tuple:
     """An α schedule {position or text marker: α} as the engine reads it: positions (ints >= 0) sorted, then
     markers in the order given (a marker's change comes after every position's), each α through `value`.
@@ -44,7 +50,7 @@ def order_schedule(schedule: dict, value) -> tuple:
                              "or {0: 2.0, '####': 1.0}; got an empty one")
     positions, markers = [], []
     for key, alpha in schedule.items():
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        if reads_as_position(key):
             raise ProxyTuneError(f"alpha_schedule key {key!r} is text; a position is a number: {int(key)}")
         if not (isinstance(key, str) and key) and (isinstance(key, bool) or not isinstance(key, int) or key < 0):
             raise ProxyTuneError(f"alpha_schedule keys are token positions >= 0 or non-empty text markers, "
@@ -60,8 +66,7 @@ def order_schedule(schedule: dict, value) -> tuple:
 def schedule_from_text(schedule: dict) -> dict:
     """JSON and the command line write every key as text: one that is a whole number is an output position,
     any other a text marker ({"0": 2, "####": 1} -> {0: 2, "####": 1})."""
-    return {int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key: alpha
-            for key, alpha in schedule.items()}
+    return {int(key) if reads_as_position(key) else key: alpha for key, alpha in schedule.items()}
 
 
 def eos_ids_of(model_or_source, tokenizer) -> set[int]:
