@@ -29,6 +29,8 @@ def read_run(spec: str) -> tuple[str, dict, dict[str, dict]]:
     if not directory or not role:
         raise ProxyTuneError(f"expected DIR:ROLE (e.g. results/gsm-demo:base), got {spec!r}")
     path = Path(directory)
+    if not (path / "config.json").exists():
+        raise ProxyTuneError(f"{path} has no config.json: not an evaluation output directory")
     config = json.loads((path / "config.json").read_text())
     plain, packed = path / "results.jsonl", path / "results.jsonl.gz"
     if plain.exists():
@@ -58,8 +60,7 @@ def main(argv=None) -> int:
     tasks = {config["task"] for _, config, _ in runs}
     if len(tasks) != 1:
         raise ProxyTuneError(f"the runs are of different tasks ({', '.join(sorted(tasks))})")
-    settings = runs[0][1]["task_settings"]
-    task = get_task(tasks.pop(), max_new_tokens=settings.get("max_new_tokens"), seed=settings.get("seed", 0))
+    task = get_task(tasks.pop())  # only for its readings, which judge a record whatever the run's settings
     readings = {"strict": lambda record: record["correct"],
                 **{name: judge for name, (_, judge) in task.readings().items()}}
     for label, config, records in runs:
