@@ -502,3 +502,47 @@ def test_schedule_option_reads_positions_and_markers():
     for bad in ("0-2", ":1", "-1:2", "0:x", "0:nan"):
         with pytest.raises(ProxyTuneError):
             parse_schedule(bad)
+
+
+def test_reuse_copies_each_role_whose_own_models_agree(trio_dirs, tmp_path, capsys):
+    """A new expert does not change what the base alone wrote: its rows are copied, the expert's and the proxy's
+    are decoded anew, and the output says why they were not copied."""
+    common = ["eval", "gsm", "--limit", "2", "--max-new-tokens", "4", "--no-progress"]
+    assert main(common + model_args(trio_dirs) + ["--output", str(tmp_path / "old")]) == 0
+    capsys.readouterr()
+    other = {**trio_dirs, "expert": trio_dirs["base"]}
+    assert main(common + model_args(other) + ["--output", str(tmp_path / "new"), "--reuse", str(tmp_path / "old")]) == 0
+    out = capsys.readouterr().out
+    assert "reused 2 results" in out
+    assert "not its expert results: models.expert" in out and "not its proxy results: models.expert" in out
+    old, new = read_results(tmp_path / "old"), read_results(tmp_path / "new")
+    assert [r for r in new if r["role"] == "base"] == [r for r in old if r["role"] == "base"]
+    assert {(r["id"], r["role"]) for r in new} == {(r["id"], r["role"]) for r in old}
+
+
+def test_an_adapter_with_new_weights_under_the_same_name_is_neither_resumed_nor_reused(trio_dirs, tmp_path, capsys):
+    """Shipping a better expert under the registered name keeps the name: the weights' digest in the
+    configuration tells the two apart."""
+    from transformers import AutoModelForCausalLM
+
+    from tiny import lora_of
+
+    adapter = tmp_path / "adapter"
+
+    def write_adapter(seed):
+        lora_of(AutoModelForCausalLM.from_pretrained(trio_dirs["anti"]), seed=seed).save_pretrained(adapter)
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": trio_dirs["anti"]}))
+
+    write_adapter(seed=3)
+    common = ["eval", "gsm", "--base", trio_dirs["base"], "--expert", str(adapter), "--anti-expert", trio_dirs["anti"],
+              "--limit", "1", "--max-new-tokens", "3", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "first")]) == 0
+    assert set(json.loads((tmp_path / "first" / "config.json").read_text())["adapters"]) == {"expert"}
+    write_adapter(seed=4)
+    capsys.readouterr()
+    assert main(common + ["--output", str(tmp_path / "first")]) == 2
+    assert "adapters.expert" in capsys.readouterr().err
+    assert main(common + ["--output", str(tmp_path / "second"), "--reuse", str(tmp_path / "first")]) == 0
+    out = capsys.readouterr().out
+    assert "reused 1 results" in out and "not its expert results: adapters.expert" in out

@@ -52,6 +52,7 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     """(task, store, specs), checked before any model loads: bad input fails in a second, not after loading."""
     from ..evaluation import ResultStore, get_task
     from ..evaluation.runner import check_limit
+    from ..models.specs import adapter_digest
 
     check_limit(args.limit)
     if args.batch_size < 1:
@@ -63,6 +64,12 @@ def prepare(args: argparse.Namespace, command: str, extra_config: dict):
     specs = model_specs(args)
     config = {"command": command, "task": task.name, "task_settings": task.settings(), "models": specs,
               "tuned": args.tuned, "dtype": args.dtype or "auto", **extra_config}
+    # which weights an adapter spec held: a registered name may ship other weights later (a run is never resumed
+    # or reused across that change)
+    adapters = {role: digest for role, spec in {**specs, "tuned": args.tuned}.items()
+                if spec is not None and (digest := adapter_digest(spec)) is not None}
+    if adapters:
+        config["adapters"] = adapters
     # settings that change results, recorded where they are not the default (older directories stay valid);
     # the decoding level is recorded per result and checked by the runner (--roles base cannot detect it)
     config.update({name: value for name, value, default in (("backend", args.backend, None),

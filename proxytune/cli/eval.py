@@ -18,9 +18,10 @@ def register(subparsers) -> None:
                              "is a text marker: '0:2,####:1' is α = 2 until the output contains '####', then 1; "
                              "part of the configuration")
     parser.add_argument("--reuse", metavar="EVAL_DIR",
-                        help="another `eval` output with the same task, models, dtype and anchor: its base, expert "
-                             "and tuned results are copied, not recomputed (its proxy results too when α and the "
-                             "α schedule are the same), e.g. to try an α schedule against the same base and expert")
+                        help="another `eval` output with the same task and dtype: each role's results are copied, "
+                             "not recomputed, when the models that role depends on are the same (the proxy's also "
+                             "need the same α and α schedule), e.g. to try an α schedule or a new expert against "
+                             "the same base")
     parser.add_argument("--by", action="append", default=[], metavar="KEY",
                         help="also break the results down by a property of the problems (gsm: steps, template): "
                              "every role's accuracy and the proxy's fixed/broken vs base and expert per group")
@@ -72,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
     if args.reuse:
         from ..evaluation.records import import_eval_results
 
-        print(f"reused {import_eval_results(store, args.reuse)} results from {args.reuse}")
+        added, skipped = import_eval_results(store, args.reuse)
+        print(f"reused {added} results from {args.reuse}")
+        for role, why in skipped.items():
+            print(f"  not its {role} results: {why}")
     roles = [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if wanted is None or r.name in wanted]
     runner = load_runner(args, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
     evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress,

@@ -14,8 +14,9 @@ def register(subparsers) -> None:
                                                "resumable, and more alphas can be added to the same --output.")
     add_evaluation_options(parser)
     parser.add_argument("--alphas", default="0,0.25,0.5,1,1.5,2", help="comma-separated (default 0,0.25,0.5,1,1.5,2)")
-    parser.add_argument("--reuse", metavar="EVAL_DIR", help="an `eval` output with the same task, models and dtype: "
-                                                            "its base/expert/proxy results are copied, not recomputed")
+    parser.add_argument("--reuse", metavar="EVAL_DIR", help="an `eval` output with the same task and dtype: "
+                                                            "each role's results are copied, not recomputed, when the "
+                                                            "models that role depends on are the same")
     # the sweep's αs come from --alphas: --alpha is refused (cli/_models.settle_model_options)
     parser.set_defaults(func=run, alpha_refused="sweep-alpha runs every α of --alphas: put it in --alphas instead")
 
@@ -39,7 +40,10 @@ def run(args: argparse.Namespace) -> int:
     if args.reuse:
         from ..evaluation.records import import_eval_results
 
-        print(f"reused {import_eval_results(store, args.reuse)} results from {args.reuse}")
+        added, skipped = import_eval_results(store, args.reuse)
+        print(f"reused {added} results from {args.reuse}")
+        for role, why in skipped.items():
+            print(f"  not its {role} results: {why}")
     runner = load_runner(args, specs)
     summary = evaluate(runner, task, sweep_roles(alphas, bool(args.tuned)), store, args.limit, args.batch_size,
                        progress=not args.no_progress, until_answered=args.until_answered)

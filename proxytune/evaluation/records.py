@@ -97,14 +97,29 @@ class ResultStore:
         return path
 
 
-SHARED_SETTINGS = ("task", "task_settings", "models", "tuned", "dtype", "until_answered")
+# what every role's rows depend on, and what each role's rows depend on besides (a dotted key reads into a dict);
+# "adapters" holds the digest of each role's adapter weights, so a registered name that now ships other weights
+# is not mistaken for the one that made the rows
+SHARED_SETTINGS = ("task", "task_settings", "dtype", "until_answered", "backend", "prune", "place")
+ROLE_SETTINGS = {"base": ("models.base", "adapters.base"),
+                 "expert": ("models.expert", "adapters.expert"),
+                 "tuned": ("models.base", "adapters.base", "tuned", "adapters.tuned"),
+                 "proxy": ("models", "adapters.base", "adapters.expert", "adapters.anti_expert", "config")}
 
 
-def import_eval_results(store: ResultStore, eval_dir) -> int:
-    """Copy an `eval` run's results into this store (a sweep's or another eval's): its base, expert and tuned
-    rows as they are, and its proxy rows as proxy@α into a sweep, as proxy into an eval with the same α and α
-    schedule (skipped otherwise: another schedule decodes the proxy differently). Only when every setting that
-    changes those rows agrees; returns rows added."""
+def _setting(config: dict, dotted: str):
+    value = config
+    for key in dotted.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def import_eval_results(store: ResultStore, eval_dir) -> tuple[int, dict[str, str]]:
+    """Copy an `eval` run's results into this store (a sweep's or another eval's), role by role: base, expert and
+    tuned rows as they are when the settings they depend on agree (the base's model for the base, and so on), its
+    proxy rows as proxy@α into a sweep, as proxy into an eval with the same α and α schedule (another schedule
+    decodes the proxy differently). Settings every role depends on (task, budget, dtype) must agree.
+    Returns (rows added, {role: why its rows were not copied})."""
     source = Path(eval_dir)
     config_path = source / CONFIG
     if not config_path.exists():
@@ -116,17 +131,22 @@ def import_eval_results(store: ResultStore, eval_dir) -> int:
                              {k: store.config.get(k) for k in SHARED_SETTINGS})
     if differing:
         raise ProxyTuneError(f"cannot reuse {source}: other settings ({'; '.join(differing)})")
-    if store.config.get("command") == "eval":
-        same_proxy = all(config.get(k) == store.config.get(k) for k in ("alpha", "alpha_schedule"))
-        proxy = "proxy" if same_proxy else None
-    else:
-        proxy = f"proxy@{config['alpha']:g}"
-    done = store.done()
+    skipped = {}
+    for role, keys in ROLE_SETTINGS.items():
+        differing = _differences({k: _setting(config, k) for k in keys}, {k: _setting(store.config, k) for k in keys})
+        if role == "proxy" and store.config.get("command") == "eval":
+            differing += _differences({k: config.get(k) for k in ("alpha", "alpha_schedule")},
+                                      {k: store.config.get(k) for k in ("alpha", "alpha_schedule")})
+        if differing:
+            skipped[role] = "; ".join(differing)
+    proxy = "proxy" if store.config.get("command") == "eval" else f"proxy@{config['alpha']:g}"
+    done, records = store.done(), ResultStore(source, config).records
     added = 0
-    for record in ResultStore(source, config).records:
+    for record in records:
         role = proxy if record["role"] == "proxy" else record["role"]
-        if role in (None, "proxy@0") or (record["id"], role) in done:
+        if record["role"] in skipped or role == "proxy@0" or (record["id"], role) in done:
             continue
         store.append({**record, "role": role})
         added += 1
-    return added
+    present = {record["role"] for record in records}
+    return added, {role: why for role, why in skipped.items() if role in present}

@@ -1,6 +1,7 @@
 """Model specs: what a role's spec names (a path, a registered name, `gguf:...`, `openai:...`) and where it is."""
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -56,6 +57,21 @@ def adapter_base(path: Path) -> str | None:
     if not base:
         raise ProxyTuneError(f"{config_file} names no base_model_name_or_path")
     return base
+
+
+def adapter_digest(spec: str) -> str | None:
+    """The first 16 hex digits of the SHA-256 of a LoRA adapter's weights, for a spec that is an adapter directory or
+    a registered adapter name (whose weights change when a new one ships under the same name); None otherwise."""
+    path = Path(spec).expanduser()
+    directory = path if path.is_dir() else registry.ADAPTERS.get(spec)
+    weights = directory / "adapter_model.safetensors" if directory is not None else None
+    if weights is None or not weights.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def with_backend(spec: str, backend: str | None) -> str:
