@@ -12,13 +12,13 @@ settings (budgets, decodings) are printed, not checked: comparing them is the po
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import sys
 from pathlib import Path
 
 from proxytune.errors import ProxyTuneError
 from proxytune.evaluation import get_task
+from proxytune.evaluation.records import read_records
 from proxytune.evaluation.report import percent, table
 from proxytune.evaluation.stats import accuracy, paired
 
@@ -32,14 +32,7 @@ def read_run(spec: str) -> tuple[str, dict, dict[str, dict]]:
     if not (path / "config.json").exists():
         raise ProxyTuneError(f"{path} has no config.json: not an evaluation output directory")
     config = json.loads((path / "config.json").read_text())
-    plain, packed = path / "results.jsonl", path / "results.jsonl.gz"
-    if plain.exists():
-        lines = plain.read_text().splitlines()
-    elif packed.exists():
-        lines = gzip.decompress(packed.read_bytes()).decode().splitlines()
-    else:
-        raise ProxyTuneError(f"{path} has no results.jsonl(.gz)")
-    records = {r["id"]: r for r in map(json.loads, lines) if r["role"] == role}
+    records = {r["id"]: r for r in read_records(path) if r["role"] == role}
     if not records:
         raise ProxyTuneError(f"{path} has no records of role {role!r}")
     return spec, config, records

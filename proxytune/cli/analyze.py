@@ -65,7 +65,9 @@ def eval_records(directory: Path, limit: int) -> tuple[dict, list[dict]]:
     config = json.loads((directory / "config.json").read_text())
     if config.get("command") != "eval":
         raise ProxyTuneError(f"{directory} is not the output of `proxytune eval`")
-    records = [json.loads(line) for line in (directory / "results.jsonl").read_text().splitlines() if line.strip()]
+    from ..evaluation.records import read_records
+
+    records = read_records(directory)
     proxy = [r for r in records if r["role"] == "proxy" and "token_ids" in r][:limit]
     if not proxy:
         raise ProxyTuneError(f"{directory} has no proxy-tuned results with token ids to analyse")

@@ -7,6 +7,7 @@ configurations are never mixed.
 """
 from __future__ import annotations
 
+import gzip
 import json
 import os
 from pathlib import Path
@@ -15,6 +16,7 @@ from ..errors import ProxyTuneError
 
 CONFIG = "config.json"
 RESULTS = "results.jsonl"
+PACKED = "results.jsonl.gz"  # how results/ keeps a finished evaluation's records
 SUMMARY = "summary.json"
 
 
@@ -97,6 +99,20 @@ class ResultStore:
         return path
 
 
+def read_records(directory) -> list[dict]:
+    """An evaluation's records, read only: its results.jsonl (a last line cut short by a kill is left out), or the
+    gzipped copy results/ keeps of a finished one."""
+    directory = Path(directory)
+    plain, packed = directory / RESULTS, directory / PACKED
+    if plain.exists():
+        lines = plain.read_bytes().split(b"\n")[:-1]  # what follows the last newline is unfinished
+    elif packed.exists():
+        lines = gzip.decompress(packed.read_bytes()).split(b"\n")
+    else:
+        raise ProxyTuneError(f"{directory} has no {RESULTS} (or {PACKED}): not an evaluation output directory")
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 # what every role's rows depend on, and what each role's rows depend on besides (a dotted key reads into a dict);
 # "adapters" holds the digest of each role's adapter weights, so a registered name that now ships other weights
 # is not mistaken for the one that made the rows
@@ -140,7 +156,7 @@ def import_eval_results(store: ResultStore, eval_dir) -> tuple[int, dict[str, st
         if differing:
             skipped[role] = "; ".join(differing)
     proxy = "proxy" if store.config.get("command") == "eval" else f"proxy@{config['alpha']:g}"
-    done, records = store.done(), ResultStore(source, config).records
+    done, records = store.done(), read_records(source)
     added = 0
     for record in records:
         role = proxy if record["role"] == "proxy" else record["role"]
