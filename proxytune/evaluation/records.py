@@ -29,6 +29,14 @@ def _differences(old, new, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} there, {new!r} now"]
 
 
+def with_anchor(old: dict, new: dict) -> dict:
+    """`old`, a configuration without an anchor, with the anchor of `new` (and its adapter's digest) added."""
+    config = {**old, "tuned": new["tuned"]}
+    if "tuned" in new.get("adapters", {}):
+        config["adapters"] = {**old.get("adapters", {}), "tuned": new["adapters"]["tuned"]}
+    return config
+
+
 class ResultStore:
     def __init__(self, directory, config: dict):
         self.directory = Path(directory)
@@ -48,7 +56,7 @@ class ResultStore:
                 raise ProxyTuneError(f"{config_path} is not valid JSON ({error}); choose another --output") from error
             # The anchor is often trained after the first run: adding it keeps every result made without it.
             adds_anchor = old.get("tuned") is None and self.config.get("tuned") is not None
-            differing = _differences({**old, "tuned": self.config["tuned"]} if adds_anchor else old, self.config)
+            differing = _differences(with_anchor(old, self.config) if adds_anchor else old, self.config)
             if differing:
                 raise ProxyTuneError(f"{self.directory} holds results of a different configuration "
                                      f"({'; '.join(differing)}); choose another --output to keep both")
