@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_lora, tiny_model, tiny_tokenizer
 
 from proxytune.evaluation.analysis import run_analysis
 from proxytune.evaluation.analysis.measures import analyze, equation_sides
@@ -116,3 +116,22 @@ def test_analyze_an_eval_directory_rescoring_its_proxy_answers(tmp_path, capsys)
     assert [t["label"] for t in traces] == [r["id"] for r in proxy]
     # greedy: at every position the proxy's top token is the token it chose
     assert all(tok["top_id"]["proxy"] == tok["id"] for trace in traces for tok in trace["tokens"])
+
+
+def test_analyze_refuses_an_eval_whose_expert_adapter_has_other_weights_now(tmp_path, capsys):
+    """Rescoring old answers with a new expert shipped under the same name would analyse a decoding that never
+    happened: the digest recorded by eval tells."""
+    root = tmp_path / "models"
+    for seed, role in enumerate(("base", "anti")):
+        tiny_model(seed).save_pretrained(root / role)
+        tiny_tokenizer().save_pretrained(root / role)
+
+    save_lora(root / "anti", root / "expert", seed=1)
+    models = ["--base", str(root / "base"), "--expert", str(root / "expert"), "--anti-expert", str(root / "anti")]
+    assert main(["eval", "gsm", *models, "--limit", "1", "--max-new-tokens", "4", "--output", str(tmp_path / "ev"),
+                 "--no-progress"]) == 0
+    assert main(["analyze", str(tmp_path / "ev"), "--output", str(tmp_path / "an")]) == 0
+    save_lora(root / "anti", root / "expert", seed=2)
+    capsys.readouterr()
+    assert main(["analyze", str(tmp_path / "ev"), "--output", str(tmp_path / "an2")]) == 2
+    assert "holds other weights now" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 import json
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
+from tiny import save_lora, tiny_model, tiny_tokenizer
 
 from proxytune.cli import main
 from proxytune.errors import ProxyTuneError
@@ -297,23 +297,12 @@ def test_until_answered_is_part_of_a_runs_configuration(trio_dirs, tmp_path, cap
     assert "until_answered" in capsys.readouterr().err
 
 
-def write_adapter(directory, base_dir, seed):
-    """A random LoRA adapter of the model in base_dir, saved as peft saves one (its config names that base)."""
-    from transformers import AutoModelForCausalLM
-
-    from tiny import lora_of
-
-    lora_of(AutoModelForCausalLM.from_pretrained(base_dir), seed=seed).save_pretrained(directory)
-    config = json.loads((directory / "adapter_config.json").read_text())
-    (directory / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base_dir}))
-
-
 def test_an_anchor_adapter_can_join_a_finished_run(trio_dirs, tmp_path):
     """The anchor is usually a LoRA of the base trained after the first run: it joins with its weights' digest."""
     common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "3", "--no-progress",
               "--output", str(tmp_path / "run")]
     assert main(common) == 0
-    write_adapter(tmp_path / "anchor", trio_dirs["base"], seed=5)
+    save_lora(trio_dirs["base"], tmp_path / "anchor", seed=5)
     assert main(common + ["--tuned", str(tmp_path / "anchor"), "--roles", "tuned"]) == 0
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert set(config["adapters"]) == {"tuned"} and {r["role"] for r in read_results(tmp_path / "run")} == {
@@ -547,12 +536,12 @@ def test_an_adapter_with_new_weights_under_the_same_name_is_neither_resumed_nor_
     """Shipping a better expert under the registered name keeps the name: the weights' digest in the
     configuration tells the two apart."""
     adapter = tmp_path / "adapter"
-    write_adapter(adapter, trio_dirs["anti"], seed=3)
+    save_lora(trio_dirs["anti"], adapter, seed=3)
     common = ["eval", "gsm", "--base", trio_dirs["base"], "--expert", str(adapter), "--anti-expert", trio_dirs["anti"],
               "--limit", "1", "--max-new-tokens", "3", "--no-progress"]
     assert main(common + ["--output", str(tmp_path / "first")]) == 0
     assert set(json.loads((tmp_path / "first" / "config.json").read_text())["adapters"]) == {"expert"}
-    write_adapter(adapter, trio_dirs["anti"], seed=4)
+    save_lora(trio_dirs["anti"], adapter, seed=4)
     capsys.readouterr()
     assert main(common + ["--output", str(tmp_path / "first")]) == 2
     assert "adapters.expert" in capsys.readouterr().err

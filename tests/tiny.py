@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 
 import torch
-import json
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -89,3 +90,13 @@ def lora_of(model, seed=0):
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
                         init_lora_weights=False)  # random A and B: the adapter really changes the logits
     return get_peft_model(model, config).eval()
+
+
+def save_lora(base_dir, directory, seed=0):
+    """A random LoRA adapter of the model saved in base_dir, saved as peft saves one (its config names that base)."""
+    from transformers import AutoModelForCausalLM
+
+    lora_of(AutoModelForCausalLM.from_pretrained(base_dir), seed=seed).save_pretrained(directory)
+    config = json.loads((Path(directory) / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(base_dir)
+    (Path(directory) / "adapter_config.json").write_text(json.dumps(config))

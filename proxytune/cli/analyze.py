@@ -79,11 +79,16 @@ def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
     from ..evaluation.analysis.traces import rescored_trace
     from ..facade.tuner import ProxyTuner
     from ..models.placement import parse_place
+    from ..models.specs import adapter_digest
 
     if args.model or args.base or args.expert or args.anti_expert:
         raise ProxyTuneError("with an eval directory the models come from its config.json; drop the model options")
     config, records = eval_records(directory, args.limit)
     models = config["models"]
+    for role, digest in config.get("adapters", {}).items():  # the weights that wrote the answers, not only the name
+        if role in models and adapter_digest(models[role]) != digest:
+            raise ProxyTuneError(f"{directory}'s {role} {models[role]!r} holds other weights now than when it wrote "
+                                 f"these answers (adapter digest {digest} then, {adapter_digest(models[role])} now)")
     dtype = config.get("dtype")
     if dtype == "default":  # written before the default became each checkpoint's own dtype
         import torch
