@@ -30,7 +30,7 @@ EOF
 if [ "$SHIPPED" = 1 ]; then EXPERT=gsm-qwen2.5-coder-0.5b; else EXPERT=$HOME/.cache/proxytune/recipes/$CANDIDATE; fi
 ANCHOR=$HOME/.cache/proxytune/adapters/gsm-qwen2.5-coder-1.5b-anchor-$CANDIDATE
 TRIO=(--base qwen2.5-coder-1.5b-instruct --expert "$EXPERT" --anti-expert qwen2.5-coder-0.5b-instruct
-      --dtype bfloat16 --max-new-tokens 384 --batch-size 32 --threads "$THREADS" --no-progress)
+      --dtype bfloat16 --max-new-tokens 384 --batch-size 64 --threads "$THREADS" --no-progress)
 SCHEDULES=("0:2,####:1" "0:2,64:1" "0:1,64:2")
 schedule_dir() { echo "$OUT/schedule-$(echo "$1" | tr ':,#' '-_h')"; }
 

@@ -548,3 +548,24 @@ def test_an_adapter_with_new_weights_under_the_same_name_is_neither_resumed_nor_
     assert main(common + ["--output", str(tmp_path / "second"), "--reuse", str(tmp_path / "first")]) == 0
     out = capsys.readouterr().out
     assert "reused 1 results" in out and "not its expert results: adapters.expert" in out
+
+
+def test_a_run_with_nothing_left_to_compute_loads_no_model(trio_dirs, tmp_path, capsys, monkeypatch):
+    """A finished run, or one that --reuse completes, is summarised without loading three models."""
+    import proxytune.cli._evaluation as evaluation_cli
+
+    common = ["eval", "gsm", *model_args(trio_dirs), "--limit", "1", "--max-new-tokens", "3", "--no-progress"]
+    assert main(common + ["--output", str(tmp_path / "run")]) == 0
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(evaluation_cli, "load_runner", refuse)
+    capsys.readouterr()
+    assert main(common + ["--output", str(tmp_path / "run")]) == 0
+    assert main(common + ["--output", str(tmp_path / "copy"), "--reuse", str(tmp_path / "run")]) == 0
+    assert "reused 3 results" in capsys.readouterr().out
+    assert json.loads((tmp_path / "copy" / "summary.json").read_text())["roles"] == \
+        json.loads((tmp_path / "run" / "summary.json").read_text())["roles"]
+    assert main(["sweep-alpha", "gsm", *common[2:], "--alphas", "1", "--output", str(tmp_path / "sweep"),
+                 "--reuse", str(tmp_path / "run")]) == 0

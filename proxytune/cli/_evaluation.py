@@ -104,3 +104,26 @@ def load_runner(args: argparse.Namespace, specs: dict, base_only: bool = False):
     # the anchor decodes over what the trio decodes over, so its greedy answers compare with theirs
     tuned = alone("tuned", args.tuned, tuner.byte_level) if args.tuned else None
     return RoleRunner(tuner, tuned)
+
+
+def reuse(store, source: str) -> None:
+    """--reuse: another eval's rows copied into this store, role by role, saying which roles were not and why."""
+    from ..evaluation.records import import_eval_results
+
+    added, skipped = import_eval_results(store, source)
+    print(f"reused {added} results from {source}")
+    for role, why in skipped.items():
+        print(f"  not its {role} results: {why}")
+
+
+def run_roles(args: argparse.Namespace, task, roles, store, specs: dict, base_only: bool = False) -> dict:
+    """Every role on every example not done yet, then the summary; models load only when something is left to
+    compute (a finished run, or one completed by --reuse, is summarised in a second)."""
+    from ..evaluation import evaluate, summarize
+    from ..evaluation.runner import pending
+
+    if not pending(task, roles, store, args.limit):
+        return summarize(task, roles, store.records, [ex.id for ex in task.examples(args.limit)])
+    runner = load_runner(args, specs, base_only=base_only)
+    return evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress,
+                    until_answered=args.until_answered)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._evaluation import add_evaluation_options, add_roles_option, load_runner, parse_roles, prepare
+from ._evaluation import add_evaluation_options, add_roles_option, parse_roles, prepare, reuse, run_roles
 
 
 def register(subparsers) -> None:
@@ -61,7 +61,7 @@ def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import eval_roles, evaluate, summarize
+    from ..evaluation import eval_roles, summarize
     from ..evaluation.report import summary_table
     from ..evaluation.transfer import breakdown, breakdown_table
 
@@ -71,16 +71,9 @@ def run(args: argparse.Namespace) -> int:
                                                 **({"alpha_schedule": [list(s) for s in schedule]} if schedule else {})})
     check_by(task, args.by)
     if args.reuse:
-        from ..evaluation.records import import_eval_results
-
-        added, skipped = import_eval_results(store, args.reuse)
-        print(f"reused {added} results from {args.reuse}")
-        for role, why in skipped.items():
-            print(f"  not its {role} results: {why}")
+        reuse(store, args.reuse)
     roles = [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if wanted is None or r.name in wanted]
-    runner = load_runner(args, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
-    evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress,
-             until_answered=args.until_answered)
+    run_roles(args, task, roles, store, specs, base_only=wanted is not None and wanted <= {"base", "tuned"})
     # The summary covers every role with results in the directory, including roles earlier runs computed.
     present = {record["role"] for record in store.records}
     summary = summarize(task, [r for r in eval_roles(args.alpha, bool(args.tuned), schedule) if r.name in present],

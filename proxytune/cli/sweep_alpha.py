@@ -5,7 +5,7 @@ import argparse
 import math
 
 from ..errors import ProxyTuneError
-from ._evaluation import add_evaluation_options, load_runner, prepare
+from ._evaluation import add_evaluation_options, prepare, reuse, run_roles
 
 
 def register(subparsers) -> None:
@@ -32,21 +32,14 @@ def parse_alphas(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation import evaluate, sweep_roles
+    from ..evaluation import sweep_roles
     from ..evaluation.report import plot_sweep, sweep_table
 
     alphas = parse_alphas(args.alphas)
     task, store, specs = prepare(args, "sweep-alpha", {})
     if args.reuse:
-        from ..evaluation.records import import_eval_results
-
-        added, skipped = import_eval_results(store, args.reuse)
-        print(f"reused {added} results from {args.reuse}")
-        for role, why in skipped.items():
-            print(f"  not its {role} results: {why}")
-    runner = load_runner(args, specs)
-    summary = evaluate(runner, task, sweep_roles(alphas, bool(args.tuned)), store, args.limit, args.batch_size,
-                       progress=not args.no_progress, until_answered=args.until_answered)
+        reuse(store, args.reuse)
+    summary = run_roles(args, task, sweep_roles(alphas, bool(args.tuned)), store, specs)
     summary["alphas"] = alphas
     store.write_summary(summary)
     print(sweep_table(summary, alphas), flush=True)  # the table first: a plotting failure cannot hide it

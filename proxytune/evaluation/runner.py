@@ -42,8 +42,8 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
         raise ProxyTuneError(f"task {task.name} has no examples")
     check_level(store, runner.level)
     done = store.done()
-    units = [(ex, role) for ex in examples for role in roles]
-    bar = _progress_bar(len(units), sum((ex.id, r.name) in done for ex, r in units), task.name, progress)
+    units = len(examples) * len(roles)
+    bar = _progress_bar(units, units - pending(task, roles, store, limit), task.name, progress)
     # Chunks of several batches keep continuous batching busy; every role finishes a chunk before the next.
     # One role needs no chunks: a chunk's end leaves the batch to its longest rows alone.
     per_chunk = len(examples) if len(roles) == 1 else max(1, 4 * batch_size // (1 + task.samples))
@@ -59,12 +59,18 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
                 choose_options(runner, task, roles, chunk, done, write)
                 continue
             for role in roles:
-                pending = [ex for ex in chunk if (ex.id, role.name) not in done]
-                if pending:
-                    generate(runner, task, role, pending, write, batch_size, until_answered)
+                waiting = [ex for ex in chunk if (ex.id, role.name) not in done]
+                if waiting:
+                    generate(runner, task, role, waiting, write, batch_size, until_answered)
     finally:
         bar.close()
     return summarize(task, roles, store.records, [ex.id for ex in examples])
+
+
+def pending(task, roles: Sequence[Role], store: ResultStore, limit: int | None = None) -> int:
+    """How many (example, role) pairs have no result yet: none, and a run needs no model."""
+    done = store.done()
+    return sum((ex.id, role.name) not in done for ex in task.examples(check_limit(limit)) for role in roles)
 
 
 def check_level(store: ResultStore, level: str) -> None:
