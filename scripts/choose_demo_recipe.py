@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from proxytune.datasets import gsm  # noqa: E402
+from proxytune.evaluation.stats import paired  # noqa: E402
 from proxytune.models.registry import ADAPTERS  # noqa: E402
 
 RUNS = Path.home() / ".cache" / "proxytune" / "recipes"
@@ -94,6 +95,12 @@ def shipped_validation_loss(args) -> float:
     return heldout_loss(model, rows, pad, 4)
 
 
+def validation_answers(name: str) -> dict[str, bool]:
+    """A candidate's validation answers as results/recipe keeps them: example id -> right."""
+    lines = gzip.decompress((RESULTS / "validation" / f"{name}.jsonl.gz").read_bytes()).splitlines()
+    return {record["id"]: bool(record["correct"]) for record in map(json.loads, lines)}
+
+
 def adapter_digest(directory: Path) -> str:
     return hashlib.sha256((directory / "adapter_model.safetensors").read_bytes()).hexdigest()
 
@@ -145,6 +152,12 @@ def report(args, candidates) -> dict:
                    "validation_loss": shipped_validation_loss(args), "validation_accuracy": accuracy["accuracy"],
                    "validation_correct": accuracy["correct"]}
     baseline = next((row for row in rows if row["train_examples"] == 320), None)
+    if baseline is not None:  # each candidate against the baseline on the same validation problems
+        reference = validation_answers(baseline["directory"])
+        for row in rows:
+            if row is not baseline:
+                mine = validation_answers(row["directory"])
+                row["vs_baseline"] = paired([mine[i] for i in reference], list(reference.values()))
     best = rows[0] if rows else None
     better = (best is not None and best is not baseline and best["train_examples"] >= 1500 and baseline is not None
               and (best["validation_accuracy"], -best["validation_loss"])
@@ -170,18 +183,21 @@ def write_table(args, out: dict) -> None:
              f"{args.max_new_tokens} new tokens, the `####` answer) decides, loss on the reference solutions breaks ties; "
              "held-out templates are only reported, never used to choose. The 320-example row is the shipped "
              "expert's recipe on FIT templates, the baseline a new recipe has to beat.", "",
-             "| learning rate | rank | epochs | examples | validation accuracy | validation loss | held-out loss | "
-             "training time | peak RSS |", "|---|---|---|---|---|---|---|---|---|"]
+             "| learning rate | rank | epochs | examples | validation accuracy | vs baseline (fixed / broken, "
+             "McNemar p) | validation loss | held-out loss | training time | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
+        versus = row.get("vs_baseline")
+        versus = f"+{versus['fixed']} / −{versus['broken']}, p {versus['mcnemar_p']:.2g}" if versus else "—"
         lines.append(f"| {row['learning_rate']:g} | {row['rank']} | {row['epochs']:g} | {row['train_examples']} | "
-                     f"{row['validation_accuracy']:.1%} ({row['validation_correct']}) | "
+                     f"{row['validation_accuracy']:.1%} ({row['validation_correct']}) | {versus} | "
                      f"{row['validation_loss']:.4f} | {row['heldout_loss']:.4f} | "
                      f"{(row['train_seconds'] or 0) / 60:.0f} min | {row['peak_rss_gb'] or 0:.1f} GB |")
     for entry in (out.get("previous_shipped"), shipped):
         if entry is None:
             continue
         lines.append(f"| {entry['label']} | | | {entry['train_examples']} | {entry['validation_accuracy']:.1%} "
-                     f"({entry['validation_correct']}) | {entry['validation_loss']:.4f} | | | |")
+                     f"({entry['validation_correct']}) | | {entry['validation_loss']:.4f} | | | |")
     lines += ["", f"Best: {best['directory'] if best else 'none'}; "
               + ("it beats the baseline on validation and ships (`--ship`)." if out["best_beats_baseline"] else
                  "the shipped expert stays (no candidate on >= 1,500 examples beats the baseline on validation).")]
