@@ -6,7 +6,8 @@
 #
 #   bash scripts/evidence.sh expert    # choose the recipe on validation templates; ship the winner if it beats the baseline
 #   bash scripts/evidence.sh proxy     # expert and proxy on 200 held-out problems (the base's rows reused from
-#                                      # results/gsm-demo), α sweep and token-level analysis on 100, three α schedules
+#                                      # results/gsm-demo), token-level analysis, three α schedules and the α sweep
+#                                      # on the first 100 (everything that needs the expert)
 #   bash scripts/evidence.sh anchor    # the 1.5B tuned with the same recipe on the same examples, and its rows
 #   THREADS=1 bash scripts/evidence.sh proxy    # one torch thread (another job on the other core)
 set -euo pipefail
@@ -47,8 +48,6 @@ proxy)
     # the base alone does not depend on the expert: its 200 rows come from the first headline run
     $PY -m proxytune eval gsm "${TRIO[@]}" --limit 200 --roles base,expert,proxy --by steps --by template \
         --reuse results/gsm-demo --output "$OUT/gsm"
-    $PY -m proxytune sweep-alpha gsm "${TRIO[@]}" --alphas 0,0.25,0.5,1,1.5,2 --limit 100 --reuse "$OUT/gsm" \
-        --output "$OUT/sweep"
     $PY -m proxytune analyze "$OUT/gsm" --limit 100 --threads "$THREADS" --output runs/evidence/analysis
     cp runs/evidence/analysis/analysis.json "$OUT/analysis.json"
     # where α is spent: more α while the proxy reasons (until its "####" line), early, or late; base and expert are
@@ -57,6 +56,8 @@ proxy)
         $PY -m proxytune eval gsm "${TRIO[@]}" --limit 100 --roles base,expert,proxy --alpha-schedule "$schedule" \
             --by steps --reuse "$OUT/gsm" --output "$(schedule_dir "$schedule")"
     done
+    $PY -m proxytune sweep-alpha gsm "${TRIO[@]}" --alphas 0,0.25,0.5,1,1.5,2 --limit 100 --reuse "$OUT/gsm" \
+        --output "$OUT/sweep"
     ;;
 anchor)
     if [ ! -f "$ANCHOR/tune_summary.json" ]; then
