@@ -1,5 +1,6 @@
 """Token-level analysis: what the measures count, that α = 0 changes nothing, and the files it writes."""
 import json
+import shutil
 
 import pytest
 from tiny import save_lora, tiny_model, tiny_tokenizer
@@ -135,3 +136,6 @@ def test_analyze_refuses_an_eval_whose_expert_adapter_has_other_weights_now(tmp_
     capsys.readouterr()
     assert main(["analyze", str(tmp_path / "ev"), "--output", str(tmp_path / "an2")]) == 2
     assert "holds other weights now" in capsys.readouterr().err
+    shutil.rmtree(root / "expert")
+    assert main(["analyze", str(tmp_path / "ev"), "--output", str(tmp_path / "an3")]) == 2
+    assert "is not on this machine" in capsys.readouterr().err

@@ -569,3 +569,22 @@ def test_a_run_with_nothing_left_to_compute_loads_no_model(trio_dirs, tmp_path, 
         json.loads((tmp_path / "run" / "summary.json").read_text())["roles"]
     assert main(["sweep-alpha", "gsm", *common[2:], "--alphas", "1", "--output", str(tmp_path / "sweep"),
                  "--reuse", str(tmp_path / "run")]) == 0
+
+
+def test_an_anchor_joins_on_a_machine_without_the_expert_adapter(trio_dirs, tmp_path, capsys):
+    """The expert's adapter may live only where the first run was made: the anchor's rows (which never load the
+    expert) still join, the recorded digest stays, and a role that needs the missing adapter fails at loading it."""
+    import shutil
+
+    expert = tmp_path / "expert"
+    save_lora(trio_dirs["anti"], expert, seed=3)
+    common = ["eval", "gsm", "--base", trio_dirs["base"], "--expert", str(expert), "--anti-expert", trio_dirs["anti"],
+              "--limit", "1", "--max-new-tokens", "3", "--no-progress", "--output", str(tmp_path / "run")]
+    assert main(common) == 0
+    digest = json.loads((tmp_path / "run" / "config.json").read_text())["adapters"]["expert"]
+    shutil.rmtree(expert)
+    assert main(common + ["--tuned", trio_dirs["expert"], "--roles", "tuned"]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["adapters"] == {"expert": digest} and config["tuned"] == trio_dirs["expert"]
+    assert main(common + ["--tuned", trio_dirs["expert"], "--limit", "2"]) == 2
+    assert str(expert) in capsys.readouterr().err  # the missing adapter, named when the expert must load

@@ -86,9 +86,11 @@ def run_from_eval(args: argparse.Namespace, directory: Path) -> dict:
     config, records = eval_records(directory, args.limit)
     models = config["models"]
     for role, digest in config.get("adapters", {}).items():  # the weights that wrote the answers, not only the name
-        if role in models and adapter_digest(models[role]) != digest:
-            raise ProxyTuneError(f"{directory}'s {role} {models[role]!r} holds other weights now than when it wrote "
-                                 f"these answers (adapter digest {digest} then, {adapter_digest(models[role])} now)")
+        now = adapter_digest(models[role]) if role in models else digest
+        if now != digest:
+            state = "is not on this machine" if now is None else f"holds other weights now (adapter digest {now})"
+            raise ProxyTuneError(f"{directory}'s {role} {models[role]!r} {state}; its answers were written by the "
+                                 f"adapter with digest {digest}")
     dtype = config.get("dtype")
     if dtype == "default":  # written before the default became each checkpoint's own dtype
         import torch

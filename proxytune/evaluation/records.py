@@ -37,6 +37,19 @@ def with_anchor(old: dict, new: dict) -> dict:
     return config
 
 
+def _spec(config: dict, role: str):
+    return config.get("tuned") if role == "tuned" else (config.get("models") or {}).get(role)
+
+
+def with_absent_adapters(old: dict, new: dict) -> dict:
+    """`new`, with the digests `old` recorded for adapters this machine lacks (the same spec, no digest now).
+    What is not here cannot write a row: the run goes on with the roles it can load (the anchor's, say, on a
+    machine without the expert), and one that needs the missing adapter fails when it loads it."""
+    absent = {role: digest for role, digest in (old.get("adapters") or {}).items()
+              if role not in (new.get("adapters") or {}) and _spec(old, role) == _spec(new, role)}
+    return {**new, "adapters": {**new.get("adapters", {}), **absent}} if absent else new
+
+
 class ResultStore:
     def __init__(self, directory, config: dict):
         self.directory = Path(directory)
@@ -54,6 +67,7 @@ class ResultStore:
                 old = json.loads(config_path.read_text())
             except json.JSONDecodeError as error:
                 raise ProxyTuneError(f"{config_path} is not valid JSON ({error}); choose another --output") from error
+            self.config = with_absent_adapters(old, self.config)
             # The anchor is often trained after the first run: adding it keeps every result made without it.
             adds_anchor = old.get("tuned") is None and self.config.get("tuned") is not None
             differing = _differences(with_anchor(old, self.config) if adds_anchor else old, self.config)
