@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from proxytune.datasets import gsm  # noqa: E402
 from proxytune.evaluation.stats import paired  # noqa: E402
 from proxytune.models.registry import ADAPTERS  # noqa: E402
+from proxytune.models.specs import adapter_digest  # noqa: E402
 
 RUNS = Path.home() / ".cache" / "proxytune" / "recipes"
 RESULTS = ROOT / "results" / "recipe"
@@ -101,10 +101,6 @@ def validation_answers(name: str) -> dict[str, bool]:
     return {record["id"]: bool(record["correct"]) for record in map(json.loads, lines)}
 
 
-def adapter_digest(directory: Path) -> str:
-    return hashlib.sha256((directory / "adapter_model.safetensors").read_bytes()).hexdigest()
-
-
 def recorded(args) -> dict:
     """What an earlier search wrote to results/ (the run directories in ~/.cache do not travel; results/ does),
     if it was scored the same way."""
@@ -141,12 +137,12 @@ def report(args, candidates) -> dict:
                      "train_seconds": summary.get("train_seconds"), "peak_rss_gb": summary.get("peak_rss_gb"),
                      "directory": summary_file.parent.name})
     rows.sort(key=lambda row: (-row["validation_accuracy"], row["validation_loss"]))
-    digest = adapter_digest(ADAPTERS[SHIPPED])
-    if earlier.get("shipped", {}).get("sha256") == digest:
+    digest = adapter_digest(str(ADAPTERS[SHIPPED]))  # as an eval's config records it
+    if earlier.get("shipped", {}).get("digest") == digest:
         shipped = earlier["shipped"]
     else:
         accuracy = validation_accuracy(ADAPTERS[SHIPPED], RUNS / "shipped-validation-eval", "shipped", args)
-        shipped = {"adapter": SHIPPED, "sha256": digest, "train_examples": 320,
+        shipped = {"adapter": SHIPPED, "digest": digest, "train_examples": 320,
                    "label": "shipped expert (3e-4, r 16, 1 epoch; trained on the validation templates too: "
                             "not comparable)",
                    "validation_loss": shipped_validation_loss(args), "validation_accuracy": accuracy["accuracy"],
@@ -250,9 +246,9 @@ def main() -> int:
         card = card.replace(f" --output ~/.cache/proxytune/recipes/{best.name}", "").replace(" --card expert", "")
         (target / "README.md").write_text(card)
         print(f"copied {out['best']['directory']} to {target}", file=sys.stderr)
-        if out["shipped"]["sha256"] != adapter_digest(target):  # the table says which adapter ships now
+        if out["shipped"]["digest"] != adapter_digest(str(target)):  # the table says which adapter ships now
             out["previous_shipped"] = out["shipped"]
-            out["shipped"] = {"adapter": SHIPPED, "sha256": adapter_digest(target),
+            out["shipped"] = {"adapter": SHIPPED, "digest": adapter_digest(str(target)),
                               "train_examples": out["best"]["train_examples"],
                               "label": f"shipped expert now: {out['best']['directory']}",
                               **{key: out["best"][key] for key in ("validation_loss", "validation_accuracy",
