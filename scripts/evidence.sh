@@ -68,8 +68,15 @@ anchor)
     cp "$ANCHOR/tune_summary.json" "$OUT/anchor_tune_summary.json"
     $PY -m proxytune eval gsm "${TRIO[@]}" --limit 200 --roles tuned --tuned "$ANCHOR" --by steps --by template \
         --output "$OUT/gsm"
-    # the sweep and the schedules take the anchor's rows from the headline run (gap closed in their tables)
-    $PY -m proxytune sweep-alpha gsm "${TRIO[@]}" --alphas 0,0.25,0.5,1,1.5,2 --limit 100 --tuned "$ANCHOR" \
+    # the sweep and the schedules take the anchor's rows from the headline run (gap closed in their tables); without
+    # the expert here, the sweep is summarised over the α values it has finished (no model loads for those)
+    ALPHAS=0,0.25,0.5,1,1.5,2
+    if [ "$SHIPPED" != 1 ] && [ ! -f "$EXPERT/tune_summary.json" ]; then
+        ALPHAS=$($PY -c 'import collections, json
+rows = collections.Counter(json.loads(line)["role"] for line in open("results/evidence/sweep/results.jsonl"))
+print(",".join(["0"] + [r.split("@")[1] for r in rows if r.startswith("proxy@") and rows[r] >= 100]))')
+    fi
+    $PY -m proxytune sweep-alpha gsm "${TRIO[@]}" --alphas "$ALPHAS" --limit 100 --tuned "$ANCHOR" \
         --reuse "$OUT/gsm" --output "$OUT/sweep"
     for schedule in "${SCHEDULES[@]}"; do
         $PY -m proxytune eval gsm "${TRIO[@]}" --limit 100 --tuned "$ANCHOR" --alpha-schedule "$schedule" \
