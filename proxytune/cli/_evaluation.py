@@ -120,10 +120,11 @@ def run_roles(args: argparse.Namespace, task, roles, store, specs: dict, base_on
     """Every role on every example not done yet, then the summary; models load only when something is left to
     compute (a finished run, or one completed by --reuse, is summarised in a second)."""
     from ..evaluation import evaluate, summarize
-    from ..evaluation.runner import pending
+    from ..evaluation.runner import check_limit, pending
 
-    if not pending(task, roles, store, args.limit):
-        return summarize(task, roles, store.records, [ex.id for ex in task.examples(args.limit)])
+    examples = task.examples(check_limit(args.limit))
+    if not pending(examples, roles, store):
+        return summarize(task, roles, store.records, [ex.id for ex in examples])
     runner = load_runner(args, specs, base_only=base_only)
     return evaluate(runner, task, roles, store, args.limit, args.batch_size, progress=not args.no_progress,
                     until_answered=args.until_answered)

@@ -43,7 +43,7 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
     check_level(store, runner.level)
     done = store.done()
     units = len(examples) * len(roles)
-    bar = _progress_bar(units, units - pending(task, roles, store, limit), task.name, progress)
+    bar = _progress_bar(units, units - pending(examples, roles, store), task.name, progress)
     # Chunks of several batches keep continuous batching busy; every role finishes a chunk before the next.
     # One role needs no chunks: a chunk's end leaves the batch to its longest rows alone.
     per_chunk = len(examples) if len(roles) == 1 else max(1, 4 * batch_size // (1 + task.samples))
@@ -67,10 +67,10 @@ def evaluate(runner: RoleRunner, task, roles: Sequence[Role], store: ResultStore
     return summarize(task, roles, store.records, [ex.id for ex in examples])
 
 
-def pending(task, roles: Sequence[Role], store: ResultStore, limit: int | None = None) -> int:
+def pending(examples: Sequence[Example], roles: Sequence[Role], store: ResultStore) -> int:
     """How many (example, role) pairs have no result yet: none, and a run needs no model."""
     done = store.done()
-    return sum((ex.id, role.name) not in done for ex in task.examples(check_limit(limit)) for role in roles)
+    return sum((ex.id, role.name) not in done for ex in examples for role in roles)
 
 
 def check_level(store: ResultStore, level: str) -> None:
