@@ -1,4 +1,5 @@
 """Evaluation: every task end to end on tiny models, resume, refusal of mixed configurations, statistics."""
+import gzip
 import json
 
 import pytest
@@ -455,6 +456,21 @@ def test_a_line_cut_short_by_a_kill_is_recomputed(tuner, tmp_path):
     assert path.read_text().splitlines(keepends=True)[:-1] == lines[:-1]
     assert len(read_results(tmp_path / "r")) == 6
 
+
+
+def test_a_finished_run_kept_gzipped_goes_on_from_its_records(tuner, tmp_path):
+    task = get_task("gsm", max_new_tokens=6)
+    config = {"task": "gsm", "alpha": 1.0}
+    evaluate(RoleRunner(tuner), task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=2,
+             progress=False)
+    plain = tmp_path / "r" / "results.jsonl"
+    records = plain.read_bytes()
+    (tmp_path / "r" / "results.jsonl.gz").write_bytes(gzip.compress(records))  # how results/ keeps it
+    plain.unlink()
+    runner = CountingRunner(tuner)
+    evaluate(runner, task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=3, progress=False)
+    assert runner.requests == 3  # only the new example's three roles
+    assert plain.read_bytes().startswith(records)
 
 # --- bad input ----------------------------------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class ResultStore:
         self.config = json.loads(json.dumps(config))  # as it will read back from disk
         self.results_path = self.directory / RESULTS
         self._check_or_write_config()
+        self._unpack()
         self._records = self._read_results()
 
     def _check_or_write_config(self) -> None:
@@ -82,6 +83,12 @@ class ResultStore:
                                  f"directory; choose another --output")
         self.directory.mkdir(parents=True, exist_ok=True)
         config_path.write_text(json.dumps(self.config, indent=2) + "\n")
+
+    def _unpack(self) -> None:
+        """A finished evaluation results/ keeps gzipped goes on from its records: they are unpacked beside it."""
+        packed = self.directory / PACKED
+        if packed.exists() and not self.results_path.exists():
+            self.results_path.write_bytes(gzip.decompress(packed.read_bytes()))
 
     def _read_results(self) -> list[dict]:
         if not self.results_path.exists():
