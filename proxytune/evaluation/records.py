@@ -94,16 +94,8 @@ class ResultStore:
         if not self.results_path.exists():
             return []
         raw = self.results_path.read_bytes()
-        records, good_end = [], 0
-        for line in raw.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break  # a line cut short by a kill mid-write: dropped, recomputed
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_end += len(line)
-        if good_end < len(raw):
+        records, good_end = _finished_records(raw)
+        if good_end < len(raw):  # what a kill cut short is dropped, and recomputed
             with open(self.results_path, "r+b") as handle:
                 handle.truncate(good_end)
         return records
@@ -134,12 +126,25 @@ def read_records(directory) -> list[dict]:
     directory = Path(directory)
     plain, packed = directory / RESULTS, directory / PACKED
     if plain.exists():
-        lines = plain.read_bytes().split(b"\n")[:-1]  # what follows the last newline is unfinished
-    elif packed.exists():
-        lines = gzip.decompress(packed.read_bytes()).split(b"\n")
-    else:
-        raise ProxyTuneError(f"{directory} has no {RESULTS} (or {PACKED}): not an evaluation output directory")
-    return [json.loads(line) for line in lines if line.strip()]
+        return _finished_records(plain.read_bytes())[0]
+    if packed.exists():
+        return _finished_records(gzip.decompress(packed.read_bytes()))[0]
+    raise ProxyTuneError(f"{directory} has no {RESULTS} (or {PACKED}): not an evaluation output directory")
+
+
+def _finished_records(raw: bytes) -> tuple[list[dict], int]:
+    """The records of results.jsonl's bytes up to the first line a kill cut short mid-write (no newline, or not
+    JSON), and the offset where they end."""
+    records, end = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        end += len(line)
+    return records, end
 
 
 # what every role's rows depend on, and what each role's rows depend on besides (a dotted key reads into a dict);
