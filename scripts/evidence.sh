@@ -72,8 +72,9 @@ anchor)
     # the expert here, the sweep is summarised over the α values it has finished (no model loads for those)
     ALPHAS=0,0.25,0.5,1,1.5,2
     if [ "$SHIPPED" != 1 ] && [ ! -f "$EXPERT/tune_summary.json" ]; then
-        ALPHAS=$($PY -c 'import collections, json
-rows = collections.Counter(json.loads(line)["role"] for line in open("results/evidence/sweep/results.jsonl"))
+        ALPHAS=$($PY -c 'import collections
+from proxytune.evaluation.records import read_records
+rows = collections.Counter(record["role"] for record in read_records("results/evidence/sweep"))
 print(",".join(["0"] + [r.split("@")[1] for r in rows if r.startswith("proxy@") and rows[r] >= 100]))')
     fi
     $PY -m proxytune sweep-alpha gsm "${TRIO[@]}" --alphas "$ALPHAS" --limit 100 --tuned "$ANCHOR" \
