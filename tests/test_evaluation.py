@@ -1,6 +1,7 @@
 """Evaluation: every task end to end on tiny models, resume, refusal of mixed configurations, statistics."""
 import gzip
 import json
+import shutil
 
 import pytest
 from tiny import save_lora, tiny_model, tiny_tokenizer
@@ -457,7 +458,6 @@ def test_a_line_cut_short_by_a_kill_is_recomputed(tuner, tmp_path):
     assert len(read_results(tmp_path / "r")) == 6
 
 
-
 def test_a_finished_run_kept_gzipped_goes_on_from_its_records(tuner, tmp_path):
     task = get_task("gsm", max_new_tokens=6)
     config = {"task": "gsm", "alpha": 1.0}
@@ -471,6 +471,7 @@ def test_a_finished_run_kept_gzipped_goes_on_from_its_records(tuner, tmp_path):
     evaluate(runner, task, eval_roles(1.0, False), ResultStore(tmp_path / "r", config), limit=3, progress=False)
     assert runner.requests == 3  # only the new example's three roles
     assert plain.read_bytes().startswith(records)
+
 
 # --- bad input ----------------------------------------------------------------------------------------------
 
@@ -590,8 +591,6 @@ def test_a_run_with_nothing_left_to_compute_loads_no_model(trio_dirs, tmp_path, 
 def test_an_anchor_joins_on_a_machine_without_the_expert_adapter(trio_dirs, tmp_path, capsys):
     """The expert's adapter may live only where the first run was made: the anchor's rows (which never load the
     expert) still join, the recorded digest stays, and a role that needs the missing adapter fails at loading it."""
-    import shutil
-
     expert = tmp_path / "expert"
     save_lora(trio_dirs["anti"], expert, seed=3)
     common = ["eval", "gsm", "--base", trio_dirs["base"], "--expert", str(expert), "--anti-expert", trio_dirs["anti"],
