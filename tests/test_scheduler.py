@@ -10,7 +10,6 @@ import asyncio
 import pytest
 
 from proxytune import ProxyTuner
-from proxytune.server import scheduler as scheduler_module
 from proxytune.server.scheduler import Scheduler
 from proxytune.server.schemas import PromptRows
 from wrapped_sources import Flaky, Solo
@@ -49,23 +48,51 @@ def alone(tuner, prompt, max_new_tokens=8):
     return tuner.generate(prompt, max_new_tokens=max_new_tokens)[0].token_ids
 
 
-def test_a_decoding_rotates_after_many_rows_and_no_row_notices(tuner, monkeypatch):
-    monkeypatch.setattr(scheduler_module, "ROTATE_AFTER_ROWS", 2)
+def test_a_decoding_that_never_empties_keeps_nothing_of_the_jobs_it_finished(tuner, monkeypatch):
     scheduler = Scheduler(tuner, max_batch=8)
     decodings = []  # every decoding the scheduler starts (watching scheduler.decoding missed short-lived ones)
     start = tuner.decoding
     monkeypatch.setattr(tuner, "decoding", lambda *a, **k: decodings.append(start(*a, **k)) or decodings[-1])
 
     async def go():
-        jobs = [scheduler.submit(rows(tuner, p)) for p in PROMPTS]
-        return [await drain(job) for job in jobs]
+        long = scheduler.submit(rows(tuner, PROMPTS[0], max_new_tokens=60))
+        jobs = [scheduler.submit(rows(tuner, p, max_new_tokens=1 + i % 3)) for i, p in enumerate(PROMPTS * 4)]
+        results = [await drain(job) for job in jobs]
+        kept = [(len(d.rows), len(d.finished)) for d in decodings]  # while the long row still runs
+        last = await drain(long)
+        for _ in range(100):  # the engine's next step ends the emptied decoding
+            if scheduler.decoding is None:
+                break
+            await asyncio.sleep(0.02)
+        return results, kept, last
 
-    results = run(scheduler, go())
+    results, kept, _ = run(scheduler, go())
     served = list(decodings)  # before alone() below decodes through tuner.decoding too
-    assert len(served) >= 2 and all(len(d.rows) <= 2 for d in served)  # at most 2 rows per decoding
-    assert sum(len(d.rows) for d in served) == len(PROMPTS)
-    assert [kind for kind, _ in results] == ["done"] * len(PROMPTS)
-    assert [items[-1][1][0].token_ids for _, items in results] == [alone(tuner, p) for p in PROMPTS]
+    assert [kind for kind, _ in results] == ["done"] * len(results)
+    assert kept[0][1] == 0 and kept[0][0] <= 2  # the long row (and the last job, leaving at the next step)
+    assert [items[-1][1][0].token_ids for _, items in results] == [
+        alone(tuner, p, 1 + i % 3) for i, p in enumerate(PROMPTS * 4)]
+    assert all(not d.rows and not d.finished for d in served)
+
+
+def test_requests_that_finish_at_their_first_token_never_orphan_a_request_that_joins(tuner):
+    """lm-eval's concurrent client: echo + max_tokens 1, a few at a time; a request submitted while every
+    running row finished at its first token used to be never decoded."""
+    scheduler = Scheduler(tuner, max_batch=8)
+
+    async def go():
+        async def client(i):
+            results = []
+            for k in range(8):
+                results.append(await drain(scheduler.submit(rows(tuner, PROMPTS[(i + k) % 5], max_new_tokens=1)),
+                                           timeout=30))
+                await asyncio.sleep(0.001 * ((i * 7 + k) % 4))
+            return results
+        return await asyncio.gather(*(client(i) for i in range(4))), dict(scheduler.load)
+
+    results, load = run(scheduler, go())
+    assert [kind for client in results for kind, _ in client] == ["done"] * 32
+    assert load["running_rows"] == 0 and load["finished_rows"] == 32
 
 
 def test_a_model_failure_mid_batch_ends_its_rows_with_the_reason_and_the_next_request_is_served(tuner, tok):

@@ -216,8 +216,13 @@ class Decoding:
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.session = session or open_session(base, pairs, requests)  # `session`: opened over these requests
         self.times = self.session.times
-        self.rows = [self._row(i, r) for i, r in enumerate(requests)]
-        self.first_rows = list(self.rows)  # the rows `self.session` was opened over
+        # Rows leave `rows` when they finish (their matchers and generators freed at once); their outputs wait
+        # in `finished` until taken (`take`, the server) or read (`output(s)`, a batch that runs to its end).
+        self.first_rows = [self._row(i, r) for i, r in enumerate(requests)]  # the rows `self.session` was opened over
+        self.rows: dict[int, RowState] = {row.index: row for row in self.first_rows}
+        self.finished: dict[int, GenerationOutput] = {}
+        self.discarded: set[int] = set()  # live rows whose output nobody will read: not kept when they finish
+        self.added = len(requests)  # row indices given so far (never reused)
         self.joining: list[list[RowState]] = []  # groups of rows added since, to admit at the next step
         self.failed = False
 
@@ -235,7 +240,7 @@ class Decoding:
     @property
     def running(self) -> int:
         """Rows not finished yet, those waiting to join included."""
-        return sum(row.finish_reason is None for row in self.rows)
+        return sum(row.finish_reason is None for row in self.rows.values())
 
     def add(self, requests: Sequence[Request]) -> list[int]:
         """Queue requests to join the batch at the next step; returns their row indices."""
@@ -243,24 +248,54 @@ class Decoding:
             reason = "a model failed in it" if self.failed else "its sessions do not declare join"
             raise ProxyTuneError(f"this decoding cannot take rows into its running batch ({reason}): "
                                  f"start another decoding for these requests")
-        new_rows = [self._row(len(self.rows) + i, r) for i, r in enumerate(requests)]
-        self.rows += new_rows
+        new_rows = [self._row(self.added + i, r) for i, r in enumerate(requests)]
+        self.added += len(new_rows)
+        self.rows.update((row.index, row) for row in new_rows)
         if new_rows:
             self.joining.append(new_rows)
         return [row.index for row in new_rows]
 
     def cancel(self, indices: Sequence[int], reason: str = "cancelled") -> None:
         """Stop these rows (their finish_reason: `reason`); they leave the batch at the next step, their output
-        is final now."""
+        is final now. Rows that already finished are left as they are."""
         for index in indices:
-            if self.rows[index].finish_reason is None:
-                self.rows[index].finish_reason = reason
+            row = self.rows.get(index)
+            if row is not None and row.finish_reason is None:
+                row.finish_reason = reason
 
     def output(self, index: int) -> GenerationOutput:
-        return self.rows[index].output()
+        row = self.rows.get(index)
+        if row is not None:
+            return row.output()
+        if index not in self.finished:
+            raise KeyError(f"row {index} is not in this decoding (never added, taken or discarded)")
+        return self.finished[index]
 
     def outputs(self) -> list[GenerationOutput]:
-        return [row.output() for row in self.rows]
+        """Every row's output in the order they were added (rows taken or discarded are not there)."""
+        return [self.output(i) for i in range(self.added) if i in self.rows or i in self.finished]
+
+    def take(self, index: int) -> GenerationOutput:
+        """A finished row's output, handed over: the decoding keeps nothing of it any more."""
+        output = self.output(index)
+        self.discard([index])
+        return output
+
+    def discard(self, indices: Sequence[int]) -> None:
+        """Nobody will read these rows' outputs (a client went away): keep nothing of them once they finish."""
+        for index in indices:
+            self.finished.pop(index, None)
+            if index in self.rows:
+                self.discarded.add(index)
+
+    def _retire(self) -> None:
+        """Finished rows leave: their output is kept (unless discarded), their state is freed."""
+        for index in [i for i, row in self.rows.items() if row.finish_reason is not None]:
+            row = self.rows.pop(index)
+            if index in self.discarded:
+                self.discarded.discard(index)
+            else:
+                self.finished[index] = row.output()
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -296,6 +331,7 @@ class Decoding:
                 admitting = []
                 yield events
             while True:
+                self._retire()  # the consumer has read the last step's events: finished rows leave now
                 groups = [[row for row in group if row.finish_reason is None] for group in self.joining]
                 groups, self.joining = [group for group in groups if group], []
                 if groups:  # their first token comes from their own prefill
@@ -306,6 +342,9 @@ class Decoding:
                         yield events
                 rows = self._running(rows)
                 if not rows:
+                    if self.joining:  # rows added while their predecessors' first tokens were out: admit them
+                        continue
+                    self._retire()
                     return
                 rows = yield from self._round_without_refused(rows)
         except SourceFailure as failure:  # a model is unreachable (e.g. a remote server died): keep the text so far

@@ -170,18 +170,18 @@ class ProxySession:
         self.alone = list(alone) if alone is not None else [None] * len(alphas)  # per row: a role decoded alone
         self.times = times if times is not None else StepTimes()
         self.sources = role_sources(base, pairs)
-        self.sessions: dict[tuple, Session] = {}
-        self.session_of: dict[str, tuple] = {}
         self.stepped: dict[tuple, None] = {}  # sessions advanced since the last settle(), in order
+        sharing: dict[tuple, list[str]] = {}  # roles with the same source and the same prompts share a session
         for role, source in self.sources.items():
-            key = (id(source), tuple(map(tuple, prompts[role])))
-            if key not in self.sessions:
-                self.sessions[key] = source.open(prompts[role])
-            self.session_of[role] = key
+            sharing.setdefault((id(source), tuple(map(tuple, prompts[role]))), []).append(role)
+        # a session's key is the tuple of its roles: bounded by the roles, whatever joined since
+        self.sessions: dict[tuple, Session] = {tuple(roles): self.sources[roles[0]].open(prompts[roles[0]])
+                                               for roles in sharing.values()}
+        self.session_of: dict[str, tuple] = {role: tuple(roles) for roles in sharing.values() for role in roles}
 
     def group(self, key: tuple) -> frozenset:
-        """The roles that share the session `key`."""
-        return frozenset(role for role, k in self.session_of.items() if k == key)
+        """The roles that share the session `key` (a session's key is the tuple of its roles)."""
+        return frozenset(key)
 
     def collect(self, outputs: dict[tuple, torch.Tensor]) -> RoleLogits:
         """Combined logits from each session's output (keyed like `sessions`)."""
@@ -290,8 +290,8 @@ class ProxySession:
             if uses_theirs[theirs]:
                 right = fork(right, roles)
             left.join(right)
-            sessions[(mine, theirs)] = left
-            session_of.update({role: (mine, theirs) for role in roles})
+            sessions[tuple(roles)] = left
+            session_of.update({role: tuple(roles) for role in roles})
         self.sessions, self.session_of = sessions, session_of
         self.alphas = torch.cat([self.alphas, other.alphas.to(self.alphas.device)])
         self.alone += other.alone

@@ -37,7 +37,6 @@ from .schemas import PromptRows
 
 log = logging.getLogger("proxytune.server")
 
-ROTATE_AFTER_ROWS = 4096  # a Decoding keeps every row's results: start a fresh one now and then
 PROBE_EVERY_S = 2.0  # while degraded, /health probes the models at most this often
 
 
@@ -54,7 +53,8 @@ class Job:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.deadline = time.monotonic() + timeout
         self.cancelled = False  # set by the handler when its client is gone
-        self.rows: list[int] = []  # row indices in the engine's current Decoding
+        self.decoding = None  # the Decoding its rows are in (row indices mean nothing in another one)
+        self.rows: list[int] = []  # row indices in `decoding`
         self.unfinished = 0
         self.scoring: PromptScoring | None = None  # echo: the prompt scoring in progress
 
@@ -181,7 +181,7 @@ class Scheduler:
         session declares join; a source that cannot is served one batch after another)."""
         if self.decoding is None:
             return True
-        return len(self.decoding.rows) < ROTATE_AFTER_ROWS and self.decoding.accepts_new_rows
+        return self.decoding.accepts_new_rows
 
     def _admit(self) -> None:
         """Start waiting jobs while the batch has room; one at a time, so that each sees the decoding the
@@ -252,7 +252,7 @@ class Scheduler:
             new_rows = list(range(len(job.requests)))
         else:
             new_rows = self.decoding.add(job.requests)
-        job.rows, job.unfinished = new_rows, len(new_rows)
+        job.decoding, job.rows, job.unfinished = self.decoding, new_rows, len(new_rows)
         self.owner.update({row: (job, choice) for choice, row in enumerate(new_rows)})
         self.running_jobs.append(job)
 
@@ -261,7 +261,7 @@ class Scheduler:
         events = next(self.steps, None)
         self.step_seconds = moving_average(self.step_seconds, time.perf_counter() - start)
         if events is None:  # every row finished and nobody joined
-            self.decoding = self.steps = None
+            self._end_decoding()
             return
         by_job: dict[int, list] = {}
         finished: list[Job] = []
@@ -284,15 +284,31 @@ class Scheduler:
                     finished.append(job)
         for job, *items in by_job.values():
             job.emit(("events", items))
-        for job in finished:
-            job.emit(("done", [self.decoding.output(row) for row in job.rows]))
+        for job in finished:  # their outputs are handed over: the decoding keeps nothing of them
+            job.emit(("done", [self.decoding.take(row) for row in job.rows]))
             self.running_jobs.remove(job)
+
+    def _end_decoding(self) -> None:
+        """The decoding's steps are over: a job of it still waiting for rows would wait forever (a bug of the
+        engine, not the client's): it ends with an error now, and no row index of the old decoding survives."""
+        stranded = [job for job in self.running_jobs if job.decoding is self.decoding]
+        if stranded:
+            log.error("a decoding ended with %d request(s) unfinished", len(stranded))
+        for job in stranded:
+            job.emit(("error", APIError(500, "the engine ended this request's batch before its rows finished "
+                                             "(a proxytune bug: please report it)")))
+            self.running_jobs.remove(job)
+        self.owner = {row: owner for row, owner in self.owner.items() if owner[0].decoding is not self.decoding}
+        self.decoding = self.steps = None
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
+        if self.decoding is None:
+            return
         for job in [j for j in self.running_jobs if j.cancelled or j.deadline <= now]:
             live = [row for row in job.rows if row in self.owner]
             self.decoding.cancel(live)
+            self.decoding.discard(job.rows)
             for row in live:
                 del self.owner[row]
             self.running_jobs.remove(job)
