@@ -169,6 +169,26 @@ def test_lm_evals_local_completions_scores_like_score(server, tuner, monkeypatch
         assert logprob == pytest.approx(score.total, abs=1e-3) and is_greedy == score.is_greedy
 
 
+def test_lm_evals_concurrent_client_gets_every_answer(server, tuner, monkeypatch):
+    """num_concurrent=4, echo + max_tokens 1, 32 requests: a request that joined while the others finished at
+    their first token used to hang forever, and the next request then failed every running one."""
+    for module in ("lm_eval", "tenacity", "aiohttp"):
+        pytest.importorskip(module)
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    lm = LocalCompletionsAPI(base_url=server.url + "/v1/completions", model="tiny", auth_token=KEY, max_retries=1,
+                             num_concurrent=4, batch_size=1, timeout=60)
+    pairs = [(PROMPTS[i % len(PROMPTS)], " " + PROMPTS[(i * 3 + 1) % len(PROMPTS)]) for i in range(32)]
+    results = lm.loglikelihood([Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)],
+                               disable_tqdm=True)
+    for (context, continuation), (logprob, _) in zip(pairs, results):
+        assert logprob == pytest.approx(tuner.score(context, continuation).total, abs=1e-3)
+    health = httpx.get(server.url + "/health", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert health["running_rows"] == 0
+
+
 def test_alpha_changes_the_output_and_proxy_false_is_the_base_alone(client, tuner, dirs):
     def complete(**extra):
         return client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=12, temperature=0,
