@@ -28,6 +28,7 @@ import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
 from ..errors import ProxyTuneError
+from .grammar_limits import MAX_SCHEMA_DEPTH, check_lark, check_schema, check_size, on_big_stack
 
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark")
 # Whitespace allowed between JSON tokens: up to two spaces, or a line break and up to 32 spaces or tabs of
@@ -57,48 +58,79 @@ def vocabulary(table: Sequence[bytes], eos_ids: Sequence[int], encode: Callable[
 
 @dataclass(frozen=True)
 class Grammar:
-    """An output format compiled for one vocabulary: every row that uses it gets a matcher of its own."""
+    """An output format compiled for one vocabulary: every row that uses it gets a matcher of its own, a copy
+    of `template` (built with the grammar, off the engine thread: building one costs up to a second)."""
     kind: str  # one of GRAMMAR_KINDS
     text: str  # llguidance's grammar
     tokens: object  # llguidance.LLTokenizer of the decoding's vocabulary
+    template: object = None  # llguidance.LLMatcher at the start of the text
 
     def matcher(self):
         import llguidance
 
+        if self.template is not None:
+            return self.template.deep_copy()
         return llguidance.LLMatcher(self.tokens, self.text, log_level=0)
 
 
 def compile_grammar(kind: str, value, tokens=None) -> Grammar:
     """A grammar from a JSON schema (a dict or its JSON text), any JSON object (`json_object`), a regex or a
-    Lark grammar; an invalid one is refused with the library's reason. tokens=None: only checked (before a
-    vocabulary is loaded); the Grammar cannot make matchers."""
-    import llguidance
-
+    Lark grammar; an invalid one, one past the compiler's limits (grammar_limits.py) or one that allows no text
+    at all is refused with the reason. tokens=None: only checked (before a vocabulary is loaded); the Grammar
+    cannot make matchers."""
     if kind not in GRAMMAR_KINDS:
         raise ProxyTuneError(f"response_format: unknown output format {kind!r}; use one of {', '.join(GRAMMAR_KINDS)}")
+    if kind == "json_schema":
+        try:
+            schema = json.loads(value) if isinstance(value, str) else value
+        except json.JSONDecodeError as error:
+            raise ProxyTuneError(f"response_format: the JSON schema is not JSON: {error}") from None
+        except RecursionError:
+            raise ProxyTuneError(f"response_format: the JSON schema nests more than {MAX_SCHEMA_DEPTH} levels deep "
+                                 f"(MAX_SCHEMA_DEPTH)") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ProxyTuneError(f"response_format: a JSON schema is an object, got {type(schema).__name__}")
+        check_size("JSON schema", json.dumps(schema))
+        check_schema(schema)
+        value = schema
+    elif kind != "json_object":
+        if not isinstance(value, str) or not value:
+            raise ProxyTuneError(f"response_format: a {kind} output format needs its text, got {value!r}")
+        check_size(kind, value)
+        if kind == "lark":
+            check_lark(value)
+    return on_big_stack(lambda: _compile(kind, value, tokens))
+
+
+def _compile(kind: str, value, tokens) -> Grammar:
+    """llguidance's part, on a thread with a deep stack (grammar_limits.on_big_stack)."""
+    import llguidance
+
     try:
         if kind == "json_schema":
-            schema = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(schema, (dict, bool)):
-                raise ProxyTuneError(f"response_format: a JSON schema is an object, got {type(schema).__name__}")
-            own = isinstance(schema, dict) and "x-guidance" in schema  # the schema says how it wants whitespace
-            text = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=None if own else JSON_OPTIONS)
+            own = isinstance(value, dict) and "x-guidance" in value  # the schema says how it wants whitespace
+            text = llguidance.LLMatcher.grammar_from_json_schema(value, defaults=None if own else JSON_OPTIONS)
         elif kind == "json_object":
             text = llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
-        elif not isinstance(value, str) or not value:
-            raise ProxyTuneError(f"response_format: a {kind} output format needs its text, got {value!r}")
         elif kind == "regex":
             text = llguidance.LLMatcher.grammar_from_regex(value)
         else:
             text = llguidance.LLMatcher.grammar_from_lark(value)
-    except json.JSONDecodeError as error:
-        raise ProxyTuneError(f"response_format: the JSON schema is not JSON: {error}") from None
-    except (ValueError, TypeError) as error:
-        raise ProxyTuneError(f"response_format: invalid {kind}: {error}") from None
+    except Exception as error:  # ValueError mostly; whatever the compiler refuses is the format's fault
+        raise ProxyTuneError(f"response_format: invalid {kind}: {str(error).strip()[:500]}") from None
     problem = llguidance.LLMatcher.validate_grammar(text, tokens)
     if problem:
         raise ProxyTuneError(f"response_format: invalid {kind}: {problem.strip().splitlines()[0]}")
-    return Grammar(kind, text, tokens)
+    if tokens is None:
+        return Grammar(kind, text, tokens)
+    template = llguidance.LLMatcher(tokens, text, log_level=0)
+    if template.is_error():
+        raise ProxyTuneError(f"response_format: invalid {kind}: {template.get_error().strip().splitlines()[0]}")
+    allowed = np.unpackbits(np.frombuffer(template.compute_bitmask(), dtype=np.uint8), bitorder="little").nonzero()[0]
+    if set(allowed.tolist()) <= set(tokens.eos_tokens) and not template.is_accepting():  # only "end", yet "" fails
+        raise ProxyTuneError(f"response_format: the {kind} allows no text at all (nothing can satisfy it): "
+                             f"check its constraints")
+    return Grammar(kind, text, tokens, template)
 
 
 def _number(value, name: str, low: float, high: float, low_open: bool = False) -> float:
