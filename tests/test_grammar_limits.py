@@ -12,7 +12,7 @@ import pytest
 
 from proxytune import ProxyTuner
 from proxytune.engine import grammar_limits
-from proxytune.engine.grammar_limits import MAX_FORMAT_BYTES, MAX_RULE_DEPTH, MAX_SCHEMA_DEPTH, rule_depth, schema_depth
+from proxytune.engine.grammar_limits import MAX_FORMAT_BYTES, MAX_RULE_DEPTH, rule_depth, schema_depth
 from proxytune.engine.shaping import compile_grammar
 from proxytune.errors import ProxyTuneError
 

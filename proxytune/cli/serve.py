@@ -95,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from ..server import create_app
+        from ..server.timeouts import HeaderTimeoutH11
     except ImportError as error:
         raise ProxyTuneError(f"the server needs its extra: pip install 'proxytune[serve]' ({error})") from None
     model_specs(args)  # a missing role is reported before anything else
@@ -121,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=grace + 3)
+                            timeout_graceful_shutdown=grace + 3, http=HeaderTimeoutH11)
     DrainingServer(config).run()
     return 0

@@ -25,7 +25,9 @@ from .api_errors import APIError
 from .guard import LocalGuard, allowed_hosts
 from .openai_format import Shape, TokenLogprob, TokenStrings
 from .scheduler import Job, Scheduler
-from .schemas import Params, PromptRows, build, context_length, parse, parse_json, read_body
+from .limits import parse_json, read_body
+from .schemas import Params, PromptRows, build, context_length, parse
+from .timeouts import SendTimeout
 from .tokenizer_api import add_tokenizer_routes
 
 DEFAULT_MAX_TOKENS = {"completion": 16, "chat": 512}  # OpenAI's legacy default; chat: a reply's worth
@@ -57,10 +59,25 @@ class JobStream(StreamingResponse):
         self.job = job
 
     async def __call__(self, scope, receive, send) -> None:
+        response = asyncio.ensure_future(super().__call__(scope, receive, send))
+        dropped = asyncio.ensure_future(self.job.dropped.wait())
         try:
-            await super().__call__(scope, receive, send)
+            await asyncio.wait({response, dropped}, return_when=asyncio.FIRST_COMPLETED)
+            if not response.done():  # its reader fell too far behind (scheduler.MAX_PENDING_ITEMS): stop sending
+                response.cancel()
+                await asyncio.gather(response, return_exceptions=True)
+            else:
+                response.result()
         finally:
+            dropped.cancel()
             self.job.cancel()
+
+
+def client_of(request: Request, params: Params) -> str:
+    """Who sent it, for fair admission: OpenAI's `user` field when given, else the peer's address."""
+    if params.user:
+        return f"user:{params.user}"
+    return f"peer:{request.client.host if request.client else '?'}"
 
 
 UI = Path(__file__).parent / "ui"
@@ -107,6 +124,7 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
     app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.scheduler = scheduler
     app.add_middleware(LocalGuard, hosts=allowed_hosts(host, allowed))
+    app.add_middleware(SendTimeout)
 
     @app.exception_handler(APIError)
     async def api_error(request, error: APIError):
@@ -157,21 +175,25 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
 
     async def handle(request: Request, kind: str):
         raw = await read_body(request)
-        params = parse(parse_json(raw), kind, list(served_names), len(tuner.pairs), max_batch, context,
-                       DEFAULT_MAX_TOKENS[kind])
-        rows = await run_in_threadpool(build, tuner, params, chat_roles)  # tokenizing never blocks the loop
+        # parsing, tokenizing and compiling a format never block the loop (a 16 MB body takes a while)
+        params = await run_in_threadpool(lambda: parse(parse_json(raw), kind, list(served_names), len(tuner.pairs),
+                                                       max_batch, context, DEFAULT_MAX_TOKENS[kind]))
+        rows = await run_in_threadpool(build, tuner, params, chat_roles)
         echo_top = params.top_logprobs if params.echo and params.logprobs else None
         echo_tokens = sum(len(r.prompt_ids) for r in rows) if echo_top is not None else 0
         if echo_tokens > max_echo_tokens:
             raise APIError(400, f"echo with logprobs scores at most {max_echo_tokens} prompt tokens per request, "
                                 f"these prompts have {echo_tokens}: split them over several requests", "prompt")
-        job = scheduler.submit(rows, echo_top, generates=params.max_tokens > 0)
+        job = scheduler.submit(rows, echo_top, generates=params.max_tokens > 0, client=client_of(request, params))
         shape = Shape(kind, params.model)
         if params.stream:
             return JobStream(job, stream(job, shape, params, rows))
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
-            return await respond(job, shape, params, rows)
+            answer = await respond(job, shape, params, rows)
+            if isinstance(answer, Response):
+                return answer
+            return await run_in_threadpool(JSONResponse, answer)  # a large answer is serialised off the loop
         finally:
             watcher.cancel()
             job.cancel()

@@ -1,6 +1,7 @@
 """Dynamic batching: one engine thread runs decoding steps for every request of the server.
 
-Requests wait in a bounded queue (full: 503 + Retry-After). Between two steps the engine admits
+Requests wait in a bounded queue (full: 503 + Retry-After), taken in turn from each client (fair_queue.py:
+a client that sends many requests cannot starve one that sends few). Between two steps the engine admits
 waiting jobs into the running batch (`Decoding.add`: they are prefilled on their own and joined),
 rows that finished leave, and rows whose client went away or whose deadline passed are cancelled,
 so they free their slot at the next step. A row's tokens do not depend on who shares its batch.
@@ -21,6 +22,8 @@ asyncio.Queue (`loop.call_soon_threadsafe`):
   ("events", [(choice, Event), ...])    what this job's rows did at one step
   ("done", [GenerationOutput])          every row finished
   ("error", APIError)                   timeout, shutdown or engine failure; nothing follows
+A job whose handler stops taking items (a streaming client that stopped reading) holds at most
+MAX_PENDING_ITEMS of them: past that it is cancelled, its rows leave, and its handler is told (`dropped`).
 """
 from __future__ import annotations
 
@@ -33,24 +36,28 @@ import time
 from ..engine.session import moving_average
 from .api_errors import APIError
 from .echo import CHUNK, PromptScoring
+from .fair_queue import FairQueue
 from .schemas import PromptRows
 
 log = logging.getLogger("proxytune.server")
 
 PROBE_EVERY_S = 2.0  # while degraded, /health probes the models at most this often
+MAX_PENDING_ITEMS = 256  # items a job's handler has not taken yet: past it, the reader is too slow and dropped
 
 
 class Job:
     """One HTTP request: n choices for each of its prompts."""
 
     def __init__(self, prompt_rows: list[PromptRows], loop: asyncio.AbstractEventLoop, timeout: float,
-                 echo_top: int | None = None, generates: bool = True):
+                 echo_top: int | None = None, generates: bool = True, client: str = ""):
         self.prompt_rows = prompt_rows
         self.requests = [r for p in prompt_rows for r in p.requests]
         self.echo_top = echo_top  # None: no prompt logprobs; k: with the k best alternatives
         self.generates = generates  # False: echo with max_tokens 0, scoring only
         self.loop = loop
+        self.client = client  # who sent it: fair admission
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.dropped = asyncio.Event()  # set when its reader fell MAX_PENDING_ITEMS behind
         self.deadline = time.monotonic() + timeout
         self.cancelled = False  # set by the handler when its client is gone
         self.decoding = None  # the Decoding its rows are in (row indices mean nothing in another one)
@@ -59,8 +66,16 @@ class Job:
         self.scoring: PromptScoring | None = None  # echo: the prompt scoring in progress
 
     def emit(self, item) -> None:
+        if self.queue.qsize() >= MAX_PENDING_ITEMS and not self.cancelled:  # nobody takes them: a stalled reader
+            self.cancelled = True
+            item = ("error", APIError(503, f"the client fell {MAX_PENDING_ITEMS} steps behind reading this response: "
+                                           f"it was dropped", code="reader_too_slow"))
+            self._call(self.dropped.set)
+        self._call(self.queue.put_nowait, item)
+
+    def _call(self, function, *args) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(function, *args)
         except RuntimeError:  # the event loop is closed: the server is shutting down
             pass
 
@@ -72,7 +87,7 @@ class Scheduler:
     def __init__(self, tuner, max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0):
         self.tuner = tuner
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
-        self.waiting: collections.deque[Job] = collections.deque()
+        self.waiting = FairQueue()
         self.condition = threading.Condition()
         self.decoding = None
         self.steps = None
@@ -101,8 +116,9 @@ class Scheduler:
             self.condition.notify()
         self.thread.join(timeout=10)
 
-    def submit(self, prompt_rows: list[PromptRows], echo_top: int | None = None, generates: bool = True) -> Job:
-        job = Job(prompt_rows, asyncio.get_running_loop(), self.request_timeout, echo_top, generates)
+    def submit(self, prompt_rows: list[PromptRows], echo_top: int | None = None, generates: bool = True,
+               client: str = "") -> Job:
+        job = Job(prompt_rows, asyncio.get_running_loop(), self.request_timeout, echo_top, generates, client)
         with self.condition:
             if self.drain_deadline is not None:
                 raise APIError(503, "the server is shutting down; retry on another replica or after it restarts",
@@ -169,9 +185,7 @@ class Scheduler:
     def _expire_waiting(self) -> None:
         now = time.monotonic()
         with self.condition:
-            kept = collections.deque(j for j in self.waiting if not j.cancelled and j.deadline > now)
-            expired = [j for j in self.waiting if not j.cancelled and j.deadline <= now]
-            self.waiting = kept
+            expired = [j for j in self.waiting.remove(lambda j: j.cancelled or j.deadline <= now) if not j.cancelled]
         for job in expired:
             self.counts["timed_out"] += 1
             job.emit(("error", timeout_error()))
@@ -190,12 +204,12 @@ class Scheduler:
             with self.condition:
                 if not self.waiting:
                     return
-                job = self.waiting[0]
+                job = self.waiting.peek()
                 to_score = job.echo_top is not None and job.scoring is None
                 if not to_score and (not self._can_join() or (
                         len(self.owner) + len(job.requests) > self.max_batch and self.owner)):
                     return
-                self.waiting.popleft()
+                self.waiting.pop(job)
             if to_score:  # prompt scoring first, a chunk per step; then it waits for a slot like any job
                 prompts = [p.requests[0].prompts for p in job.prompt_rows]
                 alphas = [p.requests[0].alphas for p in job.prompt_rows]
@@ -323,7 +337,7 @@ class Scheduler:
             return
         error = APIError(503, "the server shut down before this request finished", code="server_shutting_down")
         with self.condition:
-            waiting, self.waiting = list(self.waiting), collections.deque()
+            waiting = self.waiting.remove(lambda job: True)
         for job in waiting + list(self.scoring):
             job.emit(("error", error))
         self.scoring.clear()

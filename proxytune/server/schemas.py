@@ -19,14 +19,11 @@ OpenAI's presence_penalty, frequency_penalty, logit_bias and response_format (js
 proxytune's regex and grammar types) act on the combined logits (engine/shaping.py). OpenAI fields proxytune
 does not implement are refused unless their value changes nothing.
 
-Bounds where OpenAI is silent or the server needs one: at most MAX_STOP stop strings of at most
-MAX_STOP_CHARS characters each; bodies of at most MAX_BODY_BYTES, nested at most MAX_JSON_DEPTH deep; text
-must be valid Unicode (a lone surrogate such as "\\ud800" is refused).
+Bounds on sizes and on the work one request may ask: limits.py.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence, Union
 
@@ -37,12 +34,8 @@ from ..engine.sampling import SamplingParams
 from ..errors import ProxyTuneError
 from ..facade.tuner import check_alpha, schedule_from_text
 from .api_errors import APIError, bad_request
+from .limits import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, check_sizes, check_work
 
-MAX_TOP_LOGPROBS = 20
-MAX_STOP = 16  # OpenAI allows 4; each is searched for in every row's new text
-MAX_STOP_CHARS = 256
-MAX_BODY_BYTES = 16 * 1024 * 1024
-MAX_JSON_DEPTH = 32  # the deepest OpenAI body (content parts of a message) is 5; a JSON schema may nest more
 SHAPING = ("repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
 NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""),
            "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
@@ -146,6 +139,7 @@ class Params:
     alone: str | None = None  # a role decoded by itself (tuner.request checks the name)
     details: int = 0
     alpha_schedule: dict | None = None  # positions (ints) and text markers -> α, as tuner.request takes it
+    user: str | None = None  # OpenAI's end-user id: fair admission between users (scheduler.py)
 
 
 @dataclass
@@ -154,41 +148,6 @@ class PromptRows:
     prompt_ids: list[int]  # the base model's prompt tokens
     text: str  # the prompt as text (echo)
     requests: list[Request]
-
-
-def parse_json(raw: bytes) -> dict:
-    """The body as a JSON object, refused (400) when it is not JSON, nests deeper than MAX_JSON_DEPTH or
-    holds text that is not valid Unicode."""
-    try:
-        body = json.loads(raw)
-    except RecursionError:
-        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels") from None
-    except (ValueError, UnicodeDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {error}") from None
-    if not isinstance(body, dict):
-        raise bad_request("the request body must be a JSON object")
-    check_tree(body)
-    return body
-
-
-def check_tree(body: dict) -> None:
-    """Depth and Unicode of every value, without recursion (the body may be hostile)."""
-    stack = [(value, 1, key) for key, value in body.items()]
-    while stack:
-        value, depth, field = stack.pop()
-        if depth > MAX_JSON_DEPTH:
-            raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", field)
-        if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise bad_request(f"{field} holds text that is not valid Unicode ({error.reason} at character "
-                                  f"{error.start}): send UTF-8 text", field) from None
-        elif isinstance(value, dict):
-            for key, item in value.items():  # JSON keys are strings: checked as text too
-                stack += [(key, depth + 1, field), (item, depth + 1, field)]
-        elif isinstance(value, list):
-            stack.extend((item, depth + 1, field) for item in value)
 
 
 def first_problem(error: ValidationError) -> APIError:
@@ -255,6 +214,7 @@ def _stop(body: Common) -> tuple[str, ...]:
 def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_rows: int,
           context: int | None, default_max_tokens: int) -> Params:
     """Check every field of a completions (kind="completion") or chat (kind="chat") body."""
+    check_sizes(raw, max_rows, context)
     try:
         body = BODIES[kind].model_validate(raw)
     except ValidationError as error:
@@ -300,9 +260,12 @@ def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_r
         raise bad_request("proxy: false is the base model alone (alpha = 0); leave out alpha_schedule",
                           "alpha_schedule")
     schedule = None if body.alpha_schedule is None else schedule_from_text(body.alpha_schedule)
-    return Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
-                  stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
-                  asked is not None, body.alone, body.details or 0, schedule)
+    params = Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
+                    stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
+                    asked is not None, body.alone, body.details or 0, schedule)
+    params.user = body.user
+    check_work(params, n * len(prompts))
+    return params
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
@@ -373,17 +336,3 @@ def token_request(tuner, ids: list[int], template: Request) -> Request:
 def context_length(tuner) -> int | None:
     limits = [s.max_length for s in tuner.sources.values() if s.max_length]
     return min(limits) if limits else None
-
-
-async def read_body(request, limit: int = MAX_BODY_BYTES) -> bytes:
-    """The body, read no further than `limit` bytes (413 beyond it, before the rest is even received)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)

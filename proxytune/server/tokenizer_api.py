@@ -6,10 +6,14 @@ and needs no local copy of the tokenizer (and no model hub).
 from __future__ import annotations
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .api_errors import bad_request
-from .schemas import parse_json, read_body
+from .limits import MAX_PROMPT_CHARS, parse_json, read_body
+
+MAX_TOKENIZER_BODY = 8 * MAX_PROMPT_CHARS  # a prompt of MAX_PROMPT_CHARS characters, escaped in JSON
+MAX_DETOKENIZE_IDS = 1 << 20
 
 
 def add_tokenizer_routes(app: FastAPI, tuner, authorize, context: int | None) -> None:
@@ -23,21 +27,35 @@ def add_tokenizer_routes(app: FastAPI, tuner, authorize, context: int | None) ->
 
     @app.post("/tokenize", dependencies=[Depends(authorize)])
     async def tokenize(request: Request):
-        raw = await read_body(request)
-        body = parse_json(raw)
-        prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
-        if not isinstance(prompt, str):
-            raise bad_request("prompt must be a string", "prompt")
-        if not isinstance(special, bool):
-            raise bad_request("add_special_tokens must be true or false", "add_special_tokens")
-        tokens = (await run_in_threadpool(tokenizer, prompt, add_special_tokens=special))["input_ids"]
-        return {"tokens": tokens, "count": len(tokens), "max_model_len": context}
+        raw = await read_body(request, MAX_TOKENIZER_BODY)
+        return await run_in_threadpool(tokenize_body, tokenizer, raw, context)  # never on the event loop
 
     @app.post("/detokenize", dependencies=[Depends(authorize)])
     async def detokenize(request: Request):
-        raw = await read_body(request)
-        tokens = parse_json(raw).get("tokens")
-        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens) \
-                or any(t < 0 or t >= len(tokenizer) for t in tokens):
-            raise bad_request(f"tokens must be a list of token ids in [0, {len(tokenizer)})", "tokens")
-        return {"prompt": tokenizer.decode(tokens)}
+        raw = await read_body(request, MAX_TOKENIZER_BODY)
+        return await run_in_threadpool(detokenize_body, tokenizer, raw)
+
+
+def tokenize_body(tokenizer, raw: bytes, context: int | None) -> JSONResponse:
+    body = parse_json(raw)
+    prompt, special = body.get("prompt"), body.get("add_special_tokens", True)
+    if not isinstance(prompt, str):
+        raise bad_request("prompt must be a string", "prompt")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise bad_request(f"prompt holds {len(prompt)} characters; this server tokenizes at most {MAX_PROMPT_CHARS} "
+                          f"(MAX_PROMPT_CHARS): split it", "prompt")
+    if not isinstance(special, bool):
+        raise bad_request("add_special_tokens must be true or false", "add_special_tokens")
+    tokens = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": context})
+
+
+def detokenize_body(tokenizer, raw: bytes) -> JSONResponse:
+    tokens = parse_json(raw).get("tokens")
+    if isinstance(tokens, list) and len(tokens) > MAX_DETOKENIZE_IDS:
+        raise bad_request(f"tokens holds {len(tokens)} ids; this server decodes at most {MAX_DETOKENIZE_IDS} at once "
+                          f"(MAX_DETOKENIZE_IDS): split them", "tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens) \
+            or any(t < 0 or t >= len(tokenizer) for t in tokens):
+        raise bad_request(f"tokens must be a list of token ids in [0, {len(tokenizer)})", "tokens")
+    return JSONResponse({"prompt": tokenizer.decode(tokens)})
