@@ -10,6 +10,7 @@ import asyncio
 import pytest
 
 from proxytune import ProxyTuner
+from proxytune.server import scheduler as scheduler_module
 from proxytune.server.scheduler import Scheduler
 from proxytune.server.schemas import PromptRows
 from wrapped_sources import Flaky, Solo
@@ -215,3 +216,44 @@ def test_a_long_echo_is_scored_between_decoding_steps_and_never_stalls_a_stream(
     beside = [i for i, action in enumerate(actions) if action == "score beside rows"]
     assert len(beside) >= 2  # the prompt took several chunks while the stream ran
     assert all(actions[i + 1] == "step" for i in beside if i + 1 < len(actions))  # a step after every chunk
+
+
+def test_a_reader_that_stops_taking_its_events_is_dropped_and_its_rows_leave(tuner, monkeypatch):
+    """A streaming client that stopped reading: its queue holds at most MAX_PENDING_ITEMS, then the job is
+    cancelled, its handler told (`dropped`), and a healthy request is served as usual."""
+    monkeypatch.setattr(scheduler_module, "MAX_PENDING_ITEMS", 8)
+    scheduler = Scheduler(tuner, max_batch=8)
+
+    async def go():
+        stalled = scheduler.submit(rows(tuner, PROMPTS[0], max_new_tokens=200, n=2))
+        await asyncio.wait_for(stalled.dropped.wait(), 60)
+        healthy = await drain(scheduler.submit(rows(tuner, PROMPTS[1])))
+        for _ in range(100):
+            if scheduler.load["running_rows"] == 0:
+                break
+            await asyncio.sleep(0.02)
+        items = [stalled.queue.get_nowait() for _ in range(stalled.queue.qsize())]
+        return items, healthy, dict(scheduler.load)
+
+    items, (kind, healthy), load = run(scheduler, go())
+    assert len(items) <= 8 + 2 and items[8][0] == "error" and items[8][1].code == "reader_too_slow"
+    assert kind == "done" and healthy[-1][1][0].token_ids == alone(tuner, PROMPTS[1])
+    assert load["running_rows"] == 0 and load["cancelled_rows"] == 2
+
+
+def test_a_client_with_many_requests_waiting_does_not_starve_one_with_few(tuner):
+    scheduler = Scheduler(tuner, max_batch=1, max_queue=64)
+    order = []
+
+    async def go():
+        async def served(job, name):
+            await drain(job)
+            order.append(name)
+        busy = [served(scheduler.submit(rows(tuner, PROMPTS[i % 5], max_new_tokens=3), client="busy"), f"busy{i}")
+                for i in range(8)]
+        await asyncio.sleep(0)
+        polite = served(scheduler.submit(rows(tuner, PROMPTS[1], max_new_tokens=3), client="polite"), "polite")
+        await asyncio.gather(*busy, polite)
+
+    run(scheduler, go())
+    assert order.index("polite") <= 2, order  # its turn came after at most two of the busy client's requests

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from openai_fake import Fault, FakeOpenAI
+from test_grammar_limits import ref_chain, rule_chain
 from tiny_server import ServerProcess, save_tiny_trio
 
 KEY = "hardening-key"
@@ -101,6 +102,29 @@ BAD = [  # (what, raw body, extra headers, status, param)
     ("a foreign web page's Origin", json.dumps(OK).encode(), {"Origin": "http://evil.example"}, 403, None),
     ("a sandboxed page's Origin: null", json.dumps(OK).encode(), {"Origin": "null"}, 403, None),
     ("a 17 MB body", json.dumps({"prompt": "x" * (17 * 1024 * 1024)}).encode(), {}, 413, None),
+    # issue 32: what crashed, stalled or starved the server
+    ("a schema chaining 1,000 $refs (SIGSEGV)", json.dumps({**OK, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "chain", "schema": ref_chain(1000)}}}).encode(), {}, 400,
+     "response_format"),
+    ("a schema chaining 120 $refs in 10 KB", json.dumps({**OK, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "chain", "schema": ref_chain(120)}}}).encode(), {}, 400,
+     "response_format"),
+    ("a grammar chaining 3,000 rules (SIGSEGV)", json.dumps({**OK, "response_format": {
+        "type": "grammar", "grammar": rule_chain(3000)}}).encode(), {}, 400, "response_format"),
+    ("a 100 KB string literal", json.dumps({**OK, "response_format": {
+        "type": "grammar", "grammar": 'start: "' + "ab " * 34_000 + '"'}}).encode(), {}, 400, "response_format"),
+    ("a 1 MB literal (too many expressions)", json.dumps({**OK, "response_format": {
+        "type": "regex", "regex": "a" * 1_000_000}}).encode(), {}, 400, "response_format"),
+    ("an unsatisfiable format", json.dumps({**OK, "response_format": {
+        "type": "regex", "regex": "[^\\x00-\\U0010FFFF]"}}).encode(), {}, 400, "response_format"),
+    ("alpha_schedule with 1M keys", json.dumps({**OK, "alpha_schedule": {str(i): 1 for i in range(1_000_000)}}
+                                               ).encode(), {}, 400, "alpha_schedule"),
+    ("2M token ids, far past the context", json.dumps({**OK, "prompt": [5] * 2_000_000}).encode(), {}, 400, "prompt"),
+    ("n=32 x 200 tokens with details 20", json.dumps({**OK, "n": 32, "max_tokens": 200, "details": 20}).encode(),
+     {}, 400, "details"),
+    ("n=32 x 200 tokens with top 20 logprobs", json.dumps({**OK, "n": 32, "max_tokens": 200, "logprobs": 20}).encode(),
+     {}, 400, "top_logprobs"),
+    ("a 2 M-character prompt", json.dumps({**OK, "prompt": "fox " * 500_000}).encode(), {}, 400, "prompt"),
 ]
 
 
@@ -113,6 +137,24 @@ def test_every_bad_input_is_a_4xx_naming_what_to_fix_and_the_server_goes_on(serv
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"] and error["param"] == param
     assert post(server, body=OK).status_code == 200
+
+
+def test_a_requests_work_is_bounded_whatever_the_context():
+    """rows x max_tokens and what the response carries, against a model with no known context."""
+    from proxytune.server.api_errors import APIError
+    from proxytune.server.limits import MAX_ROW_TOKENS
+    from proxytune.server.schemas import parse
+
+    def check(**body):
+        return parse({"prompt": "hi", **body}, "completion", ["tiny"], 1, 64, None, 16)
+
+    assert check(n=16, max_tokens=MAX_ROW_TOKENS // 16).n == 16
+    for body, field in [(dict(n=32, max_tokens=1000), "max_tokens"),
+                        (dict(n=4, max_tokens=1000, details=20), "details"),
+                        (dict(prompt=[[1]] * 65, max_tokens=1), "prompt")]:
+        with pytest.raises(APIError) as refused:
+            check(**body)
+        assert refused.value.status == 400 and refused.value.param == field, refused.value
 
 
 def test_unknown_fields_are_refused_as_openai_refuses_them(server):

@@ -1,8 +1,8 @@
 """Time limits on the HTTP side, so that a client that stalls holds nothing for long.
 
-- Headers: a connection must deliver a request's headers within HEADER_TIMEOUT_S of opening (uvicorn's own
-  keep-alive timer, armed on connect instead of only after a response), else it is closed; a new request on a
-  kept-alive connection has uvicorn's keep-alive time.
+- Headers: a request's headers must be complete within HEADER_TIMEOUT_S of the connection's opening (or of
+  the first byte of a later request on it), else the connection is closed; between requests, uvicorn's own
+  keep-alive time applies.
 - Body: limits.read_body (BODY_TIMEOUT_S).
 - Sending: every write of a response must go through within SEND_TIMEOUT_S. A client that stops reading fills
   its socket and then the server's transport buffer; the write then waits, and past the limit the response is
@@ -23,14 +23,36 @@ SEND_TIMEOUT_S = 30.0
 
 
 class HeaderTimeoutH11(H11Protocol):
-    """uvicorn's h11 protocol with the keep-alive timer armed on connect: it is disarmed when a request's headers
-    are complete, so a connection that sends none (or trickles them) is closed after HEADER_TIMEOUT_S."""
+    """uvicorn's h11 protocol with a deadline for a request's headers: HEADER_TIMEOUT_S from the connection's
+    opening (or from the first byte of a later request on it) until its headers are complete, else the
+    connection is closed (a client that sends nothing, or trickles its headers)."""
 
     header_timeout = HEADER_TIMEOUT_S
+    header_deadline = None
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
-        self.timeout_keep_alive_task = self.loop.call_later(self.header_timeout, self.timeout_keep_alive_handler)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.cycle is None or self.cycle.response_complete:  # bytes of a request whose headers are not in yet
+            self._arm()
+        super().data_received(data)
+        if self.cycle is not None and not self.cycle.response_complete:  # its headers are complete
+            self._disarm()
+
+    def connection_lost(self, exc) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self.header_deadline is None:
+            self.header_deadline = self.loop.call_later(self.header_timeout, self.timeout_keep_alive_handler)
+
+    def _disarm(self) -> None:
+        if self.header_deadline is not None:
+            self.header_deadline.cancel()
+            self.header_deadline = None
 
 
 class SendTimeout:
