@@ -9,7 +9,7 @@ from tiny import tiny_model, tiny_tokenizer
 from proxytune import ProxyTuner
 from proxytune.cli import main
 from proxytune.errors import ProxyTuneError
-from proxytune.models.trio_config import read_config
+from proxytune.models.trio_config import add_user_trio, read_config
 
 PROMPTS = ["The quick brown fox", "def add(a, b):\n"]
 
@@ -103,3 +103,33 @@ def test_every_verb_takes_config_and_models_add_registers_it_by_name(dirs, tmp_p
     out = tmp_path / "eval"
     assert main(["eval", "gsm", "--config", str(config), "--limit", "1", "--max-new-tokens", "4", "--output",
                  str(out), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ('byte_level = "false"', "byte_level"),  # a string is not a boolean (it used to turn byte level on)
+    ('prune = "abc"', "prune"),
+    ("prune = 2.0", "prune"),
+    ('backend = "vllm-or-whatever"', "backend"),
+])
+def test_trio_options_are_typed(tmp_path, line, fragment):
+    path = tmp_path / "trio.toml"
+    path.write_text(f'{line}\n[base]\nmodel = "b"\n[expert]\nmodel = "e"\n[anti_expert]\nmodel = "a"\n')
+    with pytest.raises(ProxyTuneError, match=fragment):
+        read_config(path)
+
+
+def test_a_trio_config_never_sets_trust_remote_code_and_models_list_says_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PROXYTUNE_CONFIG", str(tmp_path / "config"))
+    evil = tmp_path / "evil.toml"
+    evil.write_text('trust_remote_code = "no"\n[base]\nmodel = "b"\n[expert]\nmodel = "e"\n[anti_expert]\nmodel = "a"\n')
+    with pytest.raises(ProxyTuneError, match="--trust-remote-code on the command line"):
+        read_config(evil)
+    with pytest.raises(ProxyTuneError):
+        add_user_trio("shared", evil)  # nothing is registered
+    good = tmp_path / "good.toml"
+    good.write_text('byte_level = true\n[base]\nmodel = "b"\n[expert]\nmodel = "e"\n[anti_expert]\nmodel = "a"\n')
+    add_user_trio("shared", good)
+    from proxytune.cli.models import list_models
+    list_models()
+    out = capsys.readouterr().out
+    assert "only --trust-remote-code" in out and "base=b, expert=e, anti_expert=a, alpha=1, byte_level=True" in out

@@ -52,9 +52,22 @@ def list_models() -> None:
 
     added = sorted(user_trios_dir().glob("*.toml")) if user_trios_dir().is_dir() else []
     if added:
-        print(f"trios added ({user_trios_dir()}):")
+        print(f"trios added ({user_trios_dir()}; trust_remote_code: never from a file, only --trust-remote-code):")
         for path in added:
-            print(f"  {path.stem:30s} {path}")
+            print(f"  {path.stem:30s} {path}\n  {'':30s} {describe_trio(path)}")
+
+
+def describe_trio(path) -> str:
+    """A registered trio's roles, α and options as they load now (or why it no longer loads)."""
+    from ..models.trio_config import read_config
+
+    try:
+        config = read_config(path)
+    except ProxyTuneError as error:
+        return f"does not load: {error}"
+    roles = ", ".join(f"{role}={spec}" for role, spec in config.specs.items())
+    options = "".join(f", {key}={value}" for key, value in config.options.items())
+    return f"{roles}, alpha={'/'.join(f'{a:g}' for a in config.alphas)}{options}"
 
 
 def models_to_prepare(names: list[str]) -> list[str]:

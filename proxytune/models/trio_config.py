@@ -1,7 +1,8 @@
 """Trio configs: a TOML file naming every role, how it is placed, and the α of each expert pair.
 
     alpha = 1.0                          # the pair's α (or per pair, below)
-    byte_level = false                   # optional, like prune, backend, trust_remote_code
+    byte_level = false                   # optional: true | false, like prune (a number in (0, 1)) and
+                                         # backend ("transformers" | "llama.cpp")
 
     [base]
     model = "Qwen/Qwen2.5-Coder-7B"      # a path, Hub id, registered name, gguf:..., openai:... spec
@@ -18,6 +19,10 @@
 Several pairs: instead of [expert]/[anti_expert], one [[pairs]] table per pair with `alpha`, `expert = {...}` and
 `anti_expert = {...}`. Every verb takes `--config FILE`; `proxytune models add NAME FILE` registers it so that
 `--model NAME` (and `ProxyTuner.from_pretrained(NAME)`) load it. Unknown keys are refused, naming the file.
+
+Values are typed (pydantic, strict): `byte_level = "false"` is refused, not read as true. A file never sets
+trust_remote_code: a registered config would run a checkpoint's own code for whoever loads it by name; only
+`--trust-remote-code` on the command line (or the API's argument) does.
 """
 from __future__ import annotations
 
@@ -28,6 +33,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from ..errors import ProxyTuneError
 from .placement import Placement, placement_of
 
@@ -37,8 +46,25 @@ else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
 ROLE_KEYS = {"model", "device", "dtype", "device_map", "quantize", "chat_template"}
-TOP_KEYS = {"alpha", "byte_level", "prune", "backend", "trust_remote_code", "base", "expert", "anti_expert",
-            "anti-expert", "pairs"}
+TOP_KEYS = {"alpha", "byte_level", "prune", "backend", "base", "expert", "anti_expert", "anti-expert", "pairs"}
+
+
+class TrioOptions(BaseModel):
+    """The options a trio config may set, typed: what from_pretrained takes for them."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    byte_level: bool | None = None
+    prune: float | None = Field(None, gt=0, lt=1)
+    backend: Literal["transformers", "llama.cpp"] | None = None
+
+
+def read_options(data: dict, where: str) -> dict:
+    try:
+        options = TrioOptions.model_validate({key: data[key] for key in TrioOptions.model_fields if key in data})
+    except ValidationError as error:
+        problem = error.errors(include_url=False)[0]
+        raise ProxyTuneError(f"{where}: {'.'.join(map(str, problem['loc']))}: {problem['msg']}, got "
+                             f"{problem.get('input')!r}") from None
+    return options.model_dump(exclude_none=True)
 
 
 @dataclass
@@ -48,7 +74,7 @@ class TrioConfig:
     alphas: list[float]  # one per pair
     placements: dict[str, Placement] = field(default_factory=dict)
     chat_templates: dict[str, str] = field(default_factory=dict)
-    options: dict = field(default_factory=dict)  # byte_level, prune, backend, trust_remote_code
+    options: dict = field(default_factory=dict)  # byte_level, prune, backend (TrioOptions)
 
 
 def user_trios_dir() -> Path:
@@ -101,6 +127,10 @@ def read_config(path) -> TrioConfig:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ProxyTuneError(f"trio config {path} is not valid TOML: {error}") from None
     where = f"trio config {path}"
+    if "trust_remote_code" in data:
+        raise ProxyTuneError(f"{where}: trust_remote_code cannot be set in a trio config (a registered file would run "
+                             f"a checkpoint's own code for whoever loads it by name): remove it and pass "
+                             f"--trust-remote-code on the command line, or trust_remote_code=True to from_pretrained")
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
         raise ProxyTuneError(f"{where}: unknown key {unknown[0]!r}; use {', '.join(sorted(TOP_KEYS - {'anti-expert'}))}")
@@ -132,7 +162,5 @@ def read_config(path) -> TrioConfig:
             config.placements[role] = placement
         if template is not None:
             config.chat_templates[role] = template
-    for key in ("byte_level", "prune", "backend", "trust_remote_code"):
-        if key in data:
-            config.options[key] = data[key]
+    config.options = read_options(data, where)
     return config
