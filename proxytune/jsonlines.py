@@ -14,11 +14,18 @@ def json_lines(path, what: str = "file") -> Iterator[tuple[int, object]]:
     path = Path(path)
     if not path.is_file():
         raise ProxyTuneError(f"{what} {path} does not exist")
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise ProxyTuneError(f"{path}:{number}: not UTF-8 text (byte {error.start + 1} of the line); "
+                                     f"save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
                 yield number, json.loads(line)
             except json.JSONDecodeError as error:
                 raise ProxyTuneError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+            except RecursionError:
+                raise ProxyTuneError(f"{path}:{number}: JSON nested too deep") from None

@@ -227,6 +227,12 @@ def test_a_batch_run_resumes_where_it_stopped(trio_dirs, tmp_path, monkeypatch):
     ('{"prompt": "a", "temprature": 1}\n', "unknown field 'temprature'"),
     ('{"text": "a"}\n', 'give an object with "prompt" or "messages"'),
     ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "appears twice"),
+    ('{"prompt": "a"}\n{"prompt": "b", "seed": 1.5}\n', "line 2: seed"),
+    ('{"prompt": "a", "seed": true}\n', "line 1: seed"),
+    ('{"prompt": "a", "seed": 18446744073709551616}\n', "line 1: seed"),
+    ('{"prompt": "a", "id": [1]}\n', "line 1: id"),
+    ('{"prompt": "a", "max_new_tokens": "8"}\n', "line 1: max_new_tokens"),
+    ('{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n'.encode("latin-1"), ":2: not UTF-8"),
 ])
 def test_a_bad_batch_file_is_refused_before_loading_naming_the_line(trio_dirs, tmp_path, capsys, monkeypatch,
                                                                     content, message):
@@ -234,11 +240,47 @@ def test_a_bad_batch_file_is_refused_before_loading_naming_the_line(trio_dirs, t
     from proxytune.cli import main
 
     monkeypatch.setattr(generate, "load_tuner", lambda args: pytest.fail("loaded models for a bad file"))
-    (tmp_path / "in.jsonl").write_text(content)
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
     base, expert, anti = trio_dirs
     assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti,
                  "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output", ["notes.md", "in.jsonl", "other.jsonl"])
+def test_an_output_that_is_not_this_commands_results_is_refused_and_left_as_it_is(trio_dirs, tmp_path, capsys,
+                                                                                 monkeypatch, output):
+    import proxytune.cli.generate as generate
+    from proxytune.cli import main
+
+    monkeypatch.setattr(generate, "load_tuner", lambda args: pytest.fail("loaded models for a bad output"))
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}])
+    (tmp_path / "notes.md").write_text("# my notes\n\n" + "a paragraph worth keeping\n" * 1400)
+    write_jsonl(tmp_path / "other.jsonl", [{"id": "x", "label": "a dataset, not results"}])
+    before = (tmp_path / output).read_bytes()
+    base, expert, anti = trio_dirs
+    assert main(["generate", "--base", base, "--expert", expert, "--anti-expert", anti,
+                 "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / output)]) == 2
+    assert "choose another --output" in capsys.readouterr().err
+    assert (tmp_path / output).read_bytes() == before
+
+
+def test_a_second_run_on_an_output_being_written_is_refused(trio_dirs, tmp_path, capsys):
+    from proxytune.cli import main
+    from proxytune.outputs import exclusive
+
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": "one"}])
+    base, expert, anti = trio_dirs
+    argv = ["generate", "--base", base, "--expert", expert, "--anti-expert", anti, "--max-new-tokens", "2",
+            "--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")]
+    with exclusive(tmp_path / "out.jsonl"):  # what a run in another process holds while it writes
+        import subprocess
+        import sys
+        other = subprocess.run([sys.executable, "-m", "proxytune", *argv], capture_output=True, text=True, timeout=300)
+    assert other.returncode == 2 and "being written by another run" in other.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+    assert main(argv) == 0 and len(read_jsonl(tmp_path / "out.jsonl")) == 1  # once the other run ended
 
 
 def test_a_prompt_file_is_read_and_a_missing_one_is_an_error(trio_dirs, tmp_path, capsys):

@@ -603,3 +603,18 @@ def test_an_anchor_joins_on_a_machine_without_the_expert_adapter(trio_dirs, tmp_
     assert config["adapters"] == {"expert": digest} and config["tuned"] == trio_dirs["expert"]
     assert main(common + ["--tuned", trio_dirs["expert"], "--limit", "2"]) == 2
     assert str(expert) in capsys.readouterr().err  # the missing adapter, named when the expert must load
+
+
+def test_two_runs_on_one_evaluation_output_cannot_both_write(tmp_path):
+    """The second would append every row again: it is refused while the first holds the directory."""
+    import subprocess
+    import sys
+
+    first = ResultStore(tmp_path / "r", {"test": 1})
+    script = (f"from proxytune.evaluation import ResultStore; ResultStore({str(tmp_path / 'r')!r}, {{'test': 1}})")
+    second = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert second.returncode != 0 and "being written by another run" in second.stderr
+    del first  # the lock goes with the run that held it
+    import gc
+    gc.collect()
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120).returncode == 0

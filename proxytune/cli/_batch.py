@@ -5,11 +5,19 @@ line number), and any of the per-row settings below (the command's flags are the
 with continuous batching (a finished row's place goes to the next one at once) and each is appended to
 the output as it finishes, with its id, text, finish reason and token counts. Rerunning the same command
 resumes: rows already in the output with a result are skipped; a row that failed is tried again.
+
+Nothing is destroyed: an existing output that is not this command's results (a line that is not one of its
+records) or that is the input itself is refused, not truncated; a second run on an output another run is
+writing is refused (outputs.exclusive). Rows are checked (types, ranges) with their line numbers before any
+model loads.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ProxyTuneError
 
@@ -17,18 +25,55 @@ ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "see
                 "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
 
 
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Row(BaseModel):
+    """One input line, typed (strict: no "8" for 8, no true for 1); the engine checks the ranges it owns."""
+    model_config = ConfigDict(extra="forbid", strict=True)
+    id: Union[str, int, None] = None
+    prompt: str | None = None
+    messages: list[dict[str, Any]] | None = None
+    max_new_tokens: int | None = Field(None, ge=1)
+    temperature: Finite | None = None
+    top_p: Finite | None = None
+    top_k: int | None = Field(None, ge=0)
+    min_p: Finite | None = None
+    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    stop: Union[str, list[str], None] = None
+    alpha: Union[Finite, list[Finite], None] = None
+    repetition_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
+    presence_penalty: Finite | None = None
+    logit_bias: dict[str, Finite] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+def check_row(row, path: Path, number: int) -> None:
+    where = f"--input {path}, line {number}"
+    if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
+        raise ProxyTuneError(f"{where}: give an object with \"prompt\" or \"messages\"")
+    unknown = sorted(set(row) - {"id", "prompt", "messages", *ROW_SETTINGS})
+    if unknown:
+        raise ProxyTuneError(f"{where}: unknown field {unknown[0]!r}; a row may set id, prompt or messages, "
+                             f"{', '.join(ROW_SETTINGS)}")
+    try:
+        Row.model_validate(row)
+    except ValidationError as error:
+        problem = error.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in problem["loc"] if not str(part).startswith(("str", "int", "list[",
+                                                                                            "float", "dict[")))
+        raise ProxyTuneError(f"{where}: {field}: {problem['msg']}, got {problem.get('input')!r}") from None
+
+
 def read_rows(path: Path) -> list[dict]:
     from ..jsonlines import json_lines
 
     rows, ids = [], set()
     for number, row in json_lines(path, "--input"):
-        if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
-            raise ProxyTuneError(f"--input {path}, line {number}: give an object with \"prompt\" or \"messages\"")
-        unknown = sorted(set(row) - {"id", "prompt", "messages", *ROW_SETTINGS})
-        if unknown:
-            raise ProxyTuneError(f"--input {path}, line {number}: unknown field {unknown[0]!r}; a row may set "
-                                 f"id, prompt or messages, {', '.join(ROW_SETTINGS)}")
-        row.setdefault("id", str(number))
+        check_row(row, path, number)
+        if row.get("id") is None:
+            row["id"] = str(number)
         if row["id"] in ids:
             raise ProxyTuneError(f"--input {path}, line {number}: id {row['id']!r} appears twice")
         ids.add(row["id"])
@@ -39,21 +84,32 @@ def read_rows(path: Path) -> list[dict]:
     return rows
 
 
+RECORD_KEYS = {"id", "text", "finish_reason", "prompt_tokens", "completion_tokens"}
+
+
 def finished_ids(path: Path) -> set:
-    """Ids the output already holds a result for (a last line cut short by a kill is dropped)."""
+    """Ids the output already holds a result for (a last line cut short by a kill is dropped). An output that
+    is not this command's results is refused whole: nothing of it is truncated."""
     if not path.exists():
         return set()
+    if not path.is_file():
+        raise ProxyTuneError(f"--output {path} is not a file; choose a JSONL path")
     done, good = set(), 0
     raw = path.read_bytes()
-    for line in raw.splitlines(keepends=True):
+    lines = raw.splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        ours = isinstance(record, dict) and RECORD_KEYS <= set(record)
+        if not line.endswith(b"\n") and number == len(lines):  # the last line, cut short by a kill
             break
-        if not line.endswith(b"\n"):
-            break
+        if not ours:
+            raise ProxyTuneError(f"--output {path} exists and line {number} is not a result of generate --input: "
+                                 f"it is not this command's output, so it is left as it is; choose another --output")
         good += len(line)
-        if record.get("finish_reason") != "error":
+        if record["finish_reason"] != "error":
             done.add(record["id"])
     if good < len(raw):
         with open(path, "r+b") as handle:
@@ -61,11 +117,36 @@ def finished_ids(path: Path) -> set:
     return done
 
 
+def check_output(input_path: Path, output: Path) -> None:
+    """Before any model loads: the output is not the input, and holds this command's results or nothing."""
+    if output.exists() and input_path.exists() and output.resolve() == input_path.resolve():
+        raise ProxyTuneError(f"--output {output} is the --input file: results would be appended to the prompts; "
+                             f"choose another --output")
+    if output.exists():
+        with open(output, "rb") as handle:
+            first = handle.readline()
+        try:
+            record = json.loads(first) if first.strip() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict) or (first.strip() and not RECORD_KEYS <= set(record)):
+            raise ProxyTuneError(f"--output {output} exists and is not a results file of generate --input (its first "
+                                 f"line is not one of its records): it is left as it is; choose another --output")
+
+
 def run_batch(tuner, args, defaults: dict, chat_roles) -> int:
+    from ..outputs import exclusive
+
+    with exclusive(args.output):
+        return _run_batch(tuner, args, defaults, chat_roles)
+
+
+def _run_batch(tuner, args, defaults: dict, chat_roles) -> int:
     from tqdm import tqdm
 
     rows = read_rows(Path(args.input))
     output = Path(args.output)
+    check_output(Path(args.input), output)
     done = finished_ids(output)
     todo = [row for row in rows if row["id"] not in done]
     requests = []
@@ -100,7 +181,7 @@ def run_batch(tuner, args, defaults: dict, chat_roles) -> int:
             for events in decoding.steps():
                 for event in events:
                     if event.finish_reason is not None:
-                        write(out, rows_of[event.row], decoding.output(event.row))
+                        write(out, rows_of[event.row], decoding.take(event.row))
                 room = args.batch_size - decoding.running
                 if queued < len(requests) and room > 0 and decoding.accepts_new_rows:
                     decoding.add(requests[queued:queued + room])

@@ -167,9 +167,10 @@ def run(args: argparse.Namespace) -> int:
     shaping = shaping_options(args)
     stop = [unescape(s) for s in args.stop] if args.stop and args.escape else args.stop
     if args.input is not None:
-        from ._batch import read_rows
+        from ._batch import check_output, read_rows
 
-        read_rows(Path(args.input))  # a malformed file fails before any model loads
+        read_rows(Path(args.input))  # a malformed file or output fails before any model loads
+        check_output(Path(args.input), Path(args.output))
     tuner = load_tuner(args)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=stop, **shaping)

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from ..errors import ProxyTuneError
+from ..outputs import hold
 
 CONFIG = "config.json"
 RESULTS = "results.jsonl"
@@ -56,6 +57,7 @@ class ResultStore:
         self.config = json.loads(json.dumps(config))  # as it will read back from disk
         self.results_path = self.directory / RESULTS
         self._check_or_write_config()
+        self._lock = hold(self.directory)  # a second run on this output would append every row again
         self._unpack()
         self._records = self._read_results()
 
