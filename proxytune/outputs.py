@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -19,13 +20,34 @@ except ImportError:  # not POSIX: no advisory locks, runs are not kept apart
     fcntl = None
 
 
-def hold(path, what: str = "--output"):
-    """Take `path`'s lock (PATH.lock beside a file, PATH/.lock in a directory) for as long as the returned handle
-    stays open (close it, or let the process end); None where there are no advisory locks."""
+class Held:
+    """An output's lock, held while this object lives (closing it, or the process ending, releases it)."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def __del__(self):
+        self.close()
+
+
+_HELD: "weakref.WeakValueDictionary[str, Held]" = weakref.WeakValueDictionary()  # one lock per output per process
+
+
+def hold(path, what: str = "--output") -> Held | None:
+    """Take `path`'s lock (PATH.lock beside a file, PATH/.lock in a directory) for as long as the returned Held
+    lives; this process may take it again (the same Held). None where there are no advisory locks."""
     path = Path(path)
     lock_path = path / ".lock" if path.is_dir() else path.with_name(path.name + ".lock")
     if fcntl is None:
         return None
+    key = str(lock_path.resolve())
+    if key in _HELD:
+        return _HELD[key]
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(lock_path, "a+")
     try:
@@ -40,15 +62,15 @@ def hold(path, what: str = "--output"):
     handle.truncate()
     handle.write(str(os.getpid()))
     handle.flush()
-    return handle
+    held = _HELD[key] = Held(handle)
+    return held
 
 
 @contextlib.contextmanager
 def exclusive(path, what: str = "--output") -> Iterator[None]:
     """`hold(path)` while the block runs."""
-    handle = hold(path, what)
+    held = hold(path, what)
     try:
         yield
     finally:
-        if handle is not None:
-            handle.close()
+        del held
