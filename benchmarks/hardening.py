@@ -8,6 +8,11 @@ wall time as a ratio to the healthy stream alone (measured in the same round, ro
     python benchmarks/hardening.py --rounds 2 -- --base smollm2-135m-instruct --expert smollm2-135m-instruct \
         --anti-expert smollm2-135m-instruct
     git worktree add /tmp/before 33ffd84 && python benchmarks/hardening.py --tree /tmp/before -- ...
+    python benchmarks/hardening.py --issue 32 --tiny      # issue 32's inputs, on the tests' tiny random trio
+
+--issue 32 sends what crashed, stalled or starved the server in issue 32, and beside each refused one the
+largest request of its kind that is still accepted (a 16 KB format at n = 1, 64 schedule entries at n = 32, ...),
+so the table shows what the limits still let through costs the healthy stream.
 """
 from __future__ import annotations
 
@@ -44,6 +49,59 @@ def inputs() -> dict[str, tuple[str, bytes]]:
         "echo+logprobs, 4 x 1,500 tokens": ("/v1/completions", json.dumps(
             {"prompt": [long_prompt] * 4, "max_tokens": 0, "echo": True, "logprobs": 5}).encode()),
     }
+
+
+def ref_chain(n: int) -> dict:
+    defs = {f"d{i}": {"type": "object", "properties": {"x": {"$ref": f"#/$defs/d{i + 1}"}}} for i in range(n)}
+    defs[f"d{n}"] = {"type": "integer"}
+    return {"$ref": "#/$defs/d0", "$defs": defs}
+
+
+def issue_32_inputs() -> dict[str, tuple[str, bytes]]:
+    def completion(**body) -> tuple[str, bytes]:
+        return "/v1/completions", json.dumps({"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0,
+                                              **body}).encode()
+
+    def schema(properties: int) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "wide", "schema": {
+            "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(properties)}}}}
+
+    rules = "start: r0\n" + "\n".join(f"r{i}: r{i + 1}" for i in range(3000)) + '\nr3000: "a"'
+    return {
+        "schema chaining 1,000 $refs (94 KB)": completion(response_format={"type": "json_schema", "json_schema": {
+            "name": "chain", "schema": ref_chain(1000)}}),
+        "grammar chaining 3,000 rules": completion(response_format={"type": "grammar", "grammar": rules}),
+        "10,000-property schema, n = 16": completion(n=16, response_format=schema(10_000)),
+        "accepted: 500-property schema (14 KB), n = 1": completion(n=1, response_format=schema(500)),
+        "accepted: 60-property schema (1.6 KB), n = 8": completion(n=8, response_format=schema(60)),
+        "100 KB string literal, n = 32": completion(n=32, response_format={
+            "type": "grammar", "grammar": 'start: "' + "ab c" * 25_000 + '"'}),
+        "accepted: 16 KB string literal, n = 1": completion(n=1, response_format={
+            "type": "grammar", "grammar": 'start: "' + "ab c" * 4_000 + '"'}),
+        "alpha_schedule with 1M keys": completion(alpha_schedule={str(i): 1 for i in range(1_000_000)}),
+        "accepted: 64 schedule entries, n = 32": completion(n=32, alpha_schedule={str(i): 1 for i in range(64)}),
+        "/detokenize 7.9M ids": ("/detokenize", json.dumps({"tokens": [5] * 7_900_000}).encode()),
+        "accepted: /detokenize 131,072 ids": ("/detokenize", json.dumps({"tokens": [5] * 131_072}).encode()),
+        "/tokenize 15 MB": ("/tokenize", json.dumps({"prompt": "fox " * 3_750_000}).encode()),
+        "accepted: /tokenize 1M characters": ("/tokenize", json.dumps({"prompt": "fox " * 262_000}).encode()),
+        "n = 32 x 1,000 tokens, details 20": completion(n=32, max_tokens=1000, details=20),
+        "accepted: n = 16 x 200 tokens, details 20": completion(n=16, max_tokens=200, details=20),
+    }
+
+
+async def stalled_readers(url: str, count: int, seconds: float) -> list:
+    """`count` streams whose clients stop reading after the headers (their sockets left full), held open."""
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1000, "details": 20, "stream": True}).encode()
+    host, port = url.rsplit(":", 1)
+    writers = []
+    for _ in range(count):
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(port))
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        await writer.drain()
+        writers.append(writer)
+    await asyncio.sleep(seconds)
+    return writers
 
 
 def free_port() -> int:
@@ -102,11 +160,13 @@ def peak_rss_gb(pid: int) -> float:
     return float("nan")
 
 
-async def measure(url: str, rounds: int, only: str | None) -> list[tuple[str, object, bool, float]]:
+async def measure(url: str, rounds: int, only: str | None, issue: int) -> list[tuple[str, object, bool, float]]:
     rows = []
     async with httpx.AsyncClient(timeout=600) as http:
         reference, _ = await healthy_stream(http, url)
-        for name, (path, raw) in inputs().items():
+        if issue == 32:
+            rows.append(await beside_stalled_readers(http, url, reference, rounds))
+        for name, (path, raw) in (issue_32_inputs() if issue == 32 else inputs()).items():
             if only and only not in name:
                 continue
             ratios, same, status = [], True, None
@@ -119,17 +179,42 @@ async def measure(url: str, rounds: int, only: str | None) -> list[tuple[str, ob
     return rows
 
 
+async def beside_stalled_readers(http, url: str, reference: str, rounds: int) -> tuple[str, object, bool, float]:
+    """8 streams (n = 1, 1,000 tokens, details 20) whose clients stopped reading, then the healthy stream."""
+    ratios, same = [], True
+    for _ in range(rounds):
+        _, alone = await healthy_stream(http, url)
+        writers = await stalled_readers(url, 8, 2.0)
+        text, beside = await healthy_stream(http, url)
+        same &= text == reference
+        ratios.append(beside / alone)
+        for writer in writers:
+            writer.close()
+    return "8 streams whose readers stopped (1,000 tokens, details 20)", "-", same, sorted(ratios)[len(ratios) // 2]
+
+
+def tiny_trio_args() -> list[str]:
+    """The tests' tiny random trio, saved once under ~/.cache/proxytune/bench-tiny."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_server import save_tiny_trio
+
+    dirs = save_tiny_trio(Path.home() / ".cache" / "proxytune" / "bench-tiny")
+    return ["--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti_expert"]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--only", default=None, help="run only the inputs whose name holds this text")
+    parser.add_argument("--issue", type=int, choices=[13, 32], default=13, help="whose inputs to send")
+    parser.add_argument("--tiny", action="store_true", help="serve the tests' tiny random trio")
     parser.add_argument("serve_args", nargs=argparse.REMAINDER)
     args = parser.parse_args()
-    serve_args = [a for a in args.serve_args if a != "--"]
+    serve_args = [a for a in args.serve_args if a != "--"] + (tiny_trio_args() if args.tiny else [])
     process, url = start(args.tree, serve_args)
     try:
-        rows = asyncio.run(measure(url, args.rounds, args.only))
+        rows = asyncio.run(measure(url, args.rounds, args.only, args.issue))
         alive = process.poll() is None
         rss = peak_rss_gb(process.pid)
     finally:

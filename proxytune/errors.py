@@ -5,6 +5,12 @@ class ProxyTuneError(ValueError):
     """Bad input or an unusable model combination; the message says what to fix."""
 
 
+class FormatLimit(ProxyTuneError):
+    """An output format asked more of the grammar parser mid-generation than its resource limits allow
+    (llguidance's bounds per step, e.g. 2,000 Earley items in a row): the request's format is at fault, not a model,
+    so a server answers 400 naming response_format."""
+
+
 class SourceFailure(ProxyTuneError):
     """A model source stopped answering mid-generation (a remote server died, kept refusing, timed
     out). Decoding ends the affected rows with finish_reason "error" and keeps their text so far."""

@@ -115,10 +115,17 @@ BAD = [  # (what, raw body, extra headers, status, param)
         "type": "grammar", "grammar": 'start: "' + "ab " * 34_000 + '"'}}).encode(), {}, 400, "response_format"),
     ("a 1 MB literal (too many expressions)", json.dumps({**OK, "response_format": {
         "type": "regex", "regex": "a" * 1_000_000}}).encode(), {}, 400, "response_format"),
+    ("a 500-property schema (the parser's limit mid-way)", json.dumps({**OK, "max_tokens": 24, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "wide", "schema": {"type": "object", "properties": {
+            f"p{i}": {"type": "integer"} for i in range(500)}}}}}).encode(), {}, 400, "response_format"),
+    ("a 2 KB format at n = 16 (rows x format bytes)", json.dumps({**OK, "n": 16, "response_format": {
+        "type": "regex", "regex": "a" * 2000}}).encode(), {}, 400, "response_format"),
     ("an unsatisfiable format", json.dumps({**OK, "response_format": {
         "type": "regex", "regex": "[^\\x00-\\U0010FFFF]"}}).encode(), {}, 400, "response_format"),
-    ("alpha_schedule with 1M keys", json.dumps({**OK, "alpha_schedule": {str(i): 1 for i in range(1_000_000)}}
-                                               ).encode(), {}, 400, "alpha_schedule"),
+    ("alpha_schedule with 1M keys (refused before parsing)", json.dumps(
+        {**OK, "alpha_schedule": {str(i): 1 for i in range(1_000_000)}}).encode(), {}, 400, None),
+    ("alpha_schedule with 65 keys", json.dumps({**OK, "alpha_schedule": {str(i): 1 for i in range(65)}}).encode(), {},
+     400, "alpha_schedule"),
     ("2M token ids, far past the context", json.dumps({**OK, "prompt": [5] * 2_000_000}).encode(), {}, 400, "prompt"),
     ("n=32 x 200 tokens with details 20", json.dumps({**OK, "n": 32, "max_tokens": 200, "details": 20}).encode(),
      {}, 400, "details"),

@@ -16,7 +16,7 @@ from typing import Generator, Iterator, Sequence
 import torch
 
 from ..backends.protocol import LogitSource
-from ..errors import ProxyTuneError, RowFailure, SourceFailure
+from ..errors import FormatLimit, ProxyTuneError, RowFailure, SourceFailure
 from .roles import ExpertPair, Roles
 from .sampling import SamplingParams, choose, make_generator, random_seed
 from .session import ProxySession, RoleLogits, StepTimes
@@ -80,6 +80,7 @@ class GenerationOutput:
     logprobs: list[float] = field(default_factory=list)
     details: list[StepDetail] | None = None
     error: str | None = None
+    error_field: str | None = None  # the request's setting at fault ("response_format"), when not a model
 
 
 def step_detail(logits: RoleLogits, row: int, token_id: int, k: int) -> StepDetail:
@@ -109,6 +110,7 @@ class RowState:
         self.details: list[StepDetail] | None = [] if request.details else None
         self.finish_reason: str | None = None
         self.error: str | None = None
+        self.error_field: str | None = None
         own_prompt = request.prompts[request.alone or "base"]  # what the repetition penalty counts
         self.shaper = RowShaper(request.shaping, own_prompt) if request.shaping.active else None
 
@@ -142,6 +144,9 @@ class RowState:
     def crashed(self, error: Exception) -> Event:
         """This row's own part of a step (choosing, verifying, recording) raised: it ends this row alone,
         never its batch-mates."""
+        if isinstance(error, FormatLimit):  # the request's format, not proxytune nor a model
+            self.error_field = "response_format"
+            return self.fail(error)
         log.error("row %d failed", self.index, exc_info=error)
         return self.fail(f"{type(error).__name__}: {error}")
 
@@ -164,7 +169,7 @@ class RowState:
 
     def output(self) -> GenerationOutput:
         return GenerationOutput(self.tracker.text, list(self.tracker.token_ids), self.finish_reason or "length",
-                                self.logprobs, self.details, self.error)
+                                self.logprobs, self.details, self.error, self.error_field)
 
 
 def unsampleable(z: torch.Tensor) -> torch.Tensor:

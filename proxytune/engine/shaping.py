@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
-from ..errors import ProxyTuneError
+from ..errors import FormatLimit, ProxyTuneError
 from .grammar_limits import MAX_SCHEMA_DEPTH, check_lark, check_schema, check_size, on_big_stack
 
 GRAMMAR_KINDS = ("json_schema", "json_object", "regex", "lark")
@@ -229,9 +229,10 @@ class RowShaper:
     def accept(self, token: int) -> None:
         """The row chose `token`: the grammar moves past it (the end of text, too)."""
         if self.matcher is not None:
-            if not self.matcher.consume_token(int(token)):
-                raise ProxyTuneError(f"token {token} is not allowed by the output format here: "
-                                     f"{self.matcher.get_error().splitlines()[0]}")
+            if not self.matcher.consume_token(int(token)):  # only allowed tokens are chosen: the parser gave out
+                raise FormatLimit(f"the output format is too complex for the grammar parser here (llguidance: "
+                                  f"{self.matcher.get_error().splitlines()[0]}); simplify it (fewer alternatives "
+                                  f"or optional properties)")
 
     def _allowed(self, size: int) -> torch.Tensor:
         bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")

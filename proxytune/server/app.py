@@ -234,6 +234,8 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
             elif kind == "done":
                 outputs = value
         failed = next((o for o in outputs if o.finish_reason == "error"), None)
+        if failed is not None and failed.error_field is not None:  # the request's own setting gave out mid-way
+            raise APIError(400, f"generation stopped: {failed.error}", failed.error_field, "format_too_complex")
         if failed is not None:  # never a 200 with empty or cut text: the reason, readable
             raise generation_failed(failed.error or "a model stopped answering")
         choices = []

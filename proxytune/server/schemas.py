@@ -34,7 +34,7 @@ from ..engine.sampling import SamplingParams
 from ..errors import ProxyTuneError
 from ..facade.tuner import check_alpha, schedule_from_text
 from .api_errors import APIError, bad_request
-from .limits import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, check_sizes, check_work
+from .limits import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, check_sizes, check_tree, check_work
 
 SHAPING = ("repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
 NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""),
@@ -214,7 +214,8 @@ def _stop(body: Common) -> tuple[str, ...]:
 def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_rows: int,
           context: int | None, default_max_tokens: int) -> Params:
     """Check every field of a completions (kind="completion") or chat (kind="chat") body."""
-    check_sizes(raw, max_rows, context)
+    check_sizes(raw, max_rows, context)  # what a hostile body costs to walk: len() calls, before anything walks it
+    check_tree(raw)
     try:
         body = BODIES[kind].model_validate(raw)
     except ValidationError as error:
