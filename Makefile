@@ -6,6 +6,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 WHEELS ?= $(HOME)/.cache/proxytune/wheels
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export SE_AVOID_STATS := true
 
 .PHONY: install install-llama-cpp install-browser install-demo-models test demo bench device-wheels
 

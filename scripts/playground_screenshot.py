@@ -31,6 +31,8 @@ def main() -> int:
     import httpx
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_AVOID_STATS", "true")  # the driver's path is given: Selenium Manager never reaches out
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

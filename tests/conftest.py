@@ -4,6 +4,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SE_AVOID_STATS", "true")  # Selenium never reports usage (the browser tests pass the driver's path)
 sys.path.insert(0, str(Path(__file__).parent))
 
 import pytest  # noqa: E402
