@@ -72,7 +72,7 @@ def issue_32_inputs() -> dict[str, tuple[str, bytes]]:
             "name": "chain", "schema": ref_chain(1000)}}),
         "grammar chaining 3,000 rules": completion(response_format={"type": "grammar", "grammar": rules}),
         "10,000-property schema, n = 16": completion(n=16, response_format=schema(10_000)),
-        "accepted: 500-property schema (14 KB), n = 1": completion(n=1, response_format=schema(500)),
+        "500-property schema (14 KB), n = 1: parser limit mid-way": completion(n=1, response_format=schema(500)),
         "accepted: 60-property schema (1.6 KB), n = 8": completion(n=8, response_format=schema(60)),
         "100 KB string literal, n = 32": completion(n=32, response_format={
             "type": "grammar", "grammar": 'start: "' + "ab c" * 25_000 + '"'}),
@@ -81,7 +81,7 @@ def issue_32_inputs() -> dict[str, tuple[str, bytes]]:
         "alpha_schedule with 1M keys": completion(alpha_schedule={str(i): 1 for i in range(1_000_000)}),
         "accepted: 64 schedule entries, n = 32": completion(n=32, alpha_schedule={str(i): 1 for i in range(64)}),
         "/detokenize 7.9M ids": ("/detokenize", json.dumps({"tokens": [5] * 7_900_000}).encode()),
-        "accepted: /detokenize 131,072 ids": ("/detokenize", json.dumps({"tokens": [5] * 131_072}).encode()),
+        "accepted: /detokenize 65,536 ids": ("/detokenize", json.dumps({"tokens": [5] * 65_536}).encode()),
         "/tokenize 15 MB": ("/tokenize", json.dumps({"prompt": "fox " * 3_750_000}).encode()),
         "accepted: /tokenize 1M characters": ("/tokenize", json.dumps({"prompt": "fox " * 262_000}).encode()),
         "n = 32 x 1,000 tokens, details 20": completion(n=32, max_tokens=1000, details=20),
@@ -202,24 +202,37 @@ def tiny_trio_args() -> list[str]:
     return ["--base", dirs["base"], "--expert", dirs["expert"], "--anti-expert", dirs["anti_expert"]]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1])
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--only", default=None, help="run only the inputs whose name holds this text")
-    parser.add_argument("--issue", type=int, choices=[13, 32], default=13, help="whose inputs to send")
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tree", type=Path, default=Path(__file__).resolve().parents[1],
+                        help="serve this checkout's proxytune (e.g. an older commit in a git worktree)")
     parser.add_argument("--tiny", action="store_true", help="serve the tests' tiny random trio")
-    parser.add_argument("serve_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args()
+    parser.add_argument("serve_args", nargs=argparse.REMAINDER, help="after --: proxytune serve's arguments")
+
+
+def served(args: argparse.Namespace, run) -> tuple[object, bool, float, list[str]]:
+    """run(url, pid) against a server started from `args` (add_server_arguments); its result, whether the server
+    was still up after it, the server's peak RSS in GB, and the serve arguments."""
     serve_args = [a for a in args.serve_args if a != "--"] + (tiny_trio_args() if args.tiny else [])
     process, url = start(args.tree, serve_args)
     try:
-        rows = asyncio.run(measure(url, args.rounds, args.only, args.issue))
+        result = run(url, process.pid)
         alive = process.poll() is None
         rss = peak_rss_gb(process.pid)
     finally:
         process.terminate()
         process.wait(30)
+    return result, alive, rss, serve_args
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--only", default=None, help="run only the inputs whose name holds this text")
+    parser.add_argument("--issue", type=int, choices=[13, 32], default=13, help="whose inputs to send")
+    add_server_arguments(parser)
+    args = parser.parse_args()
+    rows, alive, rss, serve_args = served(args, lambda url, pid: asyncio.run(measure(url, args.rounds, args.only,
+                                                                                      args.issue)))
     print(f"server: {args.tree} {' '.join(serve_args)}; healthy stream {HEALTHY['max_tokens']} greedy tokens")
     print(f"| input | its status | healthy stream's text kept | healthy time beside it / alone (median of {args.rounds}) |")
     print("|---|---|---|---:|")

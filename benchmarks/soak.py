@@ -5,6 +5,7 @@ latency does not climb (issue 32: the batch must not grow state with history).
     python benchmarks/soak.py --tiny --minutes 10                 # the tests' tiny random trio
     python benchmarks/soak.py --minutes 5 -- --base smollm2-135m-instruct --expert smollm2-135m-instruct \
         --anti-expert smollm2-135m-instruct
+    git worktree add /tmp/before c8e2c62 && python benchmarks/soak.py --tiny --tree /tmp/before --minutes 5
 
 Each of --clients clients loops over a random mix: greedy completions, chat, streams, echo + logprobs over token
 ids (lm-eval's loglikelihood requests), a JSON-schema response_format, sampled n = 2 with a seed, and one stream
@@ -27,7 +28,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hardening import start, tiny_trio_args  # noqa: E402  (benchmarks/hardening.py)
+from hardening import add_server_arguments, served  # noqa: E402  (benchmarks/hardening.py)
 
 SCHEMA = {"type": "json_schema", "json_schema": {"name": "pet", "schema": {
     "type": "object", "properties": {"animal": {"enum": ["fox", "dog", "cat"]}, "age": {"type": "integer"}},
@@ -139,19 +140,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10)
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="serve the tests' tiny random trio")
     parser.add_argument("--label", default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the summary here")
-    parser.add_argument("serve_args", nargs=argparse.REMAINDER)
+    add_server_arguments(parser)
     args = parser.parse_args()
-    serve_args = [a for a in args.serve_args if a != "--"] + (tiny_trio_args() if args.tiny else [])
-    process, url = start(Path(__file__).resolve().parents[1], serve_args)
-    try:
-        result = asyncio.run(soak(url, process.pid, args.minutes, args.clients))
-        alive = process.poll() is None
-    finally:
-        process.terminate()
-        process.wait(30)
+    result, alive, _, serve_args = served(args, lambda url, pid: asyncio.run(soak(url, pid, args.minutes,
+                                                                                  args.clients)))
     summary = report(result, args.minutes, args.label or ("tiny trio" if args.tiny else " ".join(serve_args)))
     summary["server_alive"] = alive
     print(json.dumps({k: v for k, v in summary.items()}, indent=1))

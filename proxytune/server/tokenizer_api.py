@@ -13,7 +13,7 @@ from .api_errors import bad_request
 from .limits import MAX_PROMPT_CHARS, check_tree, parse_json, read_body
 
 MAX_TOKENIZER_BODY = 8 * MAX_PROMPT_CHARS  # a prompt of MAX_PROMPT_CHARS characters, escaped in JSON
-MAX_DETOKENIZE_IDS = 1 << 17  # checked and decoded in ~0.1 s
+MAX_DETOKENIZE_IDS = 1 << 16  # checked and decoded in ~50 ms
 
 
 def add_tokenizer_routes(app: FastAPI, tuner, authorize, context: int | None) -> None:
