@@ -1,4 +1,5 @@
 """`proxytune generate` as a user runs it: a real process over models saved to disk."""
+import json
 import subprocess
 import sys
 
@@ -233,6 +234,8 @@ def test_a_batch_run_resumes_where_it_stopped(trio_dirs, tmp_path, monkeypatch):
     ('{"prompt": "a", "id": [1]}\n', "line 1: id"),
     ('{"prompt": "a", "max_new_tokens": "8"}\n', "line 1: max_new_tokens"),
     ('{"prompt": "a"}\n{"prompt": "\xff\xfe"}\n'.encode("latin-1"), ":2: not UTF-8"),
+    ('{"prompt": "a"}\n' + json.dumps({"prompt": "b", "response_format": {"type": "grammar", "grammar": "start: r0\n" + "\n".join(
+        f"r{i}: r{i + 1}" for i in range(300)) + '\nr300: "a"'}}) + "\n", "line 2: response_format: the grammar chains"),
 ])
 def test_a_bad_batch_file_is_refused_before_loading_naming_the_line(trio_dirs, tmp_path, capsys, monkeypatch,
                                                                     content, message):

@@ -13,6 +13,7 @@ model loads.
 """
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Annotated, Any, Union
@@ -64,6 +65,21 @@ def check_row(row, path: Path, number: int) -> None:
         field = ".".join(str(part) for part in problem["loc"] if not str(part).startswith(("str", "int", "list[",
                                                                                             "float", "dict[")))
         raise ProxyTuneError(f"{where}: {field}: {problem['msg']}, got {problem.get('input')!r}") from None
+    if row.get("response_format") is not None:
+        try:
+            check_format(json.dumps(row["response_format"], sort_keys=True))
+        except ProxyTuneError as error:
+            raise ProxyTuneError(f"{where}: {error}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def check_format(response_format: str) -> None:
+    """A row's output format, checked (limits, syntax) without a vocabulary: before any model loads."""
+    from ..engine.shaping import compile_grammar, output_format
+
+    kind_value = output_format(json.loads(response_format))
+    if kind_value:
+        compile_grammar(*kind_value)
 
 
 def read_rows(path: Path) -> list[dict]:

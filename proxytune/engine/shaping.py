@@ -96,7 +96,7 @@ def compile_grammar(kind: str, value, tokens=None) -> Grammar:
     elif kind != "json_object":
         if not isinstance(value, str) or not value:
             raise ProxyTuneError(f"response_format: a {kind} output format needs its text, got {value!r}")
-        check_size(kind, value)
+        check_size("Lark grammar" if kind == "lark" else kind, value)
         if kind == "lark":
             check_lark(value)
     return on_big_stack(lambda: _compile(kind, value, tokens))
