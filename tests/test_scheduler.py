@@ -11,6 +11,7 @@ import pytest
 
 from proxytune import ProxyTuner
 from proxytune.server import scheduler as scheduler_module
+from proxytune.server.api_errors import APIError
 from proxytune.server.scheduler import Scheduler
 from proxytune.server.schemas import PromptRows
 from wrapped_sources import Flaky, Solo
@@ -257,3 +258,18 @@ def test_a_client_with_many_requests_waiting_does_not_starve_one_with_few(tuner)
 
     run(scheduler, go())
     assert order.index("polite") <= 2, order  # its turn came after at most two of the busy client's requests
+
+
+def test_one_client_may_fill_at_most_half_the_queue(tuner):
+    scheduler = Scheduler(tuner, max_batch=1, max_queue=4)  # not started: everything stays waiting
+
+    async def go():
+        flood = [scheduler.submit(rows(tuner, PROMPTS[0]), client="flood") for _ in range(2)]
+        with pytest.raises(APIError) as refused:
+            scheduler.submit(rows(tuner, PROMPTS[0]), client="flood")
+        other = scheduler.submit(rows(tuner, PROMPTS[1]), client="other")
+        return flood, refused.value, other
+
+    flood, refused, other = asyncio.run(go())
+    assert refused.status == 429 and refused.code == "too_many_waiting" and refused.headers["Retry-After"] == "1"
+    assert len(scheduler.waiting) == 3 and scheduler.waiting.waiting("other") == 1

@@ -130,7 +130,7 @@ def generate(runner: RoleRunner, task, role: Role, examples: Sequence[Example],
             if open_rows[example.id] == 0:
                 first = first_row[example.id]
                 write(_generation_record(task, role, example, runner.level,
-                                         [decoding.output(i) for i in range(first, first + 1 + task.samples)]))
+                                         [decoding.take(i) for i in range(first, first + 1 + task.samples)]))
         running = decoding.running
         if queued < len(requests) and running < batch_size:
             decoding.add(requests[queued:queued + batch_size - running])

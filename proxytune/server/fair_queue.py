@@ -3,7 +3,8 @@ with 1 each get the next free slot in alternation, not first come first served.
 
 A client is whatever the handler names it (OpenAI's `user` field, else the peer's address). Within a client,
 requests keep their order; `appendleft` puts a request back at the very front (a scored echo request that now
-waits for a decoding slot).
+waits for a decoding slot). The scheduler also caps what one client may have waiting (half the queue), so a
+client that floods cannot fill the queue and turn everyone else away.
 """
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ class FairQueue:
     def __iter__(self) -> Iterator:
         for jobs in list(self.clients.values()):
             yield from list(jobs)
+
+    def waiting(self, client: str) -> int:
+        return len(self.clients.get(client, ()))
 
     def append(self, job) -> None:
         self.clients.setdefault(job.client, collections.deque()).append(job)

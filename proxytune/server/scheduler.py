@@ -127,6 +127,12 @@ class Scheduler:
                 self.counts["rejected"] += 1
                 raise APIError(503, f"the server is busy ({len(self.waiting)} requests waiting); retry shortly",
                                code="queue_full", headers={"Retry-After": "1"})
+            share = max(1, self.max_queue // 2)  # one client cannot fill the queue for everyone else
+            if self.waiting.waiting(client) >= share:
+                self.counts["rejected"] += 1
+                raise APIError(429, f"you have {share} requests waiting, the most one client may have queued "
+                                    f"(half of --max-queue); retry when one has started", code="too_many_waiting",
+                               headers={"Retry-After": "1"})
             self.waiting.append(job)
             self.condition.notify()
         return job
