@@ -15,7 +15,7 @@ position, and per row:
   position is an exact draw from p̃, so the output distribution is that of plain decoding.
 
 A position past the usable ones is decided in a later round from a fresh call, so nothing inexact is
-ever used. Every position is decided by the rule `verify_row` applies in speculative decoding, its
+ever used. Every position is decided by the rule `verify_row` applies in every drafted decoding (drafted.py), its
 random draws keyed by (row seed, output position): greedy drafts make a seeded row's tokens independent
 of n and of its batch-mates. n follows `DraftLength` with the measured cost of a round (the base's call
 for n tokens plus the pair's forwards of n tokens).
@@ -26,8 +26,8 @@ from typing import Iterator
 
 import torch
 
-from .decoding import Event, RowState, unusable_rows
-from .speculative import DraftedDecoding, DraftLength, PositionRandomness, linear_cost, verify_row
+from .decoding import Event, RowState
+from .drafted import DraftedDecoding, DraftLength, PositionRandomness, RowDrafts, linear_cost
 
 SEED_RANGE = 2 ** 31  # servers take 32-bit seeds (llama.cpp), some signed
 
@@ -77,36 +77,15 @@ class ChunkedDecoding(DraftedDecoding):
         outputs = {base_key: draft.logits, **self.session.advance_all(draft.fed, but=base_key)}
         logits = self.session.collect(outputs)  # p̃ at every drafted position, [B, n, V]
 
-        chosen: list[list[int]] = []  # [] for a row that failed: it leaves at the next step
-        tried: list[int] = []
-        failures: list[Event] = []
+        vocab = logits.combined.shape[-1]
+        proposed = []
         for position, (row, start) in enumerate(zip(rows, starts)):
             usable = draft.usable[position]
-            tried.append(usable - 1)
-            unusable = unusable_rows(logits.map(lambda z: z[position:position + 1, :usable]))
-            if unusable:
-                failures.append(row.fail(unusable[0]))
-                chosen.append([])
-                continue
             drafts = draft.tokens[position, :usable].tolist()
             if drafts[-1] < 0:  # the last usable position has no draft of its own: decided afresh
                 drafts = drafts[:-1]
-            params = row.request.params
-            try:
-                target = row.shaped(logits.combined[position, :usable], drafts)
-                if target is None:
-                    failures.append(row.cannot_continue())
-                    chosen.append([])
-                    continue
-                drafts = drafts[:target.shape[0]]  # all, unless shaping ruled a later position out
-                q = None if params.greedy else draft_distributions(draft.q[position], drafts, logits.combined.shape[-1])
-                accepted, token = verify_row(target, drafts, q, params, PositionRandomness(row.seed, start))
-                chosen.append(drafts[:accepted] + [token])
-            except Exception as error:
-                failures.append(row.crashed(error))
-                chosen.append([])
-        self._count(chosen, tried)
-        self.session.rewind([max(len(c), 1) for c in chosen])  # the fed token and the accepted drafts stay
-        if failures:
-            yield failures
-        yield from self._record(rows, logits, chosen)
+            greedy, given = row.request.params.greedy, draft.q[position]
+            proposed.append(RowDrafts(usable, drafts, lambda kept, greedy=greedy, given=given:
+                                      None if greedy else draft_distributions(given, kept, vocab),
+                                      PositionRandomness(row.seed, start)))
+        yield from self.verified(rows, logits, proposed, [usable - 1 for usable in draft.usable])

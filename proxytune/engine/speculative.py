@@ -25,196 +25,17 @@ of one drafting step and of verifying w tokens per row, measured per session (`S
 """
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterator, Sequence
+from typing import Iterator
 
 import torch
 
-from ..errors import ProxyTuneError
-from .decoding import Decoding, Event, RowState, step_detail, unsampleable, unusable_rows
-from .roles import ExpertPair
-from .sampling import SamplingParams, choose, next_token_probs
-from .session import RoleLogits, StepTimes
-from ..backends.protocol import LogitSource
+from .decoding import Event, RowState, unsampleable
+from .drafted import (DRAFT, DraftedDecoding, DraftLength, PositionRandomness, RowDrafts, linear_cost, verify_row,
+                      refuse_schedules)
+from .sampling import next_token_probs
+from .session import StepTimes
 
-DRAFT, ACCEPT, RESAMPLE = range(3)
-
-
-class DraftLength:
-    """Picks k from the running acceptance rate a: the k that maximises tokens per second.
-
-    A round yields 1 + a + … + a^k tokens on average and costs k+1 drafting steps plus one
-    verification of k+1 positions. Until costs are measured (`measured`), a drafting step costs
-    `draft_cost` verifications and each extra verified position `verify_growth` of one. k = 0 is a
-    plain step: chosen when drafting does not pay (e.g. a verifier as slow per token at k+1 as at 1).
-    """
-
-    def __init__(self, draft_cost: float = 0.3, fixed: int | None = None, maximum: int = 12,
-                 verify_growth: float = 0.05, prior: float = 0.7, memory: float = 0.8):
-        self.draft_cost, self.fixed, self.maximum = draft_cost, fixed, maximum
-        self.verify_growth, self.memory = verify_growth, memory
-        self.accepted, self.tried = 5 * prior, 5.0  # a weak prior, worth five drafted tokens
-        self.draft_seconds: float | None = None
-        self.verify_seconds: Callable[[int], float] | None = None
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted / self.tried
-
-    def measured(self, draft_seconds: float, verify_seconds: Callable[[int], float]) -> None:
-        """Use measured costs: one drafting step, and verifying `w` tokens per row (all verifiers)."""
-        self.draft_seconds, self.verify_seconds = draft_seconds, verify_seconds
-
-    def round_cost(self, k: int) -> float:
-        if self.verify_seconds is not None:
-            return (k + 1) * self.draft_seconds + self.verify_seconds(k + 1)
-        return (k + 1) * self.draft_cost + 1 + self.verify_growth * k
-
-    def expected_speedup(self, k: int) -> float:
-        """Expected tokens per unit of cost, relative to plain decoding (k = 0 gives 1)."""
-        a = min(self.acceptance, 0.999)
-        tokens = (1 - a ** (k + 1)) / (1 - a)
-        return tokens / self.round_cost(k) * self.round_cost(0)
-
-    def next(self) -> int:
-        if self.fixed is not None:
-            return self.fixed
-        return max(range(0, self.maximum + 1), key=self.expected_speedup)
-
-    def update(self, accepted: int, rejected: int) -> None:
-        # Geometric model: every verified draft is a trial; the round stops at the first rejection.
-        self.accepted = self.memory * self.accepted + accepted
-        self.tried = self.memory * self.tried + accepted + rejected
-
-
-def linear_cost(widths: dict[int, float], growth: float) -> Callable[[int], float]:
-    """Seconds for w tokens per row from the widths measured so far: a least-squares line through
-    them, or, with one width measured, `growth` of it per extra token."""
-    if len(widths) >= 2:
-        ws, ss = zip(*sorted(widths.items()))
-        mean_w, mean_s = sum(ws) / len(ws), sum(ss) / len(ss)
-        slope = sum((w - mean_w) * (s - mean_s) for w, s in zip(ws, ss)) / sum((w - mean_w) ** 2 for w in ws)
-        slope = max(slope, 0.0)
-        return lambda w: max(mean_s + slope * (w - mean_w), 1e-9)
-    (w0, s0), = widths.items()
-    return lambda w: s0 * (1 + growth * (w - 1)) / (1 + growth * (w0 - 1))
-
-
-class PositionRandomness:
-    """The random draws of one row in one round: a generator per (seed, output position, purpose)."""
-
-    def __init__(self, seed: int, start: int):
-        self.seed, self.start = seed, start
-
-    def __call__(self, j: int, purpose: int) -> torch.Generator:
-        position = self.start + j
-        return torch.Generator().manual_seed((self.seed * 1_000_003 + position * 3 + purpose) % (2 ** 63))
-
-
-def verify_row(p_logits: torch.Tensor, drafts: Sequence[int], q_probs: Sequence[torch.Tensor] | None,
-               params: SamplingParams, randomness: Callable[[int, int], torch.Generator]) -> tuple[int, int]:
-    """(number of drafts accepted, the token after them) for one row.
-
-    p_logits: combined logits [k+1, V] after t, x₁, …, x_k. `drafts` holds k drafts, or k+1 when the
-    last position has a draft of its own (never fed); q_probs: the warped expert distributions they
-    were drawn from (None when greedy)."""
-    positions = p_logits.shape[0]
-    if params.greedy:
-        for j, draft in enumerate(drafts[:positions - 1]):
-            best = choose(p_logits[j], params, None)
-            if best != draft:
-                return j, best
-        return positions - 1, choose(p_logits[positions - 1], params, None)
-    p = next_token_probs(p_logits, params).cpu()
-    for j, draft in enumerate(drafts):
-        q = q_probs[j]
-        if float(torch.rand(1, generator=randomness(j, ACCEPT))) * float(q[draft]) < float(p[j, draft]):
-            if j == positions - 1:
-                return j, draft  # the last position's own draft, accepted
-            continue  # accepted with probability min(1, p/q)
-        residual = (p[j] - q).clamp_min(0)
-        total = float(residual.sum())
-        # residual == 0 everywhere means p == q, where a rejection cannot happen; guard rounding.
-        token = int(torch.multinomial(residual / total if total > 0 else p[j], 1, generator=randomness(j, RESAMPLE)))
-        return j, token
-    return len(drafts), int(torch.multinomial(p[len(drafts)], 1, generator=randomness(len(drafts), RESAMPLE)))
-
-
-def refuse_schedules(requests, mode: str) -> None:
-    if any(r.alpha_schedule for r in requests):
-        raise ProxyTuneError(f"an α schedule changes α by output position, and {mode} decoding verifies several "
-                             f"positions at once: decode without speculative (a remote base: chunk=0)")
-
-
-class DraftedDecoding(Decoding):
-    """What every draft-and-verify round shares: k from `DraftLength`, the caps on a draft, the counts,
-    and recording several verified tokens per row as one event list per position (so streams show
-    tokens as soon as they are verified, and a row stopping inside a draft stops there)."""
-
-    mode = "drafted"
-
-    def __init__(self, base: LogitSource, pairs: Sequence[ExpertPair], requests, tokenizer, eos_ids: set[int],
-                 draft_length: int | None = None, session=None, lengths: DraftLength | None = None):
-        if draft_length is not None and (isinstance(draft_length, bool) or not isinstance(draft_length, int)
-                                         or draft_length < 1):
-            raise ProxyTuneError(f"draft_length must be an integer >= 1 (or None: adaptive), got {draft_length!r}")
-        super().__init__(base, pairs, requests, tokenizer, eos_ids, session=session)
-        refuse_schedules(requests, self.mode)
-        cannot = self.session.lacking("rollback")
-        if cannot:
-            raise ProxyTuneError(f"{self.mode} decoding needs every role's session to roll back a multi-token draft; "
-                                 f"{', '.join(cannot)} cannot: decode without speculative=True")
-        self.draft_length = lengths or DraftLength(fixed=draft_length)
-        self.rounds = self.drafted = self.accepted_total = 0
-
-    def add(self, requests) -> list[int]:
-        refuse_schedules(requests, self.mode)
-        return super().add(requests)
-
-    @property
-    def acceptance_rate(self) -> float:
-        """Share of drafted tokens the proxy accepted so far (0 when nothing was drafted)."""
-        return self.accepted_total / self.drafted if self.drafted else 0.0
-
-    def _cap(self, rows: list[RowState]) -> int:
-        """The most drafts worth making: no row can use more than its remaining budget, and no row's
-        context may overflow while the draft is in the caches."""
-        generated = [len(row.tracker.token_ids) for row in rows]
-        useful = max(row.budget - n for row, n in zip(rows, generated)) - 1
-        rooms = [self._context_room(row) - n for row, n in zip(rows, generated)]
-        return max(0, min([useful] + [room - 1 for room in rooms]))
-
-    def _context_room(self, row: RowState) -> float:
-        rooms = [s.max_length - len(row.request.prompts[role]) for role, s in self.session.sources.items()
-                 if s.max_length]
-        return min(rooms) if rooms else math.inf
-
-    def _count(self, chosen: list[list[int]], tried: list[int]) -> None:
-        """Feed the round's outcome to the draft length: row i tested tried[i] drafts and kept len(chosen[i]) - 1."""
-        accepted = sum(max(len(c) - 1, 0) for c in chosen)
-        rejected = sum(0 <= len(c) - 1 < t for c, t in zip(chosen, tried))
-        if any(tried):
-            self.draft_length.update(accepted, rejected)
-        self.rounds += 1
-        self.drafted += sum(tried)
-        self.accepted_total += accepted
-
-    def _record(self, rows: list[RowState], logits: RoleLogits, chosen: list[list[int]]) -> Iterator[list[Event]]:
-        logprobs = torch.log_softmax(logits.combined.float(), dim=-1)
-        for j in range(max(map(len, chosen))):
-            events = []
-            for position, row in enumerate(rows):
-                if j >= len(chosen[position]) or row.finish_reason is not None:
-                    continue
-                token = chosen[position][j]
-                try:
-                    detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
-                              if row.request.details else None)
-                    events.append(row.record(token, float(logprobs[position, j, token]), detail))
-                except Exception as error:
-                    events.append(row.crashed(error))
-            if events:
-                yield events
+__all__ = ["SpeculativeDecoding", "DraftLength", "PositionRandomness", "verify_row", "refuse_schedules"]
 
 
 class SpeculativeDecoding(DraftedDecoding):
@@ -281,30 +102,7 @@ class SpeculativeDecoding(DraftedDecoding):
         outputs = {drafter_key: torch.cat(expert_steps, dim=1), **self.session.advance_all(fed, but=drafter_key)}
         logits = self.session.collect(outputs)  # p̃ at all k+1 positions, [B, k+1, V]
 
-        unusable = unusable_rows(logits)
-        chosen: list[list[int]] = []  # [] for a row that failed: it leaves at the next step
-        failures: list[Event] = []
-        for position, row in enumerate(rows):
-            if position in unusable:
-                failures.append(row.fail(unusable[position]))
-                chosen.append([])
-                continue
-            row_drafts = [int(d[position]) for d in drafts]
-            try:
-                target = row.shaped(logits.combined[position], row_drafts)
-                if target is None:
-                    failures.append(row.cannot_continue())
-                    chosen.append([])
-                    continue
-                kept = target.shape[0]  # all k+1 positions, unless shaping ruled a later one out
-                n, token = verify_row(target, row_drafts[:kept], [q[position] for q in q_probs][:kept],
-                                      row.request.params, randomness[position])
-                chosen.append(row_drafts[:n] + [token])
-            except Exception as error:
-                failures.append(row.crashed(error))
-                chosen.append([])
-        self._count(chosen, [k] * len(rows))
-        self.session.rewind([max(len(c), 1) for c in chosen])  # t and the accepted drafts stay; the new token next
-        if failures:
-            yield failures
-        yield from self._record(rows, logits, chosen)
+        proposed = [RowDrafts(k + 1, [int(d[position]) for d in drafts],
+                              lambda kept, position=position: [q[position] for q in q_probs][:len(kept)],
+                              randomness[position]) for position in range(len(rows))]
+        yield from self.verified(rows, logits, proposed, [k] * len(rows))
