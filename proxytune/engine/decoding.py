@@ -10,6 +10,7 @@ CLI, the server and the evaluations all consume these steps.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Generator, Iterator, Sequence
 
@@ -17,6 +18,7 @@ import torch
 
 from ..backends.protocol import LogitSource
 from ..errors import FormatLimit, ProxyTuneError, RowFailure, SourceFailure
+from .context import room_left
 from .roles import ExpertPair, Roles
 from .sampling import SamplingParams, choose, make_generator, random_seed
 from .session import ProxySession, RoleLogits, StepTimes
@@ -197,8 +199,8 @@ def unusable_rows(logits: RoleLogits) -> dict[int, str]:
 
 def token_budget(request: Request, sources: dict[str, LogitSource]) -> int:
     """How many tokens fit in every role's context after its prompt."""
-    room = [s.max_length - len(request.prompts[role]) for role, s in sources.items() if s.max_length]
-    return min(room) if room else request.max_new_tokens
+    room = room_left(request.prompts, sources)
+    return request.max_new_tokens if room == math.inf else int(room)
 
 
 def open_session(base: LogitSource, pairs: Sequence[ExpertPair], requests: Sequence[Request],

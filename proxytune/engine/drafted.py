@@ -10,7 +10,6 @@ per row as one event list per position.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -18,6 +17,7 @@ import torch
 
 from ..backends.protocol import LogitSource
 from ..errors import ProxyTuneError
+from .context import room_left
 from .decoding import Decoding, Event, RowState, step_detail, unusable_rows
 from .roles import ExpertPair
 from .sampling import SamplingParams, choose, next_token_probs
@@ -171,9 +171,7 @@ class DraftedDecoding(Decoding):
         return max(0, min([useful] + [room - 1 for room in rooms]))
 
     def _context_room(self, row: RowState) -> float:
-        rooms = [s.max_length - len(row.request.prompts[role]) for role, s in self.session.sources.items()
-                 if s.max_length]
-        return min(rooms) if rooms else math.inf
+        return room_left(row.request.prompts, self.session.sources)
 
     def _count(self, chosen: list[list[int]], tried: list[int]) -> None:
         """Feed the round's outcome to the draft length: row i tested tried[i] drafts and kept len(chosen[i]) - 1."""

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 from ..backends.protocol import LogitSource
 from ..engine import scoring
+from ..engine.context import check_prompt_room
 from ..engine.decoding import Decoding, Event, GenerationOutput, Request
 from ..engine.prompts import ALL_ROLES, chat_prompt_ids, chat_role_kinds, validate_messages
 from ..engine.roles import Roles, pairs_of
@@ -235,13 +236,9 @@ class ProxyTuner:
         return [check_alpha(alpha)] * len(self.pairs)
 
     def _check_prompt(self, prompts: dict[str, list[int]], label: str) -> None:
-        for role, ids in prompts.items():
-            if not ids:
-                raise ProxyTuneError(f"{label} is empty: give at least one token of text")
-            limit = self.sources[role].max_length
-            if limit and len(ids) >= limit:
-                raise ProxyTuneError(f"{label} has {len(ids)} tokens for the {role} model, whose context holds "
-                                     f"{limit}; shorten it to leave room for new tokens")
+        if any(not ids for ids in prompts.values()):
+            raise ProxyTuneError(f"{label} is empty: give at least one token of text")
+        check_prompt_room(prompts, self.sources, label)
 
     def _check_length(self, characters: int, label: str) -> None:
         """Refuse, before tokenizing it, a text that no tokenization could fit in a role's context (twice

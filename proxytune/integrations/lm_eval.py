@@ -19,6 +19,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from ..engine.context import context_length
 from ..errors import ProxyTuneError
 
 
@@ -53,8 +54,7 @@ class ProxyTuneLM(LM):
         self.name = model or (f"base={base}" if base else "a given tuner")  # what the progress bars name
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8  # lm-eval may pass "auto"
         self.max_gen_toks = int(max_gen_toks)
-        limits = [s.max_length for s in tuner.sources.values() if s.max_length]
-        self.max_length = min([int(max_length), *limits])
+        self.max_length = min(int(max_length), context_length(tuner.sources) or int(max_length))
 
     @property
     def tokenizer_name(self) -> str:

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..engine.context import context_length
 from ..engine.prompts import ALL_ROLES
 from . import openai_format as fmt
 from .api_errors import APIError
@@ -26,7 +27,7 @@ from .guard import LocalGuard, allowed_hosts
 from .openai_format import Shape, TokenLogprob, TokenStrings
 from .scheduler import Job, Scheduler
 from .limits import parse_json, read_body
-from .schemas import Params, PromptRows, build, context_length, parse
+from .schemas import Params, PromptRows, build, parse
 from .timeouts import SendTimeout
 from .tokenizer_api import add_tokenizer_routes
 
@@ -111,7 +112,7 @@ def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str
                chat_roles: Sequence[str] = ALL_ROLES, host: str = "127.0.0.1",
                allowed: Sequence[str] = (), max_echo_tokens: int = MAX_ECHO_TOKENS, ui: bool = True) -> FastAPI:
     scheduler = Scheduler(tuner, max_batch=max_batch, max_queue=max_queue, request_timeout=request_timeout)
-    context = context_length(tuner)
+    context = context_length(tuner.sources)
     text_of = TokenStrings(tuner.tokenizer)
     created = int(time.time())
 

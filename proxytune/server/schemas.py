@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal, Sequence, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.context import check_prompt_room, overflow
 from ..engine.decoding import Request
 from ..engine.sampling import SamplingParams
 from ..errors import ProxyTuneError
@@ -313,27 +314,21 @@ def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
 
 def check_room(tuner, request: Request, params: Params) -> None:
     """As OpenAI does: a max_tokens that the context cannot hold after the prompt is refused, not cut short."""
-    for role, source in tuner.sources.items():
-        prompt = len(request.prompts[role])
-        if source.max_length and prompt + params.max_tokens > source.max_length:
-            field = "max_completion_tokens" if params.kind == "chat" else "max_tokens"
-            raise bad_request(f"the {role} model's context holds {source.max_length} tokens, but you asked for "
-                              f"{prompt + params.max_tokens} ({prompt} in the prompt, {params.max_tokens} to "
-                              f"generate); lower {field} to at most {max(source.max_length - prompt, 0)} or "
-                              f"shorten the prompt", field, "context_length_exceeded")
+    over = overflow(request.prompts, tuner.sources, params.max_tokens)
+    if over is not None:
+        role, prompt, limit = over
+        field = "max_completion_tokens" if params.kind == "chat" else "max_tokens"
+        raise bad_request(f"the {role} model's context holds {limit} tokens, but you asked for "
+                          f"{prompt + params.max_tokens} ({prompt} in the prompt, {params.max_tokens} to "
+                          f"generate); lower {field} to at most {max(limit - prompt, 0)} or "
+                          f"shorten the prompt", field, "context_length_exceeded")
 
 
 def token_request(tuner, ids: list[int], template: Request) -> Request:
     """A request over a prompt given as token ids (lm-eval's tokenized requests): every role gets them."""
     if any(t < 0 or t >= tuner.vocab_size for t in ids):
         raise ProxyTuneError(f"prompt token ids must be in [0, {tuner.vocab_size})")
-    for role, source in tuner.sources.items():
-        if source.max_length and len(ids) >= source.max_length:
-            raise ProxyTuneError(f"prompt has {len(ids)} tokens for the {role} model, whose context holds "
-                                 f"{source.max_length}; shorten it to leave room for new tokens")
-    return dataclasses.replace(template, prompts={role: list(ids) for role in tuner.roles})
+    prompts = {role: list(ids) for role in tuner.roles}
+    check_prompt_room(prompts, tuner.sources, "prompt")
+    return dataclasses.replace(template, prompts=prompts)
 
-
-def context_length(tuner) -> int | None:
-    limits = [s.max_length for s in tuner.sources.values() if s.max_length]
-    return min(limits) if limits else None
