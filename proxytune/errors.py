@@ -5,6 +5,15 @@ class ProxyTuneError(ValueError):
     """Bad input or an unusable model combination; the message says what to fix."""
 
 
+def validation_problem(error) -> str:
+    """The first thing a pydantic ValidationError refused, as "field: why, got value" (union branch tags such
+    as "int" or "list[str]" left out of the field's path)."""
+    problem = error.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in problem["loc"]
+                     if not str(part).startswith(("str", "int", "list[", "float", "dict[", "bool")))
+    return f"{field}: {problem['msg']}, got {problem.get('input')!r}"
+
+
 class FormatLimit(ProxyTuneError):
     """An output format asked more of the grammar parser mid-generation than its resource limits allow
     (llguidance's bounds per step, e.g. 2,000 Earley items in a row): the request's format is at fault, not a model,

@@ -20,7 +20,7 @@ from typing import Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ProxyTuneError
+from ..errors import ProxyTuneError, validation_problem
 
 ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "alpha",
                 "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
@@ -61,10 +61,7 @@ def check_row(row, path: Path, number: int) -> None:
     try:
         Row.model_validate(row)
     except ValidationError as error:
-        problem = error.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in problem["loc"] if not str(part).startswith(("str", "int", "list[",
-                                                                                            "float", "dict[")))
-        raise ProxyTuneError(f"{where}: {field}: {problem['msg']}, got {problem.get('input')!r}") from None
+        raise ProxyTuneError(f"{where}: {validation_problem(error)}") from None
     if row.get("response_format") is not None:
         try:
             check_format(json.dumps(row["response_format"], sort_keys=True))
@@ -103,6 +100,15 @@ def read_rows(path: Path) -> list[dict]:
 RECORD_KEYS = {"id", "text", "finish_reason", "prompt_tokens", "completion_tokens"}
 
 
+def record_of(line: bytes) -> dict | None:
+    """The result a line of the output holds, or None when it is not one of this command's records."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) and RECORD_KEYS <= set(record) else None
+
+
 def finished_ids(path: Path) -> set:
     """Ids the output already holds a result for (a last line cut short by a kill is dropped). An output that
     is not this command's results is refused whole: nothing of it is truncated."""
@@ -114,14 +120,10 @@ def finished_ids(path: Path) -> set:
     raw = path.read_bytes()
     lines = raw.splitlines(keepends=True)
     for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = None
-        ours = isinstance(record, dict) and RECORD_KEYS <= set(record)
+        record = record_of(line)
         if not line.endswith(b"\n") and number == len(lines):  # the last line, cut short by a kill
             break
-        if not ours:
+        if record is None:
             raise ProxyTuneError(f"--output {path} exists and line {number} is not a result of generate --input: "
                                  f"it is not this command's output, so it is left as it is; choose another --output")
         good += len(line)
@@ -141,11 +143,7 @@ def check_output(input_path: Path, output: Path) -> None:
     if output.exists():
         with open(output, "rb") as handle:
             first = handle.readline()
-        try:
-            record = json.loads(first) if first.strip() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            record = None
-        if not isinstance(record, dict) or (first.strip() and not RECORD_KEYS <= set(record)):
+        if first.strip() and record_of(first) is None:
             raise ProxyTuneError(f"--output {output} exists and is not a results file of generate --input (its first "
                                  f"line is not one of its records): it is left as it is; choose another --output")
 

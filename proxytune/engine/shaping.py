@@ -102,6 +102,11 @@ def compile_grammar(kind: str, value, tokens=None) -> Grammar:
     return on_big_stack(lambda: _compile(kind, value, tokens))
 
 
+def mask_bits(matcher) -> np.ndarray:
+    """The tokens a matcher allows next, one 0/1 per token id (llguidance packs them 8 to a byte)."""
+    return np.unpackbits(np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+
+
 def _compile(kind: str, value, tokens) -> Grammar:
     """llguidance's part, on a thread with a deep stack (grammar_limits.on_big_stack)."""
     import llguidance
@@ -126,7 +131,7 @@ def _compile(kind: str, value, tokens) -> Grammar:
     template = llguidance.LLMatcher(tokens, text, log_level=0)
     if template.is_error():
         raise ProxyTuneError(f"response_format: invalid {kind}: {template.get_error().strip().splitlines()[0]}")
-    allowed = np.unpackbits(np.frombuffer(template.compute_bitmask(), dtype=np.uint8), bitorder="little").nonzero()[0]
+    allowed = mask_bits(template).nonzero()[0]
     if set(allowed.tolist()) <= set(tokens.eos_tokens) and not template.is_accepting():  # only "end", yet "" fails
         raise ProxyTuneError(f"response_format: the {kind} allows no text at all (nothing can satisfy it): "
                              f"check its constraints")
@@ -235,7 +240,7 @@ class RowShaper:
                                   f"or optional properties)")
 
     def _allowed(self, size: int) -> torch.Tensor:
-        bits = np.unpackbits(np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8), bitorder="little")
+        bits = mask_bits(self.matcher)
         allowed = torch.zeros(size, dtype=torch.bool)
         n = min(size, len(bits))
         allowed[:n] = torch.from_numpy(bits[:n].astype(bool))

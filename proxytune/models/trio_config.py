@@ -37,7 +37,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..errors import ProxyTuneError
+from ..errors import ProxyTuneError, validation_problem
 from .placement import Placement, placement_of
 
 if sys.version_info >= (3, 11):
@@ -61,9 +61,7 @@ def read_options(data: dict, where: str) -> dict:
     try:
         options = TrioOptions.model_validate({key: data[key] for key in TrioOptions.model_fields if key in data})
     except ValidationError as error:
-        problem = error.errors(include_url=False)[0]
-        raise ProxyTuneError(f"{where}: {'.'.join(map(str, problem['loc']))}: {problem['msg']}, got "
-                             f"{problem.get('input')!r}") from None
+        raise ProxyTuneError(f"{where}: {validation_problem(error)}") from None
     return options.model_dump(exclude_none=True)
 
 

@@ -264,8 +264,7 @@ def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_r
     schedule = None if body.alpha_schedule is None else schedule_from_text(body.alpha_schedule)
     params = Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
                     stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
-                    asked is not None, body.alone, body.details or 0, schedule)
-    params.user = body.user
+                    asked is not None, body.alone, body.details or 0, schedule, body.user)
     check_work(params, n * len(prompts))
     return params
 

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from .api_errors import bad_request
-from .limits import MAX_PROMPT_CHARS, check_tree, parse_json, read_body
+from .limits import MAX_PROMPT_CHARS, check_tree, parse_json, read_body, too_much
 
 MAX_TOKENIZER_BODY = 8 * MAX_PROMPT_CHARS  # a prompt of MAX_PROMPT_CHARS characters, escaped in JSON
 MAX_DETOKENIZE_IDS = 1 << 16  # checked and decoded in ~50 ms
@@ -42,8 +42,7 @@ def tokenize_body(tokenizer, raw: bytes, context: int | None) -> JSONResponse:
     if not isinstance(prompt, str):
         raise bad_request("prompt must be a string", "prompt")
     if len(prompt) > MAX_PROMPT_CHARS:
-        raise bad_request(f"prompt holds {len(prompt)} characters; this server tokenizes at most {MAX_PROMPT_CHARS} "
-                          f"(MAX_PROMPT_CHARS): split it", "prompt")
+        raise too_much("prompt", f"holds {len(prompt)} characters", MAX_PROMPT_CHARS, "MAX_PROMPT_CHARS")
     if not isinstance(special, bool):
         raise bad_request("add_special_tokens must be true or false", "add_special_tokens")
     check_tree(body)
@@ -52,10 +51,11 @@ def tokenize_body(tokenizer, raw: bytes, context: int | None) -> JSONResponse:
 
 
 def detokenize_body(tokenizer, raw: bytes) -> JSONResponse:
-    tokens = parse_json(raw).get("tokens")
+    body = parse_json(raw)
+    tokens = body.get("tokens")
     if isinstance(tokens, list) and len(tokens) > MAX_DETOKENIZE_IDS:
-        raise bad_request(f"tokens holds {len(tokens)} ids; this server decodes at most {MAX_DETOKENIZE_IDS} at once "
-                          f"(MAX_DETOKENIZE_IDS): split them", "tokens")
+        raise too_much("tokens", f"holds {len(tokens)} ids", MAX_DETOKENIZE_IDS, "MAX_DETOKENIZE_IDS")
+    check_tree(body)
     if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens) \
             or any(t < 0 or t >= len(tokenizer) for t in tokens):
         raise bad_request(f"tokens must be a list of token ids in [0, {len(tokenizer)})", "tokens")
