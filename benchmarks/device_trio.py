@@ -24,6 +24,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from proxytune.backends.lora_pair import LoraPair  # noqa: E402
 from proxytune.backends.transformers import TransformersSource  # noqa: E402
 from proxytune.engine.decoding import Decoding, Request  # noqa: E402
+from proxytune.engine.settings import Settings  # noqa: E402
 from proxytune.engine.roles import ExpertPair  # noqa: E402
 from proxytune.engine.speculative import SpeculativeDecoding  # noqa: E402
 
@@ -50,7 +51,8 @@ class Ids:
 
 
 def per_token(base, pair, prompt_ids, n, speculative, device) -> tuple[float, list[int]]:
-    request = Request({"base": prompt_ids, "expert": prompt_ids, "anti_expert": prompt_ids}, [1.0], max_new_tokens=n)
+    request = Request({"base": prompt_ids, "expert": prompt_ids, "anti_expert": prompt_ids},
+                      Settings(n, alpha=(1.0,)))
     kind = SpeculativeDecoding if speculative else Decoding
     decoding = kind(base, [pair], [request], Ids(), eos_ids=set())
     steps = decoding.steps()

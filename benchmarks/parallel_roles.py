@@ -95,6 +95,7 @@ def devices(args) -> None:
 
     from proxytune.backends.transformers import TransformersSource
     from proxytune.engine.decoding import Decoding, Request
+    from proxytune.engine.settings import Settings
     from proxytune.engine.roles import ExpertPair
 
     if args.base_device.startswith("cuda") and not torch.cuda.is_available():
@@ -109,7 +110,7 @@ def devices(args) -> None:
     anti = TransformersSource(model(1024 // shrink, 12 // shrink, pair_device, pair_dtype, 2), name="anti_expert")
 
     def run(requests):
-        decoding = Decoding(base, [ExpertPair(expert, anti, 1.0)], requests, Ids(), eos_ids=set())
+        decoding = Decoding(base, [ExpertPair(expert, anti)], requests, Ids(), eos_ids=set())
         for _ in decoding.steps():
             pass
         return decoding.outputs()
@@ -118,8 +119,8 @@ def devices(args) -> None:
     print("|---|---|---|---|---|---|")
     for rows in args.rows:
         prompt = list(range(10, 42))
-        requests = [Request({"base": prompt, "expert": prompt, "anti_expert": prompt}, [1.0],
-                            max_new_tokens=args.tokens) for _ in range(rows)]
+        requests = [Request({"base": prompt, "expert": prompt, "anti_expert": prompt},
+                            Settings(args.tokens, alpha=(1.0,))) for _ in range(rows)]
         compare(run, requests, args.rounds, base_device)
 
 

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from proxytune import ProxyTuner  # noqa: E402
 from proxytune.engine.decoding import Request  # noqa: E402
+from proxytune.engine.settings import Settings  # noqa: E402
 from proxytune.evaluation.fidelity import greedy_agreement  # noqa: E402
 from proxytune.models.loading import load_plain  # noqa: E402
 from llama_server import LlamaServer, smollm2_gguf  # noqa: E402
@@ -51,8 +52,8 @@ def requests_for(tokenizer, alpha: float, max_new_tokens: int) -> list[Request]:
     requests = []
     for question in QUESTIONS:
         plain, pirate = chat_ids(tokenizer, question), chat_ids(tokenizer, question, PIRATE)
-        requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, [alpha],
-                                max_new_tokens=max_new_tokens))
+        requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain},
+                                Settings(max_new_tokens, alpha=(alpha,))))
     return requests
 
 

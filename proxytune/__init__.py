@@ -4,8 +4,10 @@ from .errors import ProxyTuneError
 from .engine.combine import combined_logits
 from .engine.roles import ExpertPair, Role, Roles
 from .engine.sampling import SamplingParams
+from .engine.settings import Settings
+from .engine.shaping import Shaping
 from .facade.tuner import ProxyTuner, Score
 
 __all__ = ["ProxyTuner", "ProxyTuneError", "GenerationOutput", "Score", "StepDetail", "Event", "Request", "Role", "Roles",
-           "SamplingParams", "ExpertPair", "combined_logits"]
+           "SamplingParams", "Settings", "Shaping", "ExpertPair", "combined_logits"]
 __version__ = "0.1.0"

@@ -136,7 +136,7 @@ def test_a_row_added_while_the_first_tokens_of_the_last_joiners_are_out_is_decod
     """The join race lm-eval's concurrent client hit: every running row finished at its first token, and a
     row added during that step was never decoded."""
     one, three = (random_request(fake_tuner, random.Random(s), False) for s in (1, 2))
-    one.max_new_tokens, three.max_new_tokens = 1, 3
+    one.settings, three.settings = one.settings.but(max_new_tokens=1), three.settings.but(max_new_tokens=3)
     decoding = fake_tuner.decoding([one])
     steps = decoding.steps()
     next(steps)
@@ -153,10 +153,10 @@ def test_ten_thousand_joins_keep_the_state_of_the_live_rows_only(fake_tuner):
     is live, and the long row and every joiner are exact."""
     rng = random.Random(0)
     long = random_request(fake_tuner, rng, False)
-    long.max_new_tokens, long.params = 10_005, long.params.__class__()  # greedy
+    long.settings = long.settings.but(max_new_tokens=10_005, sampling=long.settings.sampling.__class__())  # greedy
     short = [random_request(fake_tuner, rng, False) for _ in range(4)]
     for request in short:
-        request.max_new_tokens = rng.choice([1, 2])
+        request.settings = request.settings.but(max_new_tokens=rng.choice([1, 2]))
     expected = [alone(fake_tuner, r, False).token_ids for r in short]
     decoding = fake_tuner.decoding([long])
     steps = decoding.steps()
@@ -180,7 +180,7 @@ def naive_greedy(tuner: ProxyTuner, request) -> list[int]:
     """argmax of z_base + (z_expert − z_anti_expert), recomputed from each fake source's own function."""
     base, expert, anti = (tuner.sources[role] for role in ("base", "expert", "anti_expert"))
     tokens = list(request.prompts["base"])
-    for _ in range(request.max_new_tokens):
+    for _ in range(request.settings.max_new_tokens):
         z = sum(sign * row_logits(tokens, source.seed, source.vocab_size)
                 for sign, source in ((1, base), (1, expert), (-1, anti)))
         token = int(z.argmax())
@@ -193,7 +193,7 @@ def naive_greedy(tuner: ProxyTuner, request) -> list[int]:
 def test_a_taken_or_discarded_row_leaves_nothing_behind_and_stale_indices_are_ignored(fake_tuner):
     requests = [random_request(fake_tuner, random.Random(s), False) for s in range(3)]
     for request in requests:
-        request.max_new_tokens = 2
+        request.settings = request.settings.but(max_new_tokens=2)
     decoding = fake_tuner.decoding(requests)
     decoding.discard([1])
     for _ in decoding.steps():

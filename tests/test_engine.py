@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from proxytune.engine.settings import Settings
 from proxytune import ProxyTuneError, ProxyTuner, Request
 from proxytune.engine.session import combined_logits
 from proxytune.backends.transformers import TransformersSource
@@ -194,7 +195,7 @@ def test_chat_formats_each_role_with_its_own_template_and_the_paper_setting(trio
     assert everyone.prompts["base"] == everyone.prompts["expert"] == templated
     assert paper.prompts["expert"] == templated
     assert paper.prompts["base"] == paper.prompts["anti_expert"] == tok("what is 3 + 4?")["input_ids"]
-    direct = tuner.run([Request({role: templated for role in tuner.roles}, tuner.alphas, max_new_tokens=5)])[0]
+    direct = tuner.run([Request({role: templated for role in tuner.roles}, Settings(5, alpha=tuner.alphas))])[0]
     reply = tuner.chat(messages, max_new_tokens=5)
     assert (reply.token_ids, reply.finish_reason) == (direct.token_ids, direct.finish_reason)
 
@@ -279,10 +280,10 @@ def test_rows_alone_follow_their_roles_own_model_beside_proxy_rows_in_one_batch(
     for speculative in (False, True):
         outputs = tuner.run(requests, speculative=speculative)
         for request, prompt, out in zip(requests, [p for p in PROMPTS for _ in range(4)], outputs):
-            if request.alone is None:
+            if request.settings.alone is None:
                 assert out.token_ids == tuner.generate(prompt, max_new_tokens=12)[0].token_ids
             else:
-                assert out.token_ids == hf_greedy(models[request.alone], tok, prompt, 12)
+                assert out.token_ids == hf_greedy(models[request.settings.alone], tok, prompt, 12)
     with pytest.raises(ProxyTuneError, match="alone names a role"):
         tuner.request("x", alone="teacher")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from openai_fake import Fault, FakeOpenAI
 
+from proxytune.engine.settings import Settings
 from proxytune import ProxyTuner
 from proxytune.facade.choice import choose
 from proxytune.engine.decoding import Request
@@ -360,7 +361,7 @@ def test_llama_remote_base_proxy_agrees_with_local_proxy_tuning(llama_server, sm
     requests = []
     for question in QUESTIONS[:2]:
         plain, pirate = chat_ids(tokenizer, question), chat_ids(tokenizer, question, PIRATE)
-        requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, [0.5], max_new_tokens=24))
+        requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, Settings(24, alpha=(0.5,))))
     result = greedy_agreement(local, remote_tuner, requests)
     assert result.steps >= 30 and result.rate >= 0.95, result.disagreements
 
@@ -518,8 +519,8 @@ def test_llama_chunked_decoding_equals_plain_remote_decoding_at_a_fraction_of_th
         requests = []
         for question in QUESTIONS:
             plain, pirate = chat_ids(tokenizer, question), chat_ids(tokenizer, question, PIRATE)
-            requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain}, [0.5],
-                                    max_new_tokens=32, details=2))
+            requests.append(Request({"base": plain, "expert": pirate, "anti_expert": plain},
+                                    Settings(32, alpha=(0.5,), details=2)))
         outputs[chunk] = tuner.run(requests, batch_size=1)
     for plain, chunked in zip(outputs["0"], outputs["8"]):
         if plain.token_ids != chunked.token_ids:

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from proxytune.engine.settings import Settings
 from proxytune import ProxyTuneError, ProxyTuner, Request
 from proxytune.backends.protocol import Capabilities
 from proxytune.engine.sampling import SamplingParams, next_token_probs
@@ -192,7 +193,7 @@ def test_speculative_sampling_draws_exactly_from_the_warped_proxy_distribution(t
     prompt = [0, 4, 3, 5]  # the models only know ids 0..5
     exact = exact_sequence_probs(tuner, prompt, params, length=3)
     samples = 4000
-    requests = [Request({role: prompt for role in tuner.roles}, [1.0], params, max_new_tokens=3, seed=1000 + i)
+    requests = [Request({role: prompt for role in tuner.roles}, Settings(3, params, (1.0,), seed=1000 + i))
                 for i in range(samples)]
     decoding, outputs, _ = run(tuner, requests, 2)
     assert 0.1 < decoding.acceptance_rate < 0.9  # both branches, accept and resample, really ran

@@ -13,17 +13,19 @@ model loads.
 """
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..engine.settings import MODES, Settings
 from ..errors import ProxyTuneError, validation_problem
+from ..facade.tuner import by_mode
 
 ROW_SETTINGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "alpha",
-                "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
+                "repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format",
+                "decoding")
 
 
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -48,9 +50,11 @@ class Row(BaseModel):
     presence_penalty: Finite | None = None
     logit_bias: dict[str, Finite] | None = None
     response_format: dict[str, Any] | None = None
+    decoding: Literal[MODES] | None = None
 
 
-def check_row(row, path: Path, number: int) -> None:
+def check_row(row, path: Path, number: int, defaults: Settings) -> Settings:
+    """The row's Settings: the command's flags with the row's own fields over them."""
     where = f"--input {path}, line {number}"
     if not isinstance(row, dict) or ("prompt" in row) == ("messages" in row):
         raise ProxyTuneError(f"{where}: give an object with \"prompt\" or \"messages\"")
@@ -62,35 +66,28 @@ def check_row(row, path: Path, number: int) -> None:
         Row.model_validate(row)
     except ValidationError as error:
         raise ProxyTuneError(f"{where}: {validation_problem(error)}") from None
-    if row.get("response_format") is not None:
-        try:
-            check_format(json.dumps(row["response_format"], sort_keys=True))
-        except ProxyTuneError as error:
-            raise ProxyTuneError(f"{where}: {error}") from None
+    options = {key: row[key] for key in ROW_SETTINGS if row.get(key) is not None}
+    if "decoding" in options:
+        options["mode"] = options.pop("decoding")
+    try:
+        return defaults.with_options(**options)
+    except ProxyTuneError as error:
+        raise ProxyTuneError(f"{where}: {error}") from None
 
 
-@functools.lru_cache(maxsize=64)
-def check_format(response_format: str) -> None:
-    """A row's output format, checked (limits, syntax) without a vocabulary: before any model loads."""
-    from ..engine.shaping import compile_grammar, output_format
-
-    kind_value = output_format(json.loads(response_format))
-    if kind_value:
-        compile_grammar(*kind_value)
-
-
-def read_rows(path: Path) -> list[dict]:
+def read_rows(path: Path, defaults: Settings) -> list[dict]:
+    """The rows of a batch file, each with its "settings" (check_row), checked before any model loads."""
     from ..jsonlines import json_lines
 
     rows, ids = [], set()
     for number, row in json_lines(path, "--input"):
-        check_row(row, path, number)
+        settings = check_row(row, path, number, defaults)
         if row.get("id") is None:
             row["id"] = str(number)
         if row["id"] in ids:
             raise ProxyTuneError(f"--input {path}, line {number}: id {row['id']!r} appears twice")
         ids.add(row["id"])
-        row["line"] = number
+        row["line"], row["settings"] = number, settings
         rows.append(row)
     if not rows:
         raise ProxyTuneError(f"--input {path} has no rows")
@@ -148,30 +145,28 @@ def check_output(input_path: Path, output: Path) -> None:
                                  f"line is not one of its records): it is left as it is; choose another --output")
 
 
-def run_batch(tuner, args, defaults: dict, chat_roles) -> int:
+def run_batch(tuner, args, rows: list[dict], chat_roles) -> int:
     from ..outputs import exclusive
 
     with exclusive(args.output):
-        return _run_batch(tuner, args, defaults, chat_roles)
+        return _run_batch(tuner, args, rows, chat_roles)
 
 
-def _run_batch(tuner, args, defaults: dict, chat_roles) -> int:
+def _run_batch(tuner, args, rows: list[dict], chat_roles) -> int:
     from tqdm import tqdm
 
-    rows = read_rows(Path(args.input))
     output = Path(args.output)
     check_output(Path(args.input), output)
     done = finished_ids(output)
     todo = [row for row in rows if row["id"] not in done]
     requests = []
     for row in todo:  # every row is checked before any decoding starts
-        settings = {**defaults, **{key: row[key] for key in ROW_SETTINGS if key in row}}
         try:
             if "messages" in row:
                 requests.append(tuner.request(messages=row["messages"], chat_roles=chat_roles,
-                                              label=f"line {row['line']}", **settings))
+                                              label=f"line {row['line']}", settings=row["settings"]))
             else:
-                requests.append(tuner.request(row["prompt"], label=f"line {row['line']}", **settings))
+                requests.append(tuner.request(row["prompt"], label=f"line {row['line']}", settings=row["settings"]))
         except ProxyTuneError as error:
             raise ProxyTuneError(f"--input {args.input}, line {row['line']}: {error}") from None
     bar = tqdm(total=len(rows), initial=len(rows) - len(todo), desc="generate", unit="row")
@@ -186,20 +181,28 @@ def _run_batch(tuner, args, defaults: dict, chat_roles) -> int:
         bar.update(1)
 
     with open(output, "a") as out:
-        queued = 0
-        while queued < len(requests):  # one decoding, rows joining as others finish (a new one if it cannot)
-            first = queued
-            queued = min(len(requests), queued + args.batch_size)
-            decoding = tuner.decoding(requests[first:queued], speculative=args.speculative)
-            rows_of = list(range(first, queued))  # decoding row -> request index
-            for events in decoding.steps():
-                for event in events:
-                    if event.finish_reason is not None:
-                        write(out, rows_of[event.row], decoding.take(event.row))
-                room = args.batch_size - decoding.running
-                if queued < len(requests) and room > 0 and decoding.accepts_new_rows:
-                    decoding.add(requests[queued:queued + room])
-                    rows_of += range(queued, min(len(requests), queued + room))
-                    queued = min(len(requests), queued + room)
+        for group in by_mode(requests, None):  # a decoding per mode the rows ask for
+            decode(tuner, group, args.batch_size, lambda index, result: write(out, index, result))
     bar.close()
     return 0
+
+
+def decode(tuner, group: list[tuple[int, Any]], batch_size: int, write) -> None:
+    """(index, request) pairs in one decoding, rows joining as others finish (a new decoding if it cannot);
+    write(index, output) as each finishes."""
+    queued = 0
+    while queued < len(group):
+        first = queued
+        queued = min(len(group), queued + batch_size)
+        decoding = tuner.decoding([request for _, request in group[first:queued]])
+        rows_of = [index for index, _ in group[first:queued]]  # decoding row -> request index
+        for events in decoding.steps():
+            for event in events:
+                if event.finish_reason is not None:
+                    write(rows_of[event.row], decoding.take(event.row))
+            room = batch_size - decoding.running
+            if queued < len(group) and room > 0 and decoding.accepts_new_rows:
+                joining = group[queued:queued + room]
+                decoding.add([request for _, request in joining])
+                rows_of += [index for index, _ in joining]
+                queued += len(joining)

@@ -42,7 +42,7 @@ def parse_schedule(text: str | None) -> tuple[tuple[int | str, float], ...]:
     """'0:2,32:1' -> ((0, 2.0), (32, 1.0)); '0:2,####:1' -> ((0, 2.0), ('####', 1.0)): a key that is a number is
     a position, any other a text marker; ordered and checked as ProxyTuner.request orders and checks them."""
     from ..errors import ProxyTuneError
-    from ..facade.tuner import check_alpha, order_schedule, schedule_from_text
+    from ..engine.settings import check_alpha, order_schedule, schedule_from_text
 
     if text is None:
         return ()

@@ -31,10 +31,7 @@ def register(subparsers) -> None:
                         help="with --chat: roles that get their chat template, the rest plain text "
                              "(the paper's setting: expert)")
     parser.add_argument("--compare", action="store_true", help="also print base alone and expert alone")
-    parser.add_argument("--speculative", action="store_true",
-                        help="exact speculative decoding: the expert drafts, base and anti-expert verify a whole "
-                             "draft per forward (same output, fewer large-model steps); a remote base always "
-                             "drafts its own continuation instead (see its spec's chunk=)")
+    add_decoding_option(parser)
     batch = parser.add_argument_group("batch files (docs: cli/_batch.py)")
     batch.add_argument("--input", metavar="PROMPTS.jsonl",
                        help="one JSON object per line: {\"prompt\": ...} or {\"messages\": [...]}, optional \"id\" and "
@@ -47,6 +44,19 @@ def register(subparsers) -> None:
                         help="after the text, one line on standard error: tokens, wall time per token, and for "
                              "each remote role its calls, tokens per call and bytes per token")
     parser.set_defaults(func=run)
+
+
+def add_decoding_option(parser: argparse.ArgumentParser) -> None:
+    from ..engine.settings import MODES
+
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--decoding", choices=MODES, default="plain",
+                       help="plain (default); speculative: the expert drafts, base and anti-expert verify a whole "
+                            "draft per forward (same output, fewer large-model steps); auto: speculative where it is "
+                            "exact and possible, plain otherwise. A remote base always drafts its own continuation "
+                            "instead (see its spec's chunk=)")
+    modes.add_argument("--speculative", dest="decoding", action="store_const", const="speculative",
+                       help="--decoding speculative")
 
 
 def add_shaping_options(parser: argparse.ArgumentParser) -> None:
@@ -65,10 +75,7 @@ def add_shaping_options(parser: argparse.ArgumentParser) -> None:
 
 
 def shaping_options(args: argparse.Namespace) -> dict:
-    """The shaping flags as ProxyTuner.request arguments, checked before any model loads (a JSON schema, regex
-    or grammar is compiled once here for its errors)."""
-    from ..engine.shaping import Shaping, compile_grammar, output_format
-
+    """The shaping flags as `Settings.of` keyword arguments (a JSON schema or grammar read from its file)."""
     bias = {}
     for item in args.logit_bias or []:
         token, _, value = item.partition("=")
@@ -93,12 +100,21 @@ def shaping_options(args: argparse.Namespace) -> dict:
         if not Path(args.grammar).is_file():
             raise ProxyTuneError(f"--grammar {args.grammar}: no such file")
         fmt = {"type": "grammar", "grammar": Path(args.grammar).read_text()}
-    options = dict(repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
-                   presence_penalty=args.presence_penalty, logit_bias=bias or None, response_format=fmt)
-    Shaping(args.repetition_penalty, args.frequency_penalty, args.presence_penalty, tuple(bias.items()))
-    if output_format(fmt):
-        compile_grammar(*output_format(fmt))
-    return options
+    return dict(repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                presence_penalty=args.presence_penalty, logit_bias=bias or None, response_format=fmt)
+
+
+def settings_of(args: argparse.Namespace):
+    """The command's one `Settings`, made and checked before any model loads (a bad flag fails in a second,
+    not after loading; a JSON schema, regex or grammar is compiled here, once)."""
+    from ..engine.settings import Settings
+
+    if args.max_new_tokens < 1:
+        raise ProxyTuneError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {args.max_new_tokens}")
+    stop = [unescape(s) for s in args.stop] if args.stop and args.escape else args.stop
+    return Settings.of(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=stop, alpha=args.alpha,
+                       mode=args.decoding, **shaping_options(args))
 
 
 def add_escape_option(parser: argparse.ArgumentParser) -> None:
@@ -134,17 +150,6 @@ def read_prompt(args) -> str:
     return prompt
 
 
-def check_sampling(args: argparse.Namespace) -> None:
-    """The decoding settings, checked before any model loads (a bad one fails in a second, not after loading)."""
-    from ..engine.sampling import SamplingParams
-    from ..facade.tuner import check_alpha
-
-    SamplingParams(args.temperature, args.top_p, args.top_k, args.min_p)
-    check_alpha(args.alpha)
-    if args.max_new_tokens < 1:
-        raise ProxyTuneError(f"max_new_tokens (--max-new-tokens) must be an integer >= 1, got {args.max_new_tokens}")
-
-
 def check_batch(args: argparse.Namespace) -> None:
     if args.input is None:
         if args.output is not None:
@@ -163,30 +168,26 @@ def check_batch(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     check_batch(args)
     prompt = read_prompt(args) if args.input is None else None
-    check_sampling(args)
-    shaping = shaping_options(args)
-    stop = [unescape(s) for s in args.stop] if args.stop and args.escape else args.stop
+    settings = settings_of(args)
     if args.input is not None:
         from ._batch import check_output, read_rows
 
-        read_rows(Path(args.input))  # a malformed file or output fails before any model loads
+        rows = read_rows(Path(args.input), settings)  # a malformed file or output fails before any model loads
         check_output(Path(args.input), Path(args.output))
     tuner = load_tuner(args)
-    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   top_k=args.top_k, min_p=args.min_p, seed=args.seed, stop=stop, **shaping)
     if args.input is not None:
         from ._batch import run_batch
 
-        return run_batch(tuner, args, {**options, "alpha": None}, tuple(args.chat_roles.split(",")))
+        return run_batch(tuner, args, rows, tuple(args.chat_roles.split(",")))
     if args.chat:
         messages = [{"role": "user", "content": prompt}]
-        request = tuner.request(messages=messages, chat_roles=tuple(args.chat_roles.split(",")), **options)
+        request = tuner.request(messages=messages, chat_roles=tuple(args.chat_roles.split(",")), settings=settings)
     else:
-        request = tuner.request(prompt, **options)
+        request = tuner.request(prompt, settings=settings)
     if not args.compare:
         start = time.perf_counter()
         tokens = 0
-        for event in tuner.stream_events(request, speculative=args.speculative):
+        for event in tuner.stream_events(request):
             tokens += event.token_id is not None
             print(event.delta, end="", flush=True)
         print()

@@ -73,7 +73,7 @@ class ChunkedDecoding(DraftedDecoding):
         last = torch.tensor([[row.tracker.token_ids[-1]] for row in rows], dtype=torch.long)
         base_key = self.session.session_of["base"]
         draft = self.session.draft_session(base_key, last, widths,
-                                           [row.request.params.temperature for row in rows], seeds)
+                                           [row.request.settings.sampling.temperature for row in rows], seeds)
         outputs = {base_key: draft.logits, **self.session.advance_all(draft.fed, but=base_key)}
         logits = self.session.collect(outputs)  # p̃ at every drafted position, [B, n, V]
 
@@ -84,7 +84,7 @@ class ChunkedDecoding(DraftedDecoding):
             drafts = draft.tokens[position, :usable].tolist()
             if drafts[-1] < 0:  # the last usable position has no draft of its own: decided afresh
                 drafts = drafts[:-1]
-            greedy, given = row.request.params.greedy, draft.q[position]
+            greedy, given = row.request.settings.sampling.greedy, draft.q[position]
             proposed.append(RowDrafts(usable, drafts, lambda kept, greedy=greedy, given=given:
                                       None if greedy else draft_distributions(given, kept, vocab),
                                       PositionRandomness(row.seed, start)))

@@ -20,9 +20,10 @@ from ..backends.protocol import LogitSource
 from ..errors import FormatLimit, ProxyTuneError, RowFailure, SourceFailure
 from .context import room_left
 from .roles import ExpertPair, Roles
-from .sampling import SamplingParams, choose, make_generator, random_seed
+from .sampling import choose, make_generator, random_seed
 from .session import ProxySession, RoleLogits, StepTimes
-from .shaping import NO_SHAPING, RowShaper, Shaping
+from .settings import Settings
+from .shaping import RowShaper
 from .text import TextTracker
 
 log = logging.getLogger("proxytune.engine")
@@ -30,27 +31,23 @@ log = logging.getLogger("proxytune.engine")
 
 @dataclass
 class Request:
-    """One row to generate: its prompt for every role, and how to decode it."""
+    """One row to generate: its prompt for every role, and how to decode it (settings with α per pair:
+    `Settings.resolved`, which the tuner applies)."""
     prompts: dict[str, list[int]]  # role -> prompt token ids
-    alphas: list[float]  # one per expert pair
-    params: SamplingParams = SamplingParams()
-    max_new_tokens: int = 64
-    stop: Sequence[str] = ()
-    seed: int | None = None
-    details: int = 0  # top-k per role to record at each step (0 = none)
-    shaping: Shaping = NO_SHAPING  # penalties, logit_bias, an output format: on the combined logits (shaping.py)
-    alone: str | None = None  # a role name: this row follows that role's own distribution (base/expert alone)
-    # (from output position, α per pair) sorted, then (text marker, α per pair): α changes at a position, or
-    # once the output so far contains the marker (a marker's change comes after every position's)
-    alpha_schedule: tuple[tuple[int | str, tuple[float, ...]], ...] = ()
+    settings: Settings = Settings()
+
+    def __post_init__(self):
+        if not isinstance(self.settings.alpha, tuple):
+            raise ProxyTuneError("a Request's settings give α per expert pair (Settings(alpha=(1.0,)) for one pair, "
+                                 "or settings.resolved(default_alphas, roles)); got alpha="
+                                 f"{self.settings.alpha!r}")
+
+    @property
+    def alphas(self) -> list[float]:
+        return list(self.settings.alpha)
 
     def alphas_at(self, position: int, text: str = "") -> list[float]:
-        """The α of each pair for the token at this output position (0 = the first new token), after `text`."""
-        alphas = list(self.alphas)
-        for start, values in self.alpha_schedule:
-            if (start in text) if isinstance(start, str) else start <= position:
-                alphas = list(values)
-        return alphas
+        return self.settings.alphas_at(position, text)
 
 
 @dataclass
@@ -103,18 +100,24 @@ class RowState:
     def __init__(self, index: int, request: Request, tokenizer, eos_ids: set[int], token_budget: int):
         self.index = index
         self.request = request
-        self.tracker = TextTracker(tokenizer, request.stop)
+        settings = request.settings
+        self.tracker = TextTracker(tokenizer, settings.stop)
         self.eos_ids = eos_ids
-        self.budget = min(request.max_new_tokens, token_budget)
-        self.seed = request.seed if request.seed is not None else random_seed()
+        self.budget = min(settings.max_new_tokens, token_budget)
+        self.seed = settings.seed if settings.seed is not None else random_seed()
         self.generator = make_generator(self.seed)
         self.logprobs: list[float] = []
-        self.details: list[StepDetail] | None = [] if request.details else None
+        self.details: list[StepDetail] | None = [] if settings.details else None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.error_field: str | None = None
-        own_prompt = request.prompts[request.alone or "base"]  # what the repetition penalty counts
-        self.shaper = RowShaper(request.shaping, own_prompt) if request.shaping.active else None
+        own_prompt = request.prompts[settings.alone or "base"]  # what the repetition penalty counts
+        self.shaper = RowShaper(settings.shaping, own_prompt) if settings.shaping.active else None
+
+    def detail(self, logits: RoleLogits, position: int, token: int) -> StepDetail | None:
+        """What every role thought at this step, when the request asks (details > 0)."""
+        k = self.request.settings.details
+        return step_detail(logits, position, token, k) if k else None
 
     def shaped(self, z: torch.Tensor, drafts: Sequence[int] = ()) -> torch.Tensor | None:
         """The logits this row's next token is chosen from: z [V] itself, or shaped (engine/shaping.py); for
@@ -200,14 +203,14 @@ def unusable_rows(logits: RoleLogits) -> dict[int, str]:
 def token_budget(request: Request, sources: dict[str, LogitSource]) -> int:
     """How many tokens fit in every role's context after its prompt."""
     room = room_left(request.prompts, sources)
-    return request.max_new_tokens if room == math.inf else int(room)
+    return request.settings.max_new_tokens if room == math.inf else int(room)
 
 
 def open_session(base: LogitSource, pairs: Sequence[ExpertPair], requests: Sequence[Request],
                  times: StepTimes | None = None) -> ProxySession:
     prompts = {role: [r.prompts[role] for r in requests] for role in Roles(len(pairs))}
     alphas = torch.tensor([r.alphas_at(0) for r in requests], dtype=torch.float32).reshape(len(requests), len(pairs))
-    return ProxySession(base, pairs, prompts, alphas, times, [r.alone for r in requests])
+    return ProxySession(base, pairs, prompts, alphas, times, [r.settings.alone for r in requests])
 
 
 class Decoding:
@@ -321,8 +324,8 @@ class Decoding:
                 if z is None:
                     events.append(row.cannot_continue())
                     continue
-                token = choose(z, row.request.params, row.generator)
-                detail = step_detail(logits, position, token, row.request.details) if row.request.details else None
+                token = choose(z, row.request.settings.sampling, row.generator)
+                detail = row.detail(logits, position, token)
                 events.append(row.record(token, float(combined_logprobs[position, token]), detail))
             except Exception as error:
                 events.append(row.crashed(error))
@@ -430,7 +433,7 @@ class Decoding:
 
     def round(self, rows: list[RowState]) -> Iterator[list[Event]]:
         """One token per row: every role advances by the row's last chosen token."""
-        if any(row.request.alpha_schedule for row in rows):  # α of the position each row predicts now
+        if any(row.request.settings.alpha_schedule for row in rows):  # α of the position each row predicts now
             self.session.alphas = torch.tensor([row.request.alphas_at(len(row.tracker.token_ids), row.tracker.text)
                                                 for row in rows],
                                                dtype=torch.float32).reshape(self.session.alphas.shape)

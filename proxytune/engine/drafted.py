@@ -18,7 +18,7 @@ import torch
 from ..backends.protocol import LogitSource
 from ..errors import ProxyTuneError
 from .context import room_left
-from .decoding import Decoding, Event, RowState, step_detail, unusable_rows
+from .decoding import Decoding, Event, RowState, unusable_rows
 from .roles import ExpertPair
 from .sampling import SamplingParams, choose, next_token_probs
 from .session import RoleLogits
@@ -127,7 +127,7 @@ def verify_row(p_logits: torch.Tensor, drafts: Sequence[int], q_probs: Sequence[
 
 
 def refuse_schedules(requests, mode: str) -> None:
-    if any(r.alpha_schedule for r in requests):
+    if any(r.settings.alpha_schedule for r in requests):
         raise ProxyTuneError(f"an α schedule changes α by output position, and {mode} decoding verifies several "
                              f"positions at once: decode without speculative (a remote base: chunk=0)")
 
@@ -211,7 +211,8 @@ class DraftedDecoding(Decoding):
                 failures.append(row.cannot_continue())
                 return []
             drafts = proposed.drafts[:target.shape[0]]  # all, unless shaping ruled a later position out
-            accepted, token = verify_row(target, drafts, proposed.q(drafts), row.request.params, proposed.randomness)
+            accepted, token = verify_row(target, drafts, proposed.q(drafts), row.request.settings.sampling,
+                                         proposed.randomness)
             return drafts[:accepted] + [token]
         except Exception as error:
             failures.append(row.crashed(error))
@@ -226,8 +227,7 @@ class DraftedDecoding(Decoding):
                     continue
                 token = chosen[position][j]
                 try:
-                    detail = (step_detail(logits.map(lambda z: z[:, j]), position, token, row.request.details)
-                              if row.request.details else None)
+                    detail = row.detail(logits.map(lambda z: z[:, j]), position, token)
                     events.append(row.record(token, float(logprobs[position, j, token]), detail))
                 except Exception as error:
                     events.append(row.crashed(error))

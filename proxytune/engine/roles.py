@@ -1,4 +1,4 @@
-"""Roles as data: the base, then expert pairs (expert, anti-expert, α), each role with a display name.
+"""Roles as data: the base, then expert pairs (expert, anti-expert), each role with a display name.
 
 Everything that needs "which role is which" asks a `Roles` object instead of reading meaning into a
 name or a position: `roles.names` in order, `roles.pairs[i]` (expert name, anti-expert name), and
@@ -75,10 +75,10 @@ class Roles:
 
 @dataclass
 class ExpertPair:
+    """The models of one pair. Its α is a request's (Settings.alpha): the same pair serves every α."""
     expert: LogitSource
     anti_expert: LogitSource
-    alpha: float = 1.0
 
 
-def pairs_of(roles: Roles, sources: Mapping[str, LogitSource], alphas: Sequence[float]) -> list[ExpertPair]:
-    return [ExpertPair(sources[e], sources[a], float(alpha)) for (e, a), alpha in zip(roles.pairs, alphas)]
+def pairs_of(roles: Roles, sources: Mapping[str, LogitSource]) -> list[ExpertPair]:
+    return [ExpertPair(sources[e], sources[a]) for e, a in roles.pairs]

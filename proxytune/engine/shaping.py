@@ -18,6 +18,8 @@ those of plain decoding; speculative drafts are shaped too, which keeps them acc
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -123,6 +125,20 @@ def _compile(kind: str, value, tokens) -> Grammar:
             text = llguidance.LLMatcher.grammar_from_lark(value)
     except Exception as error:  # ValueError mostly; whatever the compiler refuses is the format's fault
         raise ProxyTuneError(f"response_format: invalid {kind}: {str(error).strip()[:500]}") from None
+    return _bound(kind, text, tokens)
+
+
+def bind_grammar(grammar: Grammar, tokens) -> Grammar:
+    """A format checked at the edge (compiled with tokens=None) made ready for this vocabulary: llguidance's
+    grammar text is kept, only the vocabulary's check and the template matcher are built."""
+    if grammar.template is not None and grammar.tokens is tokens:
+        return grammar
+    return on_big_stack(lambda: _bound(grammar.kind, grammar.text, tokens))
+
+
+def _bound(kind: str, text: str, tokens) -> Grammar:
+    import llguidance
+
     problem = llguidance.LLMatcher.validate_grammar(text, tokens)
     if problem:
         raise ProxyTuneError(f"response_format: invalid {kind}: {problem.strip().splitlines()[0]}")
@@ -163,6 +179,25 @@ class Shaping:
                 raise ProxyTuneError(f"logit_bias keys are token ids (integers >= 0), got {token!r}")
             _number(bias, f"logit_bias[{token}]", -100.0, 100.0)
 
+    @classmethod
+    def of(cls, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+           logit_bias=None, response_format=None) -> "Shaping":
+        """From OpenAI's fields (see `but`)."""
+        return cls().but(repetition_penalty=repetition_penalty, frequency_penalty=frequency_penalty,
+                         presence_penalty=presence_penalty, logit_bias=logit_bias, response_format=response_format)
+
+    def but(self, **fields) -> "Shaping":
+        """With some of OpenAI's fields changed: the penalties, logit_bias {token id (or its digits as text):
+        bias}, response_format (OpenAI's json_object / json_schema, or {"type": "regex", "regex": ...} /
+        {"type": "grammar", "grammar": <Lark>}), compiled and checked here, before any vocabulary is known
+        (`bind_grammar` readies it for one)."""
+        if "logit_bias" in fields:
+            fields["logit_bias"] = bias_pairs(fields["logit_bias"])
+        if "response_format" in fields:
+            fmt = output_format(fields.pop("response_format"))
+            fields["grammar"] = checked_grammar(fmt[0], json.dumps(fmt[1], sort_keys=True)) if fmt else None
+        return dataclasses.replace(self, **fields)
+
     @property
     def on_tokens(self) -> bool:
         """Whether it names or counts token ids (everything but a grammar)."""
@@ -175,6 +210,21 @@ class Shaping:
 
 
 NO_SHAPING = Shaping()
+
+
+def bias_pairs(logit_bias) -> tuple[tuple[int, float], ...]:
+    if logit_bias is None:
+        return ()
+    if not isinstance(logit_bias, dict):
+        raise ProxyTuneError(f"logit_bias must map token ids to biases, got {type(logit_bias).__name__}")
+    return tuple((int(key) if isinstance(key, str) and key.isdigit() else key, value)
+                 for key, value in logit_bias.items())
+
+
+@functools.lru_cache(maxsize=64)
+def checked_grammar(kind: str, value_json: str) -> Grammar:
+    """A format compiled without a vocabulary, once per format (a batch file's rows often share one)."""
+    return compile_grammar(kind, json.loads(value_json))
 
 
 class RowShaper:

@@ -66,7 +66,7 @@ class SpeculativeDecoding(DraftedDecoding):
         tokens, q_probs = [], []
         broken = unsampleable(expert_logits).tolist()
         for position, row in enumerate(rows):
-            params = row.request.params
+            params = row.request.settings.sampling
             z = expert_logits[position]
             if row.shaper is not None and not broken[position]:
                 shaped = row.shaper.shape_after(z, row.tracker.token_ids, [int(d[position]) for d in earlier])

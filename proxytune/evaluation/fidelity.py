@@ -43,7 +43,7 @@ def greedy_agreement(reference, candidate, requests: Sequence[Request]) -> Agree
     for request in requests:
         sessions = [open_session(t.sources["base"], t.pairs, [request]) for t in (reference, candidate)]
         logits = [s.prefill() for s in sessions]
-        for step in range(request.max_new_tokens):
+        for step in range(request.settings.max_new_tokens):
             ref_z, cand_z = logits[0].combined[0].float(), logits[1].combined[0].float()
             token, chosen = int(ref_z.argmax()), int(cand_z.argmax())
             ended = token in reference.eos_token_ids

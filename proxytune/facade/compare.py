@@ -5,7 +5,6 @@ CLI's --compare, the demo and the evaluations run them. `Request.alone` gives th
 inside a shared batch of proxy rows (the server's playground), at the cost of every role's forward."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator, TextIO
 
 from ..engine.decoding import Decoding, Request
@@ -16,14 +15,14 @@ from ..engine.roles import ExpertPair
 def role_alone(request: Request, role: str) -> Request:
     """A request whose combined distribution is one role's own: that role's prompt as the base's and α = 0."""
     prompts = {r: request.prompts[role] for r in request.prompts}
-    return dataclasses.replace(request, prompts=prompts, alphas=[0.0] * len(request.alphas))
+    return Request(prompts, request.settings.but(alpha=(0.0,) * len(request.alphas), alpha_schedule=()))
 
 
 def solo_decoding(tuner, role: str, requests: list[Request]) -> Decoding:
     """A decoding of one role's model alone: it is the base, and every pair is it against itself at α = 0
     (shared sessions, so it runs once). `requests` come from `role_alone`."""
     source = tuner.sources[role]
-    solo = ExpertPair(source, source, 0.0)
+    solo = ExpertPair(source, source)
     return start_decoding(source, [solo] * len(tuner.pairs), requests, tuner.tokenizer, tuner.eos_token_ids)
 
 

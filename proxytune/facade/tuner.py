@@ -1,73 +1,30 @@
-"""ProxyTuner: the public face of the engine (generate, stream, score, chat)."""
+"""ProxyTuner: the public face of the engine (generate, stream, score, chat).
+
+It holds the trio (each role's source and tokenizer) and the defaults of a request (α per pair), and turns
+a prompt and its `Settings` into a `Request` (requests.py); loading is loading.py's, the decoding and its
+rules the engine's. Keyword arguments (temperature=..., alpha=...) are the Python API's edge: they become
+one `Settings` (Settings.of) at once.
+"""
 from __future__ import annotations
 
-import copy
-import json
-import math
-import sys
 from typing import Iterator, Sequence
 
 from ..backends.protocol import LogitSource
 from ..engine import scoring
-from ..engine.context import check_prompt_room
 from ..engine.decoding import Decoding, Event, GenerationOutput, Request
-from ..engine.prompts import ALL_ROLES, chat_prompt_ids, chat_role_kinds, validate_messages
+from ..engine.modes import batch_mode, start_decoding
+from ..engine.prompts import ALL_ROLES
 from ..engine.roles import Roles, pairs_of
-from ..engine.sampling import SamplingParams
-from ..engine.shaping import Grammar, Shaping, compile_grammar, output_format, vocabulary
 from ..engine.scoring import Score, ScoreItem
-from ..engine.bytelevel import BYTE_VOCAB, END_OF_TEXT, ByteTokenizer, token_bytes
+from ..engine.settings import Settings, check_alpha, check_mode
+from ..engine.shaping import Shaping
+from ..engine.bytelevel import BYTE_VOCAB, END_OF_TEXT, ByteTokenizer
 from ..engine.vocab import shared_vocab_size, token_table, vocabularies_agree
-from .bytes import byte_role_logits, byte_sources, check_prompt_bytes
+from .bytes import byte_role_logits, byte_sources
+from .loading import load_config, load_pretrained
+from .requests import Formats, prompt_ids, settle
 from ..errors import ProxyTuneError, SourceFailure
 from ..models.loading import as_source
-from ..models.placement import Placement
-
-
-FLOAT32_MAX = 3.4028234663852886e38  # logits are combined in float32: a larger α becomes inf there
-
-
-def check_alpha(alpha) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ProxyTuneError(f"alpha must be a finite number, got {alpha!r}")
-    if abs(alpha) > FLOAT32_MAX:
-        raise ProxyTuneError(f"alpha {alpha!r} overflows float32, the dtype logits are combined in; use |alpha| <= 3.4e38 "
-                             f"(values far above 10 already let the experts override the base completely)")
-    return float(alpha)
-
-
-def reads_as_position(key) -> bool:
-    """A schedule key written as text that is a whole number ("32", " -1"): JSON and the command line write
-    positions so; in Python a position is an int."""
-    return isinstance(key, str) and key.strip().lstrip("-").isdigit()
-
-
-def order_schedule(schedule: dict, value) -> tuple:
-    """An α schedule {position or text marker: α} as the engine reads it: positions (ints >= 0) sorted, then
-    markers in the order given (a marker's change comes after every position's), each α through `value`.
-    Every complaint starts with "alpha_schedule", so a caller can name the field it came from."""
-    if not schedule:
-        raise ProxyTuneError("alpha_schedule maps output positions (or text markers) to α, e.g. {0: 2.0, 32: 1.0} "
-                             "or {0: 2.0, '####': 1.0}; got an empty one")
-    positions, markers = [], []
-    for key, alpha in schedule.items():
-        if reads_as_position(key):
-            raise ProxyTuneError(f"alpha_schedule key {key!r} is text; a position is a number: {int(key)}")
-        if not (isinstance(key, str) and key) and (isinstance(key, bool) or not isinstance(key, int) or key < 0):
-            raise ProxyTuneError(f"alpha_schedule keys are token positions >= 0 or non-empty text markers, "
-                                 f"got {key!r}")
-        try:
-            entry = (key, value(alpha))
-        except ProxyTuneError as error:
-            raise ProxyTuneError(f"alpha_schedule[{key!r}]: {error}") from None
-        (markers if isinstance(key, str) else positions).append(entry)
-    return tuple(sorted(positions)) + tuple(markers)
-
-
-def schedule_from_text(schedule: dict) -> dict:
-    """JSON and the command line write every key as text: one that is a whole number is an output position,
-    any other a text marker ({"0": 2, "####": 1} -> {0: 2, "####": 1})."""
-    return {int(key) if reads_as_position(key) else key: alpha for key, alpha in schedule.items()}
 
 
 def eos_ids_of(model_or_source, tokenizer) -> set[int]:
@@ -104,9 +61,10 @@ class ProxyTuner:
         self.schema = Roles(len(experts))
         self.roles = self.schema.names
         models = {"base": base}
-        for (expert_role, anti_role), (e, a, pair_alpha) in zip(self.schema.pairs, experts):
+        for (expert_role, anti_role), (e, a, _) in zip(self.schema.pairs, experts):
             models[expert_role], models[anti_role] = e, a
-            check_alpha(pair_alpha)
+        # a request's α when it names none; each request carries its own (Settings.alpha)
+        self.default_alphas = tuple(check_alpha(pair_alpha) for _, _, pair_alpha in experts)
         tokenizers = dict(tokenizers or {})
         for role in self.roles:
             tokenizers.setdefault(role, tokenizer)
@@ -120,7 +78,7 @@ class ProxyTuner:
         for role in self.roles:  # one table per distinct tokenizer object
             by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
         # the most characters one token can stand for: a text longer than context x this cannot fit
-        self._longest_token = {role: max(map(len, filter(None, table)), default=1) for role, table in by_role.items()}
+        self.longest_token = {role: max(map(len, filter(None, table)), default=1) for role, table in by_role.items()}
         eos = {role: eos_ids_of(models[role], tokenizers[role]) for role in self.roles}
         self.byte_level = (not vocabularies_agree(by_role)) if byte_level is None else bool(byte_level)
         if self.byte_level:  # every role read byte by byte, combined per byte (engine/bytelevel)
@@ -131,9 +89,8 @@ class ProxyTuner:
             for source in self.sources.values():
                 source.vocab_size = self.vocab_size
             self.eos_token_ids = set().union(*eos.values())
-        self.pairs = pairs_of(self.schema, self.sources, [a for _, _, a in experts])
-        self._grammars: dict[tuple, Grammar] = {}  # compiled output formats (response_format)
-        self._grammar_tokens = None  # the vocabulary as llguidance sees it, built on first use
+        self.pairs = pairs_of(self.schema, self.sources)
+        self.formats = Formats(self)  # output formats bound to the decoding's vocabulary
 
     @staticmethod
     def _wrap(models: dict) -> dict[str, LogitSource]:
@@ -160,30 +117,8 @@ class ProxyTuner:
         places roles one by one (models/placement.py). Roles whose vocabularies differ are combined byte by
         byte (byte_level=None: automatic; True forces it, False refuses them; prune: see
         engine/bytelevel/source.py). trust_remote_code: run a checkpoint's own modelling code (off)."""
-        from ..models import registry
-        from ..models.loading import load_roles
-        from ..models.placement import placements_of
-        from ..models.trio_config import user_trio
-
-        if expert is None and anti_expert is None and experts is None:
-            trio = registry.resolve_trio(base)
-            if trio is None and user_trio(base) is not None:  # registered with `proxytune models add`
-                return cls.from_config(user_trio(base), device=device, dtype=dtype, backend=backend, threads=threads,
-                                       n_ctx=n_ctx, placement=placement)
-            if trio is None:
-                raise ProxyTuneError(f"{base!r} is not a registered trio; give expert= and anti_expert= too")
-            base, expert, anti_expert = trio["base"], trio["expert"], trio["anti_expert"]
-        pair_specs = experts if experts is not None else [(expert, anti_expert, alpha)]
-        schema = Roles(len(pair_specs))
-        specs = {"base": base}
-        for (expert_role, anti_role), (e, a, _) in zip(schema.pairs, pair_specs):
-            specs[expert_role], specs[anti_role] = e, a
-        loaded = load_roles(specs, schema.pairs, device=device, dtype=dtype, backend=backend, threads=threads,
-                            n_ctx=n_ctx, placements=placements_of(placement, schema.names),
-                            trust_remote_code=trust_remote_code)
-        pairs = [(loaded[e][0], loaded[a][0], alpha) for (e, a), (_, _, alpha) in zip(schema.pairs, pair_specs)]
-        return cls(loaded["base"][0], experts=pairs, tokenizers={r: loaded[r][1] for r in schema},
-                   byte_level=byte_level, prune=prune)
+        return load_pretrained(cls, base, expert, anti_expert, alpha, device, dtype, experts, backend, threads, n_ctx,
+                               byte_level, prune, placement, trust_remote_code)
 
     @classmethod
     def from_config(cls, config, device=None, dtype=None, placement: dict | None = None, **options) -> "ProxyTuner":
@@ -191,22 +126,7 @@ class ProxyTuner:
         α per pair, chat templates and options. `placement` (per role) and `options` (backend, threads, n_ctx,
         byte_level, prune, trust_remote_code) given here override the file's; device/dtype are every role's
         defaults under the file's per-role keys."""
-        from ..models.placement import placement_of
-        from ..models.trio_config import TrioConfig, read_config
-
-        config = config if isinstance(config, TrioConfig) else read_config(config)
-        placements = {role: placement_of(value, f"the {role} placement").over(config.placements.get(role, Placement()))
-                      for role, value in (placement or {}).items()}
-        schema = Roles(len(config.alphas))
-        experts = [(config.specs[e], config.specs[a], alpha) for (e, a), alpha in zip(schema.pairs, config.alphas)]
-        tuner = cls.from_pretrained(config.specs["base"], experts=experts, device=device, dtype=dtype,
-                                    placement={**config.placements, **placements},
-                                    **{**config.options, **{k: v for k, v in options.items() if v is not None}})
-        for role, template in config.chat_templates.items():  # a copy: roles may share one tokenizer object
-            tokenizer = copy.deepcopy(tuner.tokenizers[role])
-            tokenizer.chat_template = template
-            tuner.tokenizers[role] = tokenizer
-        return tuner
+        return load_config(cls, config, device=device, dtype=dtype, placement=placement, **options)
 
     def remote_sources(self) -> dict:
         """Role -> source for the roles behind an OpenAI-compatible server (each source once, by its first role)."""
@@ -224,29 +144,8 @@ class ProxyTuner:
 
     @property
     def alphas(self) -> list[float]:
-        return [p.alpha for p in self.pairs]
-
-    def _alphas(self, alpha) -> list[float]:
-        if alpha is None:
-            return self.alphas
-        if isinstance(alpha, (list, tuple)):
-            if len(alpha) != len(self.pairs):
-                raise ProxyTuneError(f"alpha has {len(alpha)} values for {len(self.pairs)} expert pairs")
-            return [check_alpha(a) for a in alpha]
-        return [check_alpha(alpha)] * len(self.pairs)
-
-    def _check_prompt(self, prompts: dict[str, list[int]], label: str) -> None:
-        if any(not ids for ids in prompts.values()):
-            raise ProxyTuneError(f"{label} is empty: give at least one token of text")
-        check_prompt_room(prompts, self.sources, label)
-
-    def _check_length(self, characters: int, label: str) -> None:
-        """Refuse, before tokenizing it, a text that no tokenization could fit in a role's context (twice
-        context x the longest token in characters: never a text that fits)."""
-        for role, source in self.sources.items():
-            if source.max_length and characters > 2 * source.max_length * self._longest_token[role]:
-                raise ProxyTuneError(f"{label} has {characters} characters, far more than the {role} model's context "
-                                     f"of {source.max_length} tokens can hold; shorten it")
+        """The default α of each pair: a request's when it names none."""
+        return list(self.default_alphas)
 
     def encode(self, prompt: str, role: str = "base") -> list[int]:
         if not isinstance(prompt, str):
@@ -254,176 +153,91 @@ class ProxyTuner:
         return self.tokenizers[role](prompt)["input_ids"]
 
     def request(self, prompt: str | None = None, messages=None, chat_roles: Sequence[str] = ALL_ROLES,
-                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None, return_details=False,
-                label: str = "prompt", repetition_penalty: float = 1.0, frequency_penalty: float = 0.0,
-                presence_penalty: float = 0.0, logit_bias=None, response_format=None,
-                shaping: Shaping | None = None, alone: str | None = None, alpha_schedule=None) -> Request:
-        """One decoding request: a raw prompt for every role, or a conversation formatted per role.
-        Penalties, logit_bias and response_format act on the combined logits (see `shaping()`; or give a
-        `shaping` made by it, e.g. once for many requests). alone="base" / "expert" / any role: the row
+                settings: Settings | None = None, label: str = "prompt", **options) -> Request:
+        """One decoding request: a raw prompt for every role, or a conversation formatted per role, decoded
+        as `settings` say (made once at the edge), or as the keyword arguments of `Settings.of` say
+        (max_new_tokens, temperature, top_p, top_k, min_p, stop, seed, alpha, alpha_schedule, return_details,
+        penalties, logit_bias, response_format, alone, mode). alone="base" / "expert" / any role: the row
         follows that role's own distribution (its own prompt), in the same batch as proxy rows."""
-        if shaping is None:
-            shaping = self.shaping(repetition_penalty, frequency_penalty, presence_penalty, logit_bias,
-                                   response_format)
-        schedule = self._schedule(alpha_schedule)
-        if alone is not None and alone not in self.roles:
-            raise ProxyTuneError(f"alone names a role ({', '.join(self.roles)}), got {alone!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ProxyTuneError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if messages is not None:
-            messages = validate_messages(messages)
-            chat_roles = chat_role_kinds(chat_roles)
-            self._check_length(sum(len(m["content"]) for m in messages), label)
-            encode = lambda role: chat_prompt_ids(self.tokenizers[role], messages,  # noqa: E731
-                                                  self.schema.kind(role) in chat_roles)
-            key = lambda role: (id(self.tokenizers[role]), self.schema.kind(role) in chat_roles)  # noqa: E731
-        else:
-            if not isinstance(prompt, str):
-                raise ProxyTuneError(f"prompts must be strings, got {type(prompt).__name__}")
-            self._check_length(len(prompt), label)
-            encode = lambda role: self.encode(prompt, role)  # noqa: E731
-            key = lambda role: id(self.tokenizers[role])  # noqa: E731
-        encoded: dict = {}  # once per distinct tokenizer (and template use), not once per role
-        prompts = {}
-        for role in self.roles:
-            if key(role) not in encoded:
-                encoded[key(role)] = encode(role)
-            prompts[role] = list(encoded[key(role)])
-        self._check_prompt(prompts, label)
-        if self.byte_level:
-            for role, ids in prompts.items():
-                check_prompt_bytes(self.tokenizers[role], ids, prompt if messages is None else str(messages), role, label)
-        if isinstance(stop, str):
-            stop = [stop]
-        if stop is not None and not (isinstance(stop, (list, tuple)) and all(isinstance(s, str) for s in stop)):
-            raise ProxyTuneError(f"stop must be a string or a list of strings, got {stop!r}")
-        details = (5 if return_details is True else int(return_details or 0))
-        return Request(prompts, self._alphas(alpha), SamplingParams(temperature, top_p, top_k, min_p),
-                       max_new_tokens, tuple(stop or ()), seed, details, shaping, alone, schedule)
-
-    def _schedule(self, schedule) -> tuple:
-        """alpha_schedule={position: α or [α per pair], ...}: from that output position on (0 = the first new
-        token), the pairs use these α; before the first position given, the request's alpha. A key may also be
-        text, e.g. {0: 2.0, "####": 1.0}: once the output so far contains it, its α (after any position's)."""
-        if schedule is None:
-            return ()
-        if not isinstance(schedule, dict):
-            raise ProxyTuneError(f"alpha_schedule maps output positions (or text markers) to α, e.g. "
-                                 f"{{0: 2.0, 32: 1.0}} or {{0: 2.0, '####': 1.0}}; got {schedule!r}")
-        return order_schedule(schedule, lambda alpha: tuple(self._alphas(alpha)))
+        settings = settings_of(settings, options)
+        return Request(prompt_ids(self, prompt, messages, chat_roles, label), settle(self, settings))
 
     def shaping(self, repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
                 logit_bias=None, response_format=None) -> Shaping:
-        """What a request does to the combined logits before a token is chosen (engine/shaping.py):
-        logit_bias {token id: bias}, OpenAI's penalties, and response_format (OpenAI's json_object /
-        json_schema, or {"type": "regex", "regex": ...} / {"type": "grammar", "grammar": <Lark>})."""
-        bias = []
-        if logit_bias is not None:
-            if not isinstance(logit_bias, dict):
-                raise ProxyTuneError(f"logit_bias must map token ids to biases, got {type(logit_bias).__name__}")
-            for key, value in logit_bias.items():
-                token = int(key) if isinstance(key, str) and key.isdigit() else key
-                if isinstance(token, int) and not isinstance(token, bool) and token >= self.vocab_size:
-                    raise ProxyTuneError(f"logit_bias names token {token}, but the vocabulary has {self.vocab_size}")
-                bias.append((token, value))
-        fmt = output_format(response_format)
-        grammar = self._grammar(*fmt) if fmt else None
-        shaping = Shaping(repetition_penalty, frequency_penalty, presence_penalty, tuple(bias), grammar)
-        if self.byte_level and shaping.on_tokens:
-            raise ProxyTuneError("repetition/frequency/presence penalties and logit_bias count and name token ids, and "
-                                 "these roles are combined byte by byte (their vocabularies differ): leave them out "
-                                 "(response_format works at the byte level)")
-        return shaping
-
-    def _grammar(self, kind: str, value) -> Grammar:
-        """Compiled once per format (the server compiles a request's format once for all its rows)."""
-        key = (kind, json.dumps(value, sort_keys=True) if not isinstance(value, str) else value)
-        if key not in self._grammars:
-            if len(self._grammars) >= 64:
-                self._grammars.clear()
-            self._grammars[key] = compile_grammar(kind, value, self.grammar_tokens)
-        return self._grammars[key]
+        """What a request does to the combined logits before a token is chosen (engine/shaping.py), checked
+        for these models: logit_bias {token id: bias}, OpenAI's penalties, and response_format (OpenAI's
+        json_object / json_schema, or {"type": "regex", "regex": ...} / {"type": "grammar", "grammar": <Lark>})."""
+        shaping = Shaping.of(repetition_penalty, frequency_penalty, presence_penalty, logit_bias, response_format)
+        return settle(self, Settings(alpha=self.default_alphas, shaping=shaping)).shaping
 
     @property
     def grammar_tokens(self):
-        """The decoding's vocabulary for grammars: bytes per token id (the 256 bytes and the end of text when
-        decoding byte by byte), built once (about a second for 150k tokens)."""
-        if self._grammar_tokens is None:
-            if self.byte_level:
-                table = [bytes([b]) for b in range(END_OF_TEXT)] + [b""]
-            else:
-                table = token_bytes(self.tokenizer, "base")[:self.vocab_size]
-                table += [b""] * (self.vocab_size - len(table))
-            encode = lambda text: self.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-            self._grammar_tokens = vocabulary(table, sorted(self.eos_token_ids), encode)
-        return self._grammar_tokens
+        """The decoding's vocabulary as llguidance sees it (requests.Formats.tokens)."""
+        return self.formats.tokens
 
     # --- decoding ----------------------------------------------------------------------------------
 
-    def decoding(self, requests: Sequence[Request], speculative: bool = False) -> Decoding:
-        """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`.
-        speculative=True: the expert drafts and the base verifies several tokens per forward (same output).
-        A remote base always drafts its own continuation instead, several tokens per call (same output;
-        its spec's chunk=0 turns this off)."""
-        from ..engine.modes import start_decoding
-
-        if speculative and self.byte_level:
+    def decoding(self, requests: Sequence[Request], mode: str | None = None, speculative: bool = False) -> Decoding:
+        """A batch decoding of prepared requests; iterate `.steps()`, then read `.outputs()`. `mode` (plain,
+        speculative, auto: engine/settings.MODES; default: the one the requests' settings ask for) changes
+        how many forwards it takes, never the tokens; speculative=True is mode="speculative". A remote base
+        always drafts its own continuation instead, several tokens per call (its spec's chunk=0 turns this off)."""
+        mode = "speculative" if speculative else check_mode(mode) if mode is not None else batch_mode(requests)
+        if self.byte_level and mode == "speculative":
             raise ProxyTuneError("speculative decoding drafts tokens of one shared vocabulary; these roles' vocabularies "
                                  "differ, so they are decoded byte by byte: decode without speculative")
-        return start_decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids,
-                              speculative=speculative)
+        mode = "plain" if self.byte_level else mode
+        return start_decoding(self.sources["base"], self.pairs, requests, self.tokenizer, self.eos_token_ids, mode)
 
-    def _requests(self, prompts, seed, **kwargs) -> list[Request]:
+    def run(self, requests: Sequence[Request], batch_size: int = 16, mode: str | None = None,
+            speculative: bool = False) -> list[GenerationOutput]:
+        """Every request's output, in order, `batch_size` rows at a time; rows that ask for different modes are
+        decoded in different batches."""
+        outputs: dict[int, GenerationOutput] = {}
+        for group in by_mode(requests, "speculative" if speculative else mode):
+            for start in range(0, len(group), batch_size):
+                part = group[start:start + batch_size]
+                decoding = self.decoding([request for _, request in part], mode=mode, speculative=speculative)
+                for _ in decoding.steps():
+                    pass
+                outputs.update(zip((index for index, _ in part), decoding.outputs()))
+        return [outputs[index] for index in range(len(requests))]
+
+    def generate(self, prompts, settings: Settings | None = None, batch_size: int = 16, **options
+                 ) -> list[GenerationOutput]:
+        """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only.
+        `options`: the keyword arguments of `Settings.of` (or give `settings`)."""
+        settings = settings_of(settings, options)
         if isinstance(prompts, str):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ProxyTuneError("give at least one prompt (a string or a non-empty list of strings)")
-        return [self.request(p, seed=None if seed is None else seed + i, label=f"prompt {i}", **kwargs)
-                for i, p in enumerate(prompts)]
+        seeded = [settings if settings.seed is None else settings.but(seed=settings.seed + i) for i in range(len(prompts))]
+        requests = [self.request(p, settings=row, label=f"prompt {i}") for i, (p, row) in enumerate(zip(prompts, seeded))]
+        return self.run(requests, batch_size)
 
-    def run(self, requests: Sequence[Request], batch_size: int = 16, speculative: bool = False) -> list[GenerationOutput]:
-        outputs: list[GenerationOutput] = []
-        for start in range(0, len(requests), batch_size):
-            decoding = self.decoding(requests[start:start + batch_size], speculative=speculative)
-            for _ in decoding.steps():
-                pass
-            outputs += decoding.outputs()
-        return outputs
-
-    def generate(self, prompts, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, stop=None, seed: int | None = None, alpha=None,
-                 return_details=False, batch_size: int = 16, speculative: bool = False, **shaping
-                 ) -> list[GenerationOutput]:
-        """Generate for each prompt (row i is seeded with seed + i). Returns the generated part only.
-        `shaping`: repetition_penalty, frequency_penalty, presence_penalty, logit_bias, response_format
-        (see `shaping()`)."""
-        requests = self._requests(prompts, seed, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                  top_k=top_k, min_p=min_p, stop=stop, alpha=alpha, return_details=return_details,
-                                  **shaping)
-        return self.run(requests, batch_size, speculative=speculative)
-
-    def stream(self, prompt: str, speculative: bool = False, **kwargs) -> Iterator[str]:
+    def stream(self, prompt: str, settings: Settings | None = None, **options) -> Iterator[str]:
         """Text of one prompt as it is decided (stop strings and partial characters held back)."""
-        yield from self.stream_request(self.request(prompt, **kwargs), speculative=speculative)
+        yield from self.stream_request(self.request(prompt, settings=settings_of(settings, options)))
 
-    def stream_request(self, request: Request, speculative: bool = False) -> Iterator[str]:
-        for event in self.stream_events(request, speculative=speculative):
+    def stream_request(self, request: Request) -> Iterator[str]:
+        for event in self.stream_events(request):
             if event.delta:
                 yield event.delta
 
-    def stream_events(self, request: Request, speculative: bool = False) -> Iterator[Event]:
+    def stream_events(self, request: Request) -> Iterator[Event]:
         """The row's events as its tokens are decided; raises SourceFailure after the text so far."""
-        for events in self.decoding([request], speculative=speculative).steps():
+        for events in self.decoding([request]).steps():
             for event in events:
                 yield event
                 if event.error:  # the text so far is out; now say why it ends here
                     raise SourceFailure(event.error)
 
-    def chat(self, messages, chat_roles: Sequence[str] = ALL_ROLES, **kwargs) -> GenerationOutput:
+    def chat(self, messages, chat_roles: Sequence[str] = ALL_ROLES, settings: Settings | None = None,
+             **options) -> GenerationOutput:
         """Reply to one conversation. Each role in `chat_roles` sees its own chat template, the others
         plain text; chat_roles=("expert",) is the paper's setting."""
-        return self.run([self.request(messages=messages, chat_roles=chat_roles, **kwargs)])[0]
+        return self.run([self.request(messages=messages, chat_roles=chat_roles, settings=settings, **options)])[0]
 
     # --- scoring -----------------------------------------------------------------------------------
 
@@ -460,7 +274,7 @@ class ProxyTuner:
         return self.score_items(items, alpha=alpha)
 
     def score_items(self, items: Sequence[ScoreItem], alpha=None, top: int = 0) -> list[Score]:
-        alphas = self._alphas(alpha)
+        alphas = list(Settings(alpha=alpha).resolved(self.default_alphas, self.roles).alpha)
         logits = self.role_logits(items) if self.byte_level else None
         return scoring.score(self.schema, self.sources, items, [alphas] * len(items), top=top, logits=logits)
 
@@ -470,3 +284,20 @@ class ProxyTuner:
         if self.byte_level:
             return byte_role_logits(self.schema, self.sources, items, only)
         return scoring.role_logits(self.schema, self.sources, items, only)
+
+
+def settings_of(settings: Settings | None, options: dict) -> Settings:
+    """A request's settings: made at the edge already, or from the Python API's keyword arguments."""
+    if settings is None:
+        return Settings.of(**options)
+    if options:
+        raise ProxyTuneError(f"give settings or keyword options ({', '.join(options)}), not both")
+    return settings
+
+
+def by_mode(requests: Sequence[Request], mode: str | None) -> list[list[tuple[int, Request]]]:
+    """(index, request) grouped by the mode each batch is decoded in: `mode` for all, else each request's own."""
+    groups: dict[str, list] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(mode or request.settings.mode, []).append((index, request))
+    return list(groups.values())

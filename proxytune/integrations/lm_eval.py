@@ -12,14 +12,13 @@ log_softmax(z_base + α(z_expert − z_anti))); generate_until uses batched prox
 """
 from __future__ import annotations
 
-from itertools import groupby
-
 import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from ..engine.context import context_length
+from ..engine.settings import Settings
 from ..errors import ProxyTuneError
 
 
@@ -127,29 +126,30 @@ class ProxyTuneLM(LM):
 
     # --- generation -----------------------------------------------------------------------------------
 
-    def _options(self, gen_kwargs: dict) -> dict:
+    def _settings(self, gen_kwargs: dict) -> Settings:
+        """lm-eval's generation arguments as one request Settings (sampling rows seeded 0, reproducibly)."""
         kwargs = dict(gen_kwargs)
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         temperature = float(kwargs.pop("temperature", 0.0) or 0.0)
         if not kwargs.pop("do_sample", temperature > 0):
             temperature = 0.0
-        return {"stop": until or None, "max_new_tokens": int(kwargs.pop("max_gen_toks", self.max_gen_toks)),
-                "temperature": temperature, "top_p": float(kwargs.pop("top_p", 1.0) or 1.0)}
+        return Settings.of(stop=until or None, max_new_tokens=int(kwargs.pop("max_gen_toks", self.max_gen_toks)),
+                           temperature=temperature, top_p=float(kwargs.pop("top_p", 1.0) or 1.0),
+                           seed=0 if temperature > 0 else None)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        indexed = [(i, r.args[0], self._options(r.args[1])) for i, r in enumerate(requests)]
+        groups: dict[Settings, list] = {}  # requests that decode alike, batched together
+        for index, request in enumerate(requests):
+            groups.setdefault(self._settings(request.args[1]), []).append((index, request.args[0]))
         results: list[str | None] = [None] * len(requests)
-        key = lambda item: repr(sorted(item[2].items()))  # noqa: E731 — batch requests that decode alike
         with self._bar(len(requests), "generate_until", disable_tqdm) as bar:
-            for _, group in groupby(sorted(indexed, key=key), key=key):
-                group = list(group)
-                options = group[0][2]
+            for settings, group in groups.items():
                 for start in range(0, len(group), self.batch_size):  # a batch at a time, so the bar moves
                     part = group[start:start + self.batch_size]
-                    outputs = self.tuner.generate([context for _, context, _ in part], batch_size=self.batch_size,
-                                                  seed=0 if options["temperature"] > 0 else None, **options)
-                    for (index, _, _), output in zip(part, outputs):
+                    outputs = self.tuner.generate([context for _, context in part], settings=settings,
+                                                  batch_size=self.batch_size)
+                    for (index, _), output in zip(part, outputs):
                         results[index] = output.text
                         self._record("generate_until", requests[index].args, output.text)
                     bar.update(len(part))

@@ -47,7 +47,7 @@ def proxy_generate(base, expert, anti_expert, tokenizer, prompts, alpha: float =
 
 class ProxyTuningLogitsProcessor(LogitsProcessor):
     def __init__(self, expert, anti_expert, alpha: float = 1.0, pad_token_id: int | None = None):
-        from ..facade.tuner import check_alpha
+        from ..engine.settings import check_alpha
 
         self.alpha = check_alpha(alpha)
         self.expert = expert if isinstance(expert, TransformersSource) else TransformersSource(expert, name="expert")

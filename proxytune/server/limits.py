@@ -136,13 +136,13 @@ def check_sizes(raw: dict, max_rows: int, context: int | None) -> None:
             raise too_much(field, f"has {len(value)} entries", limit, name)
 
 
-def check_work(params, rows: int) -> None:
-    """What the request (schemas.Params) asks the engine to do and the server to send back, against the budget."""
+def check_work(params, rows: int, response_format) -> None:
+    """What the request (schemas.Params, and its response_format before it is compiled) asks the engine to do
+    and the server to send back, against the budget."""
     field = "max_completion_tokens" if params.kind == "chat" and params.max_tokens_given else "max_tokens"
     if rows * params.max_tokens > MAX_ROW_TOKENS:
         raise too_much(field, f"x {rows} rows is {rows * params.max_tokens} tokens to generate", MAX_ROW_TOKENS,
                        "MAX_ROW_TOKENS")
-    response_format = params.shaping.get("response_format")
     size = len(json.dumps(response_format)) if isinstance(response_format, dict) else 0
     if response_format and response_format.get("type") not in (None, "text") and rows * size > MAX_FORMAT_ROW_BYTES:
         raise too_much("response_format", f"of {size} bytes x {rows} rows is {rows * size} bytes of grammar to "

@@ -2,7 +2,10 @@
 
 Requests wait in a bounded queue (full: 503 + Retry-After), taken in turn from each client (fair_queue.py:
 a client that sends many requests cannot starve one that sends few). Between two steps the engine admits
-waiting jobs into the running batch (`Decoding.add`: they are prefilled on their own and joined),
+waiting jobs into the running batch of their decoding mode (`Decoding.add`: they are prefilled on their
+own and joined; a request's settings name its mode, plain or speculative or auto, the server's --decoding
+by default; rows with an α schedule run in a plain batch of their own, since drafts verify several
+positions with one α; batches of different modes take steps in turn),
 rows that finished leave, and rows whose client went away or whose deadline passed are cancelled,
 so they free their slot at the next step. A row's tokens do not depend on who shares its batch.
 
@@ -83,15 +86,28 @@ class Job:
         self.cancelled = True
 
 
+class Run:
+    """One running decoding: its steps, and which job and choice each of its rows belongs to."""
+
+    def __init__(self, decoding):
+        self.decoding = decoding
+        self.steps = decoding.steps()
+        self.owner: dict[int, tuple[Job, int]] = {}  # row -> (job, choice index)
+
+
+def run_key(job: Job) -> str:
+    """Which running batch a job's rows join: its mode's ("scheduled" for rows whose α changes by position)."""
+    settings = job.requests[0].settings
+    return "scheduled" if settings.alpha_schedule else settings.mode
+
+
 class Scheduler:
     def __init__(self, tuner, max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0):
         self.tuner = tuner
         self.max_batch, self.max_queue, self.request_timeout = max_batch, max_queue, request_timeout
         self.waiting = FairQueue()
         self.condition = threading.Condition()
-        self.decoding = None
-        self.steps = None
-        self.owner: dict[int, tuple[Job, int]] = {}  # row -> (job, choice index)
+        self.runs: dict[str, Run] = {}  # run_key -> the running batch of that mode
         self.running_jobs: list[Job] = []
         self.stopping = False
         self.counts = collections.Counter(dict.fromkeys(  # reported by /health
@@ -145,8 +161,17 @@ class Scheduler:
             self.condition.notify()
 
     @property
+    def decoding(self):
+        """A running decoding (None when no batch runs)."""
+        return next((run.decoding for run in self.runs.values()), None)
+
+    @property
+    def running_rows(self) -> int:
+        return sum(len(run.owner) for run in self.runs.values())
+
+    @property
     def load(self) -> dict:
-        return {"running_rows": len(self.owner), "waiting_requests": len(self.waiting),
+        return {"running_rows": self.running_rows, "waiting_requests": len(self.waiting),
                 "scoring_requests": len(self.scoring), **self.counts}
 
     def health(self) -> dict:
@@ -171,7 +196,7 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self.condition:
-                while not self.stopping and not self.waiting and self.decoding is None and not self.scoring:
+                while not self.stopping and not self.waiting and not self.runs and not self.scoring:
                     self.condition.wait(timeout=1.0)
                 if self.stopping:
                     return
@@ -179,9 +204,9 @@ class Scheduler:
                 self._expire_waiting()
                 self._end_if_drained()
                 self._admit()
-                if self.decoding is not None:
-                    self._step()
-                    self._drop_cancelled()
+                for key in list(self.runs):  # the batches of different modes take steps in turn
+                    self._step(key)
+                self._drop_cancelled()
                 if self.scoring:
                     self._score_chunk()
             except Exception as error:  # a bug or a model failure: fail these jobs, keep serving
@@ -196,12 +221,11 @@ class Scheduler:
             self.counts["timed_out"] += 1
             job.emit(("error", timeout_error()))
 
-    def _can_join(self) -> bool:
-        """A waiting job may start now: no batch is running, or the running one takes rows (every
+    def _can_join(self, job: Job) -> bool:
+        """A waiting job may start now: no batch of its mode is running, or the running one takes rows (every
         session declares join; a source that cannot is served one batch after another)."""
-        if self.decoding is None:
-            return True
-        return self.decoding.accepts_new_rows
+        run = self.runs.get(run_key(job))
+        return run is None or run.decoding.accepts_new_rows
 
     def _admit(self) -> None:
         """Start waiting jobs while the batch has room; one at a time, so that each sees the decoding the
@@ -212,8 +236,9 @@ class Scheduler:
                     return
                 job = self.waiting.peek()
                 to_score = job.echo_top is not None and job.scoring is None
-                if not to_score and (not self._can_join() or (
-                        len(self.owner) + len(job.requests) > self.max_batch and self.owner)):
+                running = self.running_rows
+                if not to_score and (not self._can_join(job) or (
+                        running + len(job.requests) > self.max_batch and running)):
                     return
                 self.waiting.pop(job)
             if to_score:  # prompt scoring first, a chunk per step; then it waits for a slot like any job
@@ -236,7 +261,7 @@ class Scheduler:
                 self.counts["timed_out"] += 1
                 job.emit(("error", timeout_error()))
             return
-        sharing = self.decoding is not None and self.step_seconds is not None
+        sharing = bool(self.runs) and self.step_seconds is not None
         size = self.score_size if sharing else CHUNK
         start = time.perf_counter()
         try:
@@ -266,71 +291,72 @@ class Scheduler:
         if not job.generates:
             job.emit(("done", []))
             return
-        if self.decoding is None:
-            self.decoding = self.tuner.decoding(job.requests)
-            self.steps = self.decoding.steps()
+        key = run_key(job)
+        run = self.runs.get(key)
+        if run is None:
+            run = self.runs[key] = Run(self.tuner.decoding(job.requests, mode="plain" if key == "scheduled" else key))
             new_rows = list(range(len(job.requests)))
         else:
-            new_rows = self.decoding.add(job.requests)
-        job.decoding, job.rows, job.unfinished = self.decoding, new_rows, len(new_rows)
-        self.owner.update({row: (job, choice) for choice, row in enumerate(new_rows)})
+            new_rows = run.decoding.add(job.requests)
+        job.decoding, job.rows, job.unfinished = run.decoding, new_rows, len(new_rows)
+        run.owner.update({row: (job, choice) for choice, row in enumerate(new_rows)})
         self.running_jobs.append(job)
 
-    def _step(self) -> None:
+    def _step(self, key: str) -> None:
+        run = self.runs[key]
         start = time.perf_counter()
-        events = next(self.steps, None)
+        events = next(run.steps, None)
         self.step_seconds = moving_average(self.step_seconds, time.perf_counter() - start)
         if events is None:  # every row finished and nobody joined
-            self._end_decoding()
+            self._end_decoding(key)
             return
         by_job: dict[int, list] = {}
         finished: list[Job] = []
         for event in events:
-            if event.row not in self.owner:
+            if event.row not in run.owner:
                 continue
-            job, choice = self.owner[event.row]
+            job, choice = run.owner[event.row]
             by_job.setdefault(id(job), [job]).append((choice, event))
             if event.finish_reason == "error":
                 self.counts["failed_rows"] += 1
-                if self.decoding.failed:  # a model stopped answering (not one row's own trouble)
+                if run.decoding.failed:  # a model stopped answering (not one row's own trouble)
                     self.degraded = event.error
-            elif event.token_id is not None and not self.decoding.failed:
+            elif event.token_id is not None and not run.decoding.failed:
                 self.degraded = None  # the models answer again
             if event.finish_reason is not None:
                 self.counts["finished_rows"] += 1
-                del self.owner[event.row]
+                del run.owner[event.row]
                 job.unfinished -= 1
                 if job.unfinished == 0:
                     finished.append(job)
         for job, *items in by_job.values():
             job.emit(("events", items))
         for job in finished:  # their outputs are handed over: the decoding keeps nothing of them
-            job.emit(("done", [self.decoding.take(row) for row in job.rows]))
+            job.emit(("done", [run.decoding.take(row) for row in job.rows]))
             self.running_jobs.remove(job)
 
-    def _end_decoding(self) -> None:
+    def _end_decoding(self, key: str) -> None:
         """The decoding's steps are over: a job of it still waiting for rows would wait forever (a bug of the
         engine, not the client's): it ends with an error now, and no row index of the old decoding survives."""
-        stranded = [job for job in self.running_jobs if job.decoding is self.decoding]
+        decoding = self.runs.pop(key).decoding
+        stranded = [job for job in self.running_jobs if job.decoding is decoding]
         if stranded:
             log.error("a decoding ended with %d request(s) unfinished", len(stranded))
         for job in stranded:
             job.emit(("error", APIError(500, "the engine ended this request's batch before its rows finished "
                                              "(a proxytune bug: please report it)")))
             self.running_jobs.remove(job)
-        self.owner = {row: owner for row, owner in self.owner.items() if owner[0].decoding is not self.decoding}
-        self.decoding = self.steps = None
 
     def _drop_cancelled(self) -> None:
         now = time.monotonic()
-        if self.decoding is None:
-            return
+        runs = {id(run.decoding): run for run in self.runs.values()}
         for job in [j for j in self.running_jobs if j.cancelled or j.deadline <= now]:
-            live = [row for row in job.rows if row in self.owner]
-            self.decoding.cancel(live)
-            self.decoding.discard(job.rows)
+            run = runs[id(job.decoding)]
+            live = [row for row in job.rows if row in run.owner]
+            run.decoding.cancel(live)
+            run.decoding.discard(job.rows)
             for row in live:
-                del self.owner[row]
+                del run.owner[row]
             self.running_jobs.remove(job)
             self.counts["cancelled_rows"] += len(live)
             if not job.cancelled:
@@ -352,8 +378,7 @@ class Scheduler:
     def _fail_running(self, error: APIError) -> None:
         for job in self.running_jobs:
             job.emit(("error", error))
-        self.running_jobs, self.owner = [], {}
-        self.decoding = self.steps = None
+        self.running_jobs, self.runs = [], {}
 
 
 def timeout_error() -> APIError:

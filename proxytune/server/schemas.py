@@ -15,6 +15,8 @@ Extension fields (the openai client sends them through `extra_body`), the whole 
   alone   a role name ("base", "expert", ...): that model alone, with its own prompt (the playground's columns)
   details k: with every generated token, each role's top k tokens and the probability each gave the chosen
           one, under the choice's "proxytune" key (streamed per chunk; plain OpenAI clients never ask)
+  decoding  "plain", "speculative" (the expert drafts, the base verifies) or "auto": how the request's batch is
+          decoded; the tokens are the same (default: the server's --decoding)
 OpenAI's presence_penalty, frequency_penalty, logit_bias and response_format (json_object, json_schema, and
 proxytune's regex and grammar types) act on the combined logits (engine/shaping.py). OpenAI fields proxytune
 does not implement are refused unless their value changes nothing.
@@ -23,7 +25,6 @@ Bounds on sizes and on the work one request may ask: limits.py.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Sequence, Union
 
@@ -32,12 +33,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ..engine.context import check_prompt_room, overflow
 from ..engine.decoding import Request
 from ..engine.sampling import SamplingParams
+from ..engine.settings import MODES, SHAPING, Settings, schedule_from_text
+from ..engine.shaping import Shaping
 from ..errors import ProxyTuneError
-from ..facade.tuner import check_alpha, schedule_from_text
+from ..facade.requests import settle
 from .api_errors import APIError, bad_request
 from .limits import MAX_STOP, MAX_STOP_CHARS, MAX_TOP_LOGPROBS, check_sizes, check_tree, check_work
 
-SHAPING = ("repetition_penalty", "frequency_penalty", "presence_penalty", "logit_bias", "response_format")
 NEUTRAL = {"best_of": (None, 1), "suffix": (None, ""),
            "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
            "parallel_tool_calls": (None,)}  # OpenAI fields proxytune does not implement: values that change nothing
@@ -86,6 +88,7 @@ class Common(Body):
     repetition_penalty: float | None = Field(None, gt=0, le=100, allow_inf_nan=False)
     alone: str | None = None  # a role name: that model alone (its own prompt), beside proxy rows in one batch
     details: int | None = Field(None, ge=1, le=MAX_TOP_LOGPROBS)  # per token: every role's top-k and chosen p
+    decoding: Literal[MODES] | None = None  # plain / speculative / auto: how its batch is decoded, same tokens
     # OpenAI's, on the combined logits (engine/shaping.py)
     logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]] | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
@@ -121,25 +124,20 @@ BODIES = {"completion": CompletionBody, "chat": ChatBody}
 
 @dataclass
 class Params:
+    """A checked body: what the response needs, and the one `Settings` its rows are decoded with."""
     kind: str  # "chat" | "completion"
     model: str
     prompts: list  # completion: one str or list[int] per prompt; chat: [messages]
     n: int
     max_tokens: int
-    sampling: SamplingParams
-    stop: tuple[str, ...]
-    seed: int | None
     stream: bool
     include_usage: bool
     logprobs: bool
     top_logprobs: int
     echo: bool
-    alpha: float | list[float] | None  # None: the server's default
-    shaping: dict = dataclasses.field(default_factory=dict)  # penalties, logit_bias, response_format (tuner.request)
+    settings: Settings = Settings()  # α None: the server's default; the seed is choice 0's (choice i: seed + i)
     max_tokens_given: bool = False  # asked for explicitly: refused when prompt + max_tokens overflow the context
-    alone: str | None = None  # a role decoded by itself (tuner.request checks the name)
     details: int = 0
-    alpha_schedule: dict | None = None  # positions (ints) and text markers -> α, as tuner.request takes it
     user: str | None = None  # OpenAI's end-user id: fair admission between users (scheduler.py)
 
 
@@ -169,22 +167,12 @@ def first_problem(error: ValidationError) -> APIError:
 
 
 def _alpha(body: Common, n_pairs: int):
+    """The request's α (Settings checks the values); proxy: false is the base model alone."""
     if body.proxy is False:
-        return [0.0] * n_pairs  # the base model alone: z = z_base exactly
-    alpha = body.alpha
-    if alpha is None:
-        return None
-    values = alpha if isinstance(alpha, list) else [alpha]
-    if not values:
-        raise bad_request(f"alpha must be a finite number or a list of them, got {alpha!r}", "alpha")
-    for value in values:
-        try:
-            check_alpha(value)  # the library's own check: finite, and finite in float32 where it is used
-        except ProxyTuneError as error:
-            raise bad_request(f"{error} (alpha: a number or one per expert pair)", "alpha") from None
-    if isinstance(alpha, list) and len(alpha) != n_pairs:
-        raise bad_request(f"alpha has {len(alpha)} values for {n_pairs} expert pairs", "alpha")
-    return [float(a) for a in alpha] if isinstance(alpha, list) else float(alpha)
+        return [0.0] * n_pairs  # z = z_base exactly
+    if isinstance(body.alpha, list) and len(body.alpha) != n_pairs:
+        raise bad_request(f"alpha has {len(body.alpha)} values for {n_pairs} expert pairs", "alpha")
+    return body.alpha
 
 
 def _prompts(body: CompletionBody) -> list:
@@ -213,8 +201,9 @@ def _stop(body: Common) -> tuple[str, ...]:
 
 
 def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_rows: int,
-          context: int | None, default_max_tokens: int) -> Params:
-    """Check every field of a completions (kind="completion") or chat (kind="chat") body."""
+          context: int | None, default_max_tokens: int, mode: str = "plain") -> Params:
+    """Check every field of a completions (kind="completion") or chat (kind="chat") body; `mode`: the
+    server's decoding mode, for requests that do not name one."""
     check_sizes(raw, max_rows, context)  # what a hostile body costs to walk: len() calls, before anything walks it
     check_tree(raw)
     try:
@@ -252,59 +241,64 @@ def parse(raw: dict, kind: str, served_names: Sequence[str], n_pairs: int, max_r
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     if stream and echo and logprobs:
         raise bad_request("echo with logprobs is not available while streaming; use stream: false", "echo")
-    temperature = 1.0 if body.temperature is None else body.temperature
-    top_p = 1.0 if body.top_p is None else body.top_p
-    sampling = SamplingParams(temperature, top_p, body.top_k or 0, body.min_p or 0.0)
-    shaping = {name: getattr(body, name) for name in SHAPING if getattr(body, name) is not None}
     if body.alone is not None and any(v is not None for v in (body.proxy, body.alpha, body.alpha_schedule)):
         raise bad_request("alone decodes one model by itself: leave out alpha, alpha_schedule and proxy", "alone")
     if body.proxy is False and body.alpha_schedule is not None:
         raise bad_request("proxy: false is the base model alone (alpha = 0); leave out alpha_schedule",
                           "alpha_schedule")
-    schedule = None if body.alpha_schedule is None else schedule_from_text(body.alpha_schedule)
-    params = Params(kind, body.model or served_names[0], prompts, n, max_tokens, sampling, _stop(body), body.seed,
-                    stream, include_usage, logprobs, top_logprobs, echo, _alpha(body, n_pairs), shaping,
-                    asked is not None, body.alone, body.details or 0, schedule, body.user)
-    check_work(params, n * len(prompts))
+    if body.decoding == "speculative" and body.alpha_schedule is not None:
+        raise bad_request("speculative decoding verifies several positions with one α, and alpha_schedule changes α "
+                          "by position: ask for decoding \"plain\" or \"auto\"", "decoding")
+    params = Params(kind, body.model or served_names[0], prompts, n, max_tokens, stream, include_usage, logprobs,
+                    top_logprobs, echo, max_tokens_given=asked is not None, details=body.details or 0, user=body.user)
+    check_work(params, n * len(prompts), body.response_format)  # before the format is compiled
+    params.settings = _settings(body, params, n_pairs, mode)
     return params
+
+
+def _settings(body: Common, params: Params, n_pairs: int, mode: str) -> Settings:
+    """The one Settings of the request's rows, each field's complaint naming it."""
+    try:
+        shaping = Shaping.of(**{name: getattr(body, name) for name in SHAPING if getattr(body, name) is not None})
+    except ProxyTuneError as error:
+        raise bad_request(str(error), next((name for name in SHAPING if str(error).startswith(name)),
+                                           "response_format")) from None
+    sampling = SamplingParams(1.0 if body.temperature is None else body.temperature,
+                              1.0 if body.top_p is None else body.top_p, body.top_k or 0, body.min_p or 0.0)
+    if body.alpha_schedule is not None and body.decoding is None:
+        mode = "plain" if mode == "speculative" else mode  # the server's default gives way to a schedule
+    try:
+        return Settings(max(params.max_tokens, 1), sampling, _alpha(body, n_pairs),
+                        schedule_from_text(body.alpha_schedule) if body.alpha_schedule is not None else (),
+                        _stop(body), body.seed, max(params.top_logprobs if params.logprobs else 0, params.details),
+                        shaping, body.alone, body.decoding or mode)
+    except ProxyTuneError as error:
+        raise bad_request(str(error), next((name for name in ("alpha_schedule", "alone") if
+                                            str(error).startswith(name)), "alpha")) from None
 
 
 def build(tuner, params: Params, chat_roles: Sequence[str]) -> list[PromptRows]:
     """Engine requests: n rows per prompt; choice i is seeded with seed + i (as ProxyTuner.generate)."""
-    details = max(params.top_logprobs if params.logprobs else 0, params.details)
-    options = dict(max_new_tokens=max(params.max_tokens, 1), temperature=params.sampling.temperature,
-                   top_p=params.sampling.top_p, top_k=params.sampling.top_k, min_p=params.sampling.min_p,
-                   stop=list(params.stop), alpha=params.alpha, return_details=details)
-    if params.alone is not None:
-        options["alone"] = params.alone
-    if params.alpha_schedule is not None:
-        options["alpha_schedule"] = params.alpha_schedule
-    try:  # once per request (a format is compiled once), with the field it came from named
-        options["shaping"] = tuner.shaping(**params.shaping)
-    except ProxyTuneError as error:
-        field = next((name for name in SHAPING if str(error).startswith(name)), "response_format")
-        raise bad_request(str(error), field) from None
+    settings = params.settings
     rows = []
     for i, prompt in enumerate(params.prompts):
         try:
             if params.kind == "chat":
-                first = tuner.request(messages=prompt, chat_roles=chat_roles, label="messages", **options)
+                first = tuner.request(messages=prompt, chat_roles=chat_roles, settings=settings, label="messages")
             elif isinstance(prompt, str):
-                first = tuner.request(prompt, label=f"prompt {i}" if len(params.prompts) > 1 else "prompt", **options)
+                label = f"prompt {i}" if len(params.prompts) > 1 else "prompt"
+                first = tuner.request(prompt, settings=settings, label=label)
             else:
-                # the options are checked by tuner.request on a stand-in prompt, then the ids replace it
-                first = token_request(tuner, prompt, tuner.request("x", **options))
+                first = token_request(tuner, prompt, settings)
         except ProxyTuneError as error:
             code = "context_length_exceeded" if "context" in str(error) else None
-            field = next((name for name in ("alone", "alpha_schedule") if str(error).startswith(name)),
-                         "messages" if params.kind == "chat" else "prompt")
+            field = next((name for name in ("alone", "alpha_schedule", "alpha") + SHAPING
+                          if str(error).startswith(name)), "messages" if params.kind == "chat" else "prompt")
             raise bad_request(str(error), field, code) from None
         if params.max_tokens_given:
             check_room(tuner, first, params)
-        if params.seed is None:
-            choices = [first] + [dataclasses.replace(first) for _ in range(params.n - 1)]
-        else:
-            choices = [dataclasses.replace(first, seed=params.seed + c) for c in range(params.n)]
+        seeds = [None] * params.n if settings.seed is None else [settings.seed + c for c in range(params.n)]
+        choices = [Request(first.prompts, first.settings.but(seed=seed)) for seed in seeds]
         ids = first.prompts["base"]
         text = prompt if isinstance(prompt, str) else tuner.tokenizer.decode(ids) if params.kind == "completion" else ""
         rows.append(PromptRows(ids, text, choices))
@@ -323,11 +317,11 @@ def check_room(tuner, request: Request, params: Params) -> None:
                           f"shorten the prompt", field, "context_length_exceeded")
 
 
-def token_request(tuner, ids: list[int], template: Request) -> Request:
+def token_request(tuner, ids: list[int], settings: Settings) -> Request:
     """A request over a prompt given as token ids (lm-eval's tokenized requests): every role gets them."""
     if any(t < 0 or t >= tuner.vocab_size for t in ids):
         raise ProxyTuneError(f"prompt token ids must be in [0, {tuner.vocab_size})")
     prompts = {role: list(ids) for role in tuner.roles}
     check_prompt_room(prompts, tuner.sources, "prompt")
-    return dataclasses.replace(template, prompts=prompts)
+    return Request(prompts, settle(tuner, settings))
 
