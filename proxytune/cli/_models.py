@@ -7,6 +7,8 @@ from ..errors import ProxyTuneError
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
+    from ..models.backend_registry import BACKENDS, every_role_names
+
     group = parser.add_argument_group("models")
     group.add_argument("--model", help="a registered trio name (e.g. demo, or one added with `proxytune models add`) "
                                        "giving all three roles")
@@ -29,8 +31,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="let checkpoints run their own modelling code (off: only transformers' own models)")
     group.add_argument("--dry-run", action="store_true",
                        help="print each role's placement, dtype, weight and KV-cache bytes, and load nothing")
-    group.add_argument("--backend", choices=["transformers", "llama.cpp"], default=None,
-                       help="run every role in this backend (default: per spec; gguf:SPEC runs one role in llama.cpp)")
+    every_role = [backend for backend in BACKENDS if backend.every_role]
+    by_prefix = "; ".join(f"{b.prefix}SPEC runs one role in {b.name}" for b in every_role if b.prefix)
+    needs = "; ".join(f"{b.name} needs pip install 'proxytune[{b.extra}]'" for b in every_role if b.extra)
+    group.add_argument("--backend", choices=every_role_names(), default=None,
+                       help=f"run every role in this backend (default: per spec; {by_prefix}); {needs}")
     group.add_argument("--threads", type=int, default=None,
                        help="CPU threads for computing: torch's (transformers models) and, unless --llama-threads, "
                             "llama.cpp's per model (default: all cores), as in `demo` and `tune`")

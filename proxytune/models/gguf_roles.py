@@ -1,4 +1,4 @@
-"""Which backend runs a role, and `gguf:` specs -> llama.cpp logit sources.
+"""The llama.cpp backend: `gguf:` specs -> llama.cpp logit sources, and their plan.
 
 A role spec runs in transformers unless it says `gguf:` (or the whole trio is given
 backend="llama.cpp", which puts `gguf:` before every spec):
@@ -12,21 +12,30 @@ backend="llama.cpp", which puts `gguf:` before every spec):
 
 A plain `PATH.gguf` (no prefix) still loads in transformers, dequantised. Roles on the same GGUF
 share one copy of its weights: the anti-expert and a LoRA expert on it differ only in their context.
+
+This module is the llama.cpp backend's registration (BACKEND); the llama_cpp bindings are imported only when a
+`gguf:` role loads (backends/llama_cpp/model.py reaches for them on import).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import registry
 from ..errors import ProxyTuneError
-from ..backends.llama_cpp.vocab import check_tokenizer_matches
+from .backend import Backend, LoadOptions, RolePlan
+from .footprint import gguf_bytes
+from .placement import Placement
 from .tokenizers import load_gguf_tokenizer
 from .lora_gguf import adapter_base_spec, adapter_fingerprint, convert_lora
-from ..backends.llama_cpp.model import GGUFModel, check_gguf_file
-from ..backends.llama_cpp.source import LlamaCppSource
-from .specs import PREFIX, adapter_base
+from .specs import adapter_base
 
+if TYPE_CHECKING:
+    from ..backends.llama_cpp.model import GGUFModel
+    from ..backends.llama_cpp.source import LlamaCppSource
+
+PREFIX = "gguf:"
 ADAPTER_SIZE_LIMIT = 2 << 30  # bigger GGUF files are models: their metadata is not read to look for an adapter
 
 log = logging.getLogger("proxytune.models")
@@ -45,8 +54,10 @@ class LlamaCppRoles:
         self.models: dict[Path, tuple[GGUFModel, object]] = {}
         self.sources: dict[str, tuple[LlamaCppSource, object]] = {}
 
-    def source(self, spec: str, role: str) -> tuple[LlamaCppSource, object]:
-        """(source, tokenizer) for a `gguf:` spec."""
+    def source(self, spec: str, role: str, placement: Placement | None = None) -> tuple[LlamaCppSource, object]:
+        """(source, tokenizer) for a `gguf:` spec. llama.cpp runs on the CPU: a placement does not apply."""
+        from ..backends.llama_cpp.source import LlamaCppSource
+
         if spec not in self.sources:
             model_path, adapter = self.resolve(spec[len(PREFIX):])
             model, tokenizer = self.model(model_path)
@@ -55,6 +66,9 @@ class LlamaCppRoles:
         return self.sources[spec]
 
     def model(self, path: Path) -> tuple[GGUFModel, object]:
+        from ..backends.llama_cpp.model import GGUFModel
+        from ..backends.llama_cpp.vocab import check_tokenizer_matches
+
         key = path.resolve()
         if key not in self.models:
             model = GGUFModel(path)
@@ -91,6 +105,8 @@ class LlamaCppRoles:
 
     def _adapter_base(self, path: Path) -> Path | None:
         """The base model GGUF of a LoRA GGUF, or None when `path` is a model."""
+        from ..backends.llama_cpp.model import check_gguf_file
+
         check_gguf_file(path)
         try:
             base = adapter_base_spec(path)
@@ -123,3 +139,16 @@ class LlamaCppRoles:
             convert_lora(adapter_dir, base_path, partial, base_spec)
             partial.replace(out)  # renamed into place only once complete
         return base_path, out
+
+
+def plan(role: str, raw_spec: str, spec: str, placement: Placement, counted: set) -> RolePlan:
+    return RolePlan(role, raw_spec, "llama.cpp", "cpu", "gguf", gguf_bytes(spec[len(PREFIX):]), None,
+                    "KV: --ctx cells per model")
+
+
+def _loader(options: LoadOptions) -> LlamaCppRoles:
+    return LlamaCppRoles(threads=options.threads, n_ctx=options.n_ctx)
+
+
+BACKEND = Backend("llama.cpp", prefix=PREFIX, loader=_loader, plan=plan, every_role=True,
+                  aliases=("llama-cpp", "llamacpp"), extra="llama-cpp")

@@ -1,23 +1,20 @@
-"""Turning model specs (local dirs, GGUF files, peft adapter dirs, registry names) into logit sources.
-
-A peft adapter whose base is also used plainly for another role (the usual expert = LoRA of the
-anti-expert) is loaded once: that role runs the same weights with the adapter switched off.
+"""Turning model specs (local dirs, GGUF files, peft adapter dirs, registry names, `gguf:`, `openai:`) into
+logit sources: each spec goes to the backend the registry picks for it (backend_registry.py), one loading's
+state per backend, so that roles on one model share it.
 """
 from __future__ import annotations
 
 import json
-import logging
 from typing import Sequence
 
 import torch
 
 from ..errors import ProxyTuneError
-from .placement import DTYPES, Placement, check, placement_of, torch_device, torch_dtype, where
-from .specs import adapter_base, is_llama_cpp, local_path, with_backend
-from ..backends.remote.spec import is_remote_spec
+from .backend import LoadOptions, RoleLoader
+from .backend_registry import backend_of, with_backend
+from .placement import DTYPES, Placement, check, placement_of, torch_device
+from .transformers_roles import PICKLE_SUFFIXES, load_plain  # noqa: F401  (load_plain: one model, as callers load it)
 from ..backends.transformers import TransformersSource
-
-log = logging.getLogger("proxytune.models")  # the CLI shows its lines: which model is loading, where
 
 
 def pick_device(device) -> torch.device:
@@ -34,71 +31,11 @@ def pick_dtype(dtype, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-
-def require_safetensors(path, what: str = "model") -> None:
-    """Weights are read from safetensors only: a pickle (pytorch_model.bin, adapter_model.bin) can run
-    code when loaded. A directory holding only pickles is refused with the one command that converts it."""
-    if any(path.glob("*.safetensors")):
-        return
-    pickles = sorted(f.name for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
-    found = f"only pickle files ({', '.join(pickles[:3])})" if pickles else "no .safetensors weights"
-    raise ProxyTuneError(f"the {what} directory {path} holds {found}; proxytune loads safetensors only, since "
-                         f"a pickle can run code when it is loaded. Convert it once, reading tensors only: "
-                         f"proxytune models to-safetensors {path} {path}-safetensors")
-
-
-def load_plain(spec: str, device: torch.device, dtype: torch.dtype, device_map=None, quantize: str | None = None,
-               trust_remote_code: bool = False):
-    """(model, tokenizer) from a model directory, a GGUF file or a Hub id in the local cache. `device_map`
-    (accelerate) places the layers instead of `device`; `quantize` loads 4/8-bit weights with bitsandbytes."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = local_path(spec)
-    options = {"dtype": dtype, "trust_remote_code": trust_remote_code}
-    if quantize is not None:  # bitsandbytes places its weights itself: the whole model on `device` unless mapped
-        options["quantization_config"] = _bitsandbytes(quantize, dtype)
-        device_map = device_map if device_map is not None else {"": str(device)}
-    if device_map is not None:
-        options["device_map"] = device_map
-    try:
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ProxyTuneError(f"{path} is a file but not a .gguf model")
-            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, **options)
-        else:
-            if not (path / "config.json").exists():
-                raise ProxyTuneError(f"{path} has no config.json: not a transformers model directory")
-            require_safetensors(path)
-            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **options)
-    except ProxyTuneError:
-        raise
-    except Exception as error:  # corrupt or unsupported files: name the file, keep the cause
-        raise ProxyTuneError(f"could not load model {spec!r} from {path}: {error}") from error
-    if device_map is None:
-        model = model.to(device)
-    return model.eval(), tokenizer
-
-
-def _bitsandbytes(quantize: str, dtype: torch.dtype):
-    try:
-        import bitsandbytes  # noqa: F401  (transformers needs it installed; the error below says how)
-        from transformers import BitsAndBytesConfig
-    except ImportError:
-        raise ProxyTuneError(f"quantize={quantize} needs bitsandbytes: pip install 'proxytune[quant]'") from None
-    if quantize == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_type="nf4")
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 class Loader:
     """Loads each distinct (spec, placement) once and hands out one logit source per role.
 
-    `placements` (role -> Placement) override `default` for their role; roles whose spec and placement
-    agree share one loaded model."""
+    `placements` (role -> Placement) override `default` for their role; each backend keeps what its roles share
+    (a transformers model, a llama.cpp model) in its RoleLoader, made when its first spec appears."""
 
     def __init__(self, device=None, dtype=None, threads: int | None = None, n_ctx: int | None = None,
                  placements: dict[str, Placement] | None = None, trust_remote_code: bool = False):
@@ -106,77 +43,32 @@ class Loader:
                                      "dtype": dtype if not isinstance(dtype, torch.dtype) else str(dtype)[6:]},
                                     "device/dtype (every role)")
         self.placements = dict(placements or {})
-        self.trust_remote_code = trust_remote_code
-        self.llama_cpp_options = {"threads": threads, "n_ctx": n_ctx}
-        self.llama_cpp = None  # LlamaCppRoles, made when a gguf: spec first appears
-        self.plain: dict[tuple, tuple] = {}  # (spec, placement key) -> (model, tokenizer)
-        self.adapted: dict[tuple, object] = {}  # (base spec, placement key) -> peft model built on those weights
-        self.sources: dict[tuple, tuple] = {}
+        self.options = LoadOptions(threads=threads, n_ctx=n_ctx, trust_remote_code=trust_remote_code)
+        self.loaders: dict[str, RoleLoader] = {}  # backend name -> its state in this loading
+        self.sources: dict[tuple, tuple] = {}  # (spec, placement key) -> (source, tokenizer)
 
     def placement(self, role: str) -> Placement:
         return check(self.placements.get(role, Placement()).over(self.default), f"the {role} placement")
 
-    def _load(self, spec: str, placement: Placement):
-        device, dtype = torch_device(placement), torch_dtype(placement, local_path(spec))
-        log.info("loading %s (%s on %s%s)", spec, str(dtype).removeprefix("torch."), where(placement),
-                 f", {placement.quantize}" if placement.quantize else "")
-        return load_plain(spec, device, dtype, placement.device_map, placement.quantize, self.trust_remote_code)
-
-    def _plain(self, spec: str, placement: Placement):
-        key = (spec, placement.key)
-        if key not in self.plain:
-            self.plain[key] = self._load(spec, placement)
-        return self.plain[key]
-
-    def _adapter(self, spec: str, base_spec: str, placement: Placement):
-        from peft import PeftModel
-
-        model, tokenizer = self._plain(base_spec, placement)
-        if (base_spec, placement.key) in self.adapted:  # the shared base already carries another adapter: a copy
-            model, tokenizer = self._load(base_spec, placement)
-        require_safetensors(local_path(spec), "adapter")
-        try:
-            peft_model = PeftModel.from_pretrained(model, str(local_path(spec)))  # its .safetensors: checked above
-        except Exception as error:
-            raise ProxyTuneError(f"could not load adapter {spec!r} onto {base_spec!r}: {error}") from error
-        self.adapted.setdefault((base_spec, placement.key), peft_model)
-        return peft_model.eval(), tokenizer
-
-    def source(self, spec: str, role: str) -> tuple[TransformersSource, object]:
-        """(source, tokenizer) for one role. Plain specs that carry an adapter elsewhere (same placement)
-        run adapter-off."""
+    def source(self, spec: str, role: str) -> tuple[object, object]:
+        """(source, tokenizer) for one role, from the backend that claims its spec."""
         placement = self.placement(role)
         key = (spec, placement.key)
-        if key in self.sources:
-            return self.sources[key]
-        if is_remote_spec(spec):  # openai:URL?tokenizer=... : a model behind an OpenAI-compatible server
-            from ..backends.remote.source import RemoteSource
-            from ..backends.remote.spec import parse_spec
+        if key not in self.sources:
+            self.sources[key] = self._load(spec, role, placement)
+        return self.sources[key]
 
-            from .tokenizers import load_tokenizer
-
-            options = parse_spec(spec)
-            source = RemoteSource(options, load_tokenizer(options.tokenizer), name=role)
-            self.sources[key] = (source, source.tokenizer)
-            return self.sources[key]
-        if is_llama_cpp(spec):  # gguf:... : a GGUF model (or a LoRA on one) run in-process by llama.cpp
-            from .gguf_roles import LlamaCppRoles
-
-            self.llama_cpp = self.llama_cpp or LlamaCppRoles(**self.llama_cpp_options)
-            self.sources[key] = self.llama_cpp.source(spec, role)
-            return self.sources[key]
-        base_spec = adapter_base(local_path(spec))
-        if base_spec is not None:
-            model, tokenizer = self._adapter(spec, base_spec, placement)
-            source = TransformersSource(model, name=role)
-        elif key in self.adapted:
-            model, tokenizer = self.adapted[key], self.plain[key][1]
-            source = TransformersSource(model, name=role, adapter_disabled=True)
-        else:
-            model, tokenizer = self._plain(spec, placement)
-            source = TransformersSource(model, name=role)
-        self.sources[key] = (source, tokenizer)
-        return source, tokenizer
+    def _load(self, spec: str, role: str, placement: Placement) -> tuple[object, object]:
+        backend = backend_of(spec)
+        if backend.name not in self.loaders:
+            self.loaders[backend.name] = backend.loader(self.options)
+        try:
+            return self.loaders[backend.name].source(spec, role, placement)
+        except ModuleNotFoundError as error:  # a backend that needs an extra says which, in one line
+            if backend.extra is None:
+                raise
+            raise ProxyTuneError(f"the {backend.name} backend needs {error.name}: "
+                                 f"pip install 'proxytune[{backend.extra}]'") from error
 
 
 def as_source(model, name: str = "model") -> TransformersSource:
@@ -189,15 +81,15 @@ def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), dev
                placements: dict[str, Placement] | None = None, trust_remote_code: bool = False) -> dict[str, tuple]:
     """role -> (source, tokenizer). Adapters load first so their base is shared, not duplicated; each
     (expert role, anti-expert role) in `pairs` that is a LoRA adapter on and off runs as one LoraPair.
-    backend="llama.cpp" runs every role in llama.cpp (llama_cpp_roles); threads/n_ctx apply to those.
+    backend=NAME runs every role whose spec names no backend in that one (backend="llama.cpp": in llama.cpp,
+    gguf_roles.py); threads/n_ctx apply to llama.cpp roles.
     device/dtype: every role's default; placements: per role (models/placement.py)."""
     specs = {role: with_backend(spec, backend) for role, spec in specs.items()}
     loader = Loader(device, dtype, threads=threads, n_ctx=n_ctx, placements=placements,
                     trust_remote_code=trust_remote_code)
     for role in specs:  # every placement checked before any weights load
         loader.placement(role)
-    order = sorted(specs, key=lambda role: is_remote_spec(specs[role]) or is_llama_cpp(specs[role])
-                   or adapter_base(local_path(specs[role])) is None)
+    order = sorted(specs, key=lambda role: not backend_of(specs[role]).loads_first(specs[role]))
     loaded = {role: loader.source(specs[role], role) for role in order}
     # expert = LoRA of the anti-expert: run both roles in one batched forward (backends/lora_pair.py).
     from ..backends.lora_pair import pair_lora_roles

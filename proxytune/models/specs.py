@@ -1,4 +1,5 @@
-"""Model specs: what a role's spec names (a path, a registered name, `gguf:...`, `openai:...`) and where it is."""
+"""Local model specs: what a spec without a backend's prefix names (a path, a registered name, a Hub id) and where
+it is. Which backend runs a spec, `gguf:...` and `openai:...` included, is the registry's (backend_registry.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -6,13 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from ..backends.remote.spec import is_remote_spec
 from ..errors import ProxyTuneError
 from . import registry
-
-PREFIX = "gguf:"
-BACKENDS = ("transformers", "llama.cpp")
-
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -72,17 +68,3 @@ def adapter_digest(spec: str) -> str | None:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
-
-
-def with_backend(spec: str, backend: str | None) -> str:
-    """The spec a role runs under `backend` (None: as the spec itself says)."""
-    if backend is None or backend == "transformers":
-        return spec
-    if backend in ("llama.cpp", "llama-cpp", "llamacpp"):
-        # a model behind a server (openai:...) stays remote: --backend chooses how *local* roles run
-        return spec if is_llama_cpp(spec) or is_remote_spec(spec) else PREFIX + spec
-    raise ProxyTuneError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-
-
-def is_llama_cpp(spec: str) -> bool:
-    return isinstance(spec, str) and spec.startswith(PREFIX)
