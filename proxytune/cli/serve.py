@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         error event (streams) or error body; uvicorn closes the connections after that."""
 
         def handle_exit(self, sig, frame):
-            app.state.scheduler.drain(grace)
+            app.state.server.scheduler.drain(grace)
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

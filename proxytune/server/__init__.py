@@ -1,7 +1,8 @@
 """An OpenAI-compatible HTTP server over a ProxyTuner (`proxytune serve`).
 
-app.py holds the routes, schemas.py turns request bodies into engine requests, openai_format.py
-shapes responses and stream chunks, scheduler.py runs the one engine thread that batches them.
+app.py holds the routes, schemas.py turns request bodies into engine requests, responses.py reads the
+engine's results into response bodies and stream chunks (openai_format.py shapes each piece),
+scheduler.py runs the one engine thread that batches them.
 """
 from .app import create_app
 from .scheduler import Scheduler
