@@ -54,6 +54,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                             "0 keeps every path)")
 
 
+def add_decoding_option(parser: argparse.ArgumentParser) -> None:
+    from ..engine.settings import MODES
+
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--decoding", choices=MODES, default="plain",
+                       help="plain (default); speculative: the expert drafts, base and anti-expert verify a whole "
+                            "draft per forward (same output, fewer large-model steps); auto: speculative where it is "
+                            "exact and possible, plain otherwise. A remote base always drafts its own continuation "
+                            "instead (see its spec's chunk=)")
+    modes.add_argument("--speculative", dest="decoding", action="store_const", const="speculative",
+                       help="--decoding speculative")
+
+
 def trio_config(args: argparse.Namespace):
     """The TrioConfig behind --config, or behind --model NAME registered with `models add`; None otherwise."""
     from ..models import registry

@@ -9,7 +9,7 @@ from pathlib import Path
 import time
 
 from ..errors import ProxyTuneError
-from ._models import add_model_options, byte_usage, load_tuner, remote_usage
+from ._models import add_decoding_option, add_model_options, byte_usage, load_tuner, remote_usage
 
 
 def register(subparsers) -> None:
@@ -44,19 +44,6 @@ def register(subparsers) -> None:
                         help="after the text, one line on standard error: tokens, wall time per token, and for "
                              "each remote role its calls, tokens per call and bytes per token")
     parser.set_defaults(func=run)
-
-
-def add_decoding_option(parser: argparse.ArgumentParser) -> None:
-    from ..engine.settings import MODES
-
-    modes = parser.add_mutually_exclusive_group()
-    modes.add_argument("--decoding", choices=MODES, default="plain",
-                       help="plain (default); speculative: the expert drafts, base and anti-expert verify a whole "
-                            "draft per forward (same output, fewer large-model steps); auto: speculative where it is "
-                            "exact and possible, plain otherwise. A remote base always drafts its own continuation "
-                            "instead (see its spec's chunk=)")
-    modes.add_argument("--speculative", dest="decoding", action="store_const", const="speculative",
-                       help="--decoding speculative")
 
 
 def add_shaping_options(parser: argparse.ArgumentParser) -> None:

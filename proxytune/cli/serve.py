@@ -6,7 +6,7 @@ import os
 import socket
 
 from ..errors import ProxyTuneError
-from ._models import add_model_options, load_tuner, model_specs
+from ._models import add_decoding_option, add_model_options, load_tuner, model_specs
 
 
 def register(subparsers) -> None:
@@ -46,6 +46,7 @@ def register(subparsers) -> None:
                              "(the paper's setting: expert)")
     parser.add_argument("--no-ui", dest="ui", action="store_false",
                         help="do not serve the playground page at / (base, expert and proxy side by side)")
+    add_decoding_option(parser)
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
     parser.set_defaults(func=run)
 
@@ -107,7 +108,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.model or "proxytune"
     app = create_app(tuner, served_names=[name], api_key=args.api_key, max_batch=args.max_batch,
                      max_queue=args.max_queue, request_timeout=args.request_timeout, chat_roles=chat_roles,
-                     host=args.host, allowed=args.allowed_host, max_echo_tokens=args.max_echo_tokens, ui=args.ui)
+                     host=args.host, allowed=args.allowed_host, max_echo_tokens=args.max_echo_tokens, ui=args.ui,
+                     decoding=args.decoding)
     print(f"proxytune serve: model {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if args.api_key else ''}"
           f"{f'; playground at http://{args.host}:{args.port}/' if args.ui else ''}", flush=True)

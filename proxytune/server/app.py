@@ -24,6 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.context import context_length
 from ..engine.prompts import ALL_ROLES
+from ..engine.settings import check_mode
 from .api_errors import APIError
 from .guard import LocalGuard, allowed_hosts
 from .limits import parse_json, read_body
@@ -54,20 +55,22 @@ class ServerState:
     context: int | None  # the models' context length, when they tell it
     text_of: TokenStrings
     created: int  # the models' "created" time: when the server started
+    decoding: str = "plain"  # the decoding mode of requests that do not name one (engine/settings.MODES)
 
 
 def create_app(tuner, served_names: Sequence[str] = ("proxytune",), api_key: str | None = None,
                max_batch: int = 32, max_queue: int = 64, request_timeout: float = 600.0,
                chat_roles: Sequence[str] = ALL_ROLES, host: str = "127.0.0.1",
-               allowed: Sequence[str] = (), max_echo_tokens: int = MAX_ECHO_TOKENS, ui: bool = True) -> FastAPI:
+               allowed: Sequence[str] = (), max_echo_tokens: int = MAX_ECHO_TOKENS, ui: bool = True,
+               decoding: str = "plain") -> FastAPI:
     """The server over one tuner; its state (ServerState) is app.state.server, its engine thread starts and
-    stops with the app (lifespan)."""
+    stops with the app (lifespan). `decoding`: the mode of requests that do not name one."""
     server = ServerState(
         tuner=tuner, scheduler=Scheduler(tuner, max_batch=max_batch, max_queue=max_queue,
                                          request_timeout=request_timeout),
         served_names=served_names, chat_roles=chat_roles, api_key=api_key, max_batch=max_batch,
         max_echo_tokens=max_echo_tokens, context=context_length(tuner.sources),
-        text_of=TokenStrings(tuner.tokenizer), created=int(time.time()))
+        text_of=TokenStrings(tuner.tokenizer), created=int(time.time()), decoding=check_mode(decoding))
     app = FastAPI(title="proxytune", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
     app.add_middleware(LocalGuard, hosts=allowed_hosts(host, allowed))
@@ -159,7 +162,7 @@ async def handle(request: Request, server: ServerState, kind: str):
 
 def params_of(server: ServerState, raw: bytes, kind: str) -> Params:
     return parse(parse_json(raw), kind, list(server.served_names), len(server.tuner.pairs), server.max_batch,
-                 server.context, DEFAULT_MAX_TOKENS[kind])
+                 server.context, DEFAULT_MAX_TOKENS[kind], server.decoding)
 
 
 def submit(request: Request, server: ServerState, params: Params, rows: list[PromptRows]) -> Job:
