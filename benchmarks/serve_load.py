@@ -45,10 +45,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(args, port: int) -> subprocess.Popen:
-    command = [sys.executable, "-m", "proxytune", "serve", "--base", args.base, "--expert", args.expert,
-               "--anti-expert", args.anti_expert, "--port", str(port), "--max-batch", str(max(args.levels)),
-               "--max-queue", "256", "--log-level", "warning"]
+def start_server(args, port: int, *options: str) -> subprocess.Popen:
+    roles = ["--model", args.model] if getattr(args, "model", None) else [
+        "--base", args.base, "--expert", args.expert, "--anti-expert", args.anti_expert]
+    command = [sys.executable, "-m", "proxytune", "serve", *roles, "--port", str(port), "--max-batch",
+               str(max(args.levels)), "--max-queue", "256", "--log-level", "warning", *options]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(args.threads)}
     return subprocess.Popen(command, env=env)
 
@@ -67,10 +68,11 @@ def wait_ready(url: str, process: subprocess.Popen, timeout: float = 600) -> Non
     raise SystemExit("the server did not come up")
 
 
-async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> tuple[float, float, int]:
-    """(latency, time to first token, completion tokens) of one streamed completion."""
+async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens: int,
+                      extra: dict | None = None) -> tuple[float, float, int]:
+    """(latency, time to first token, completion tokens) of one streamed completion; `extra`: more body fields."""
     body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, **(extra or {})}
     start = time.perf_counter()
     first, tokens = None, 0
     async with http.stream("POST", url + "/v1/completions", json=body) as response:
@@ -83,10 +85,11 @@ async def one_request(http: httpx.AsyncClient, url: str, prompt: str, max_tokens
     return time.perf_counter() - start, first or 0.0, tokens
 
 
-async def run_level(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+async def run_level(url: str, clients: int, requests: int, max_tokens: int, extra: dict | None = None) -> dict:
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=clients + 4)) as http:
         async def client(c: int):
-            return [await one_request(http, url, PROMPTS[(c + r) % len(PROMPTS)], max_tokens) for r in range(requests)]
+            return [await one_request(http, url, PROMPTS[(c + r) % len(PROMPTS)], max_tokens, extra)
+                    for r in range(requests)]
 
         start = time.perf_counter()
         results = [x for per_client in await asyncio.gather(*(client(c) for c in range(clients))) for x in per_client]

@@ -204,9 +204,9 @@ class Scheduler:
                 self._expire_waiting()
                 self._end_if_drained()
                 self._admit()
-                for key in list(self.runs):  # the batches of different modes take steps in turn
-                    self._step(key)
-                self._drop_cancelled()
+                if self.runs:
+                    self._step()
+                    self._drop_cancelled()
                 if self.scoring:
                     self._score_chunk()
             except Exception as error:  # a bug or a model failure: fail these jobs, keep serving
@@ -302,7 +302,12 @@ class Scheduler:
         run.owner.update({row: (job, choice) for choice, row in enumerate(new_rows)})
         self.running_jobs.append(job)
 
-    def _step(self, key: str) -> None:
+    def _step(self) -> None:
+        """One step of every running batch (one per decoding mode), in turn."""
+        for key in list(self.runs):
+            self._step_run(key)
+
+    def _step_run(self, key: str) -> None:
         run = self.runs[key]
         start = time.perf_counter()
         events = next(run.steps, None)

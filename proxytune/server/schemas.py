@@ -158,7 +158,7 @@ def first_problem(error: ValidationError) -> APIError:
     if problem["type"] == "extra_forbidden":
         where = "" if len(loc) == 1 else f" in {'.'.join(loc[:-1])}"
         return bad_request(f"Unrecognized request argument supplied: {loc[-1]}{where} (proxytune's own fields: "
-                           f"alpha, alpha_schedule, proxy, top_k, min_p, repetition_penalty, alone, details)", param)
+                           f"alpha, alpha_schedule, proxy, top_k, min_p, repetition_penalty, alone, details, decoding)", param)
     if problem["type"] == "missing":
         return bad_request(f"{'.'.join(loc)} is required", param)
     shown = repr(problem.get("input"))
