@@ -168,20 +168,20 @@ class Loader:
         base_spec = adapter_base(local_path(spec))
         if base_spec is not None:
             model, tokenizer = self._adapter(spec, base_spec, placement)
-            source = TransformersSource(model, name=role)
+            source = TransformersSource(model, name=role, tokenizer=tokenizer)
         elif key in self.adapted:
             model, tokenizer = self.adapted[key], self.plain[key][1]
-            source = TransformersSource(model, name=role, adapter_disabled=True)
+            source = TransformersSource(model, name=role, adapter_disabled=True, tokenizer=tokenizer)
         else:
             model, tokenizer = self._plain(spec, placement)
-            source = TransformersSource(model, name=role)
+            source = TransformersSource(model, name=role, tokenizer=tokenizer)
         self.sources[key] = (source, tokenizer)
         return source, tokenizer
 
 
-def as_source(model, name: str = "model") -> TransformersSource:
-    """A loaded transformers (or peft) model as a logit source."""
-    return TransformersSource(model, name=name)
+def as_source(model, name: str = "model", tokenizer=None) -> TransformersSource:
+    """A loaded transformers (or peft) model as a logit source (its end-of-text ids with the tokenizer's)."""
+    return TransformersSource(model, name=name, tokenizer=tokenizer)
 
 
 def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), device=None, dtype=None,

@@ -2,7 +2,7 @@
 
 The server only ever gives top-k logprobs keyed by token text, so each step's logit row holds the
 returned candidates and −inf elsewhere (rows.py); the decoder then adds α(z_expert − z_anti_expert) on
-exactly those candidates, as the paper does for GPT-3.5.
+exactly those candidates, as the paper does for GPT-3.5. The source declares so: distribution "top_k".
 
 Cost: as the base (`chunk=auto`, the default), one /v1/completions call drafts several tokens of the
 server's own continuation with the top-k before each (drafting.py; engine/chunked.py verifies them against
@@ -40,12 +40,14 @@ log = logging.getLogger("proxytune.remote")
 class RemoteSource:
     """A LogitSource over /v1/completions. `stats` counts calls and what the mapping dropped."""
 
+    distribution = "top_k"  # only the server's top-k candidates are finite in a row
+
     def __init__(self, options: RemoteOptions, tokenizer, name: str = "base", connect: bool = True):
         self.options = options
         self.name = name
         self.tokenizer = tokenizer
         self.vocab_size = len(tokenizer)
-        self.eos_token_ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+        self.eos_token_ids = frozenset({tokenizer.eos_token_id} - {None})
         self.client = OpenAIClient(options.base_url, name, options.api_key(), options.policy,
                                    max_connections=options.concurrency)
         self.strings = TokenStrings.build(tokenizer, self.vocab_size)
@@ -75,6 +77,11 @@ class RemoteSource:
         self.tally.bytes_received = self.client.bytes_received - self._startup_bytes[1]
         self.tally.seconds = self.completions.seconds
         return self.tally
+
+    @property
+    def server_calls(self) -> RemoteStats:
+        """Declared (protocol.LogitSource): this source calls a server; what its calls cost so far."""
+        return self.stats
 
     @property
     def sampler_fields(self) -> bool:
