@@ -121,8 +121,8 @@ class LogitSource(Protocol):
     name: str
     vocab_size: int  # logit columns after cutting padded rows
     max_length: int | None  # context length in tokens, None when unknown
-    eos_token_ids: frozenset[int]  # the ids that end its text: its own (generation config, GGUF metadata, the
-    #                                tokenizer it was built with), which its role's tokenizer may add to
+    eos_token_ids: frozenset[int]  # the ids that end its text, as the model itself says (generation config, GGUF
+    #                                metadata, the tokenizer it was built with); a role's tokenizer may name more
     distribution: Distribution  # "full": every column is the model's logit; "top_k": only the candidates a
     #                             server returned are finite, the rest −inf (unknown, not impossible)
     server_calls: CallStats | None  # a source computed by a server: its calls so far; None: computed here
