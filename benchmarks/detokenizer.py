@@ -62,6 +62,7 @@ class Scripted:
 
     def __init__(self, script: list[int], vocab_size: int):
         self.script, self.vocab_size, self.name, self.max_length = script, vocab_size, "scripted", None
+        self.eos_token_ids, self.distribution, self.server_calls = frozenset(), "full", None
 
     def open(self, prompts):
         source = self

@@ -60,6 +60,9 @@ class FakeSession:
 
 class FakeSource:
     max_length = None
+    eos_token_ids: frozenset[int] = frozenset()  # its text ends where its role's tokenizer says
+    distribution = "full"
+    server_calls = None
 
     def __init__(self, seed: int, vocab_size: int, name: str = "fake"):
         self.seed, self.vocab_size, self.name = seed, vocab_size, f"{name}-{seed}"

@@ -141,6 +141,7 @@ def test_bad_draft_length_and_sources_that_cannot_roll_back_are_clear_errors(tun
     class Wrapped:
         def __init__(self, source):
             self.source, self.name, self.vocab_size, self.max_length = source, "w", source.vocab_size, None
+            self.eos_token_ids, self.distribution, self.server_calls = source.eos_token_ids, "full", None
 
         def open(self, prompts):
             return NoExtend(self.source.open(prompts))
@@ -278,6 +279,7 @@ def test_a_base_that_dies_mid_generation_ends_rows_with_an_error_and_their_text_
     class Dying:
         def __init__(self, source):
             self.source, self.name, self.vocab_size, self.max_length = source, "dying", source.vocab_size, None
+            self.eos_token_ids, self.distribution, self.server_calls = source.eos_token_ids, "full", None
 
         def open(self, prompts):
             session = self.source.open(prompts)

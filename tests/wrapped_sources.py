@@ -12,6 +12,8 @@ class Solo:
 
     def __init__(self, inner, name: str = "solo"):
         self.inner, self.name, self.vocab_size = inner, name, inner.vocab_size
+        self.eos_token_ids, self.distribution = inner.eos_token_ids, inner.distribution
+        self.server_calls = inner.server_calls
 
     def open(self, prompts):
         session = self.inner.open(prompts)
@@ -32,6 +34,8 @@ class Flaky:
 
     def __init__(self, inner, fail_at: int = 4, name: str = "flaky"):
         self.inner, self.name, self.vocab_size = inner, name, inner.vocab_size
+        self.eos_token_ids, self.distribution = inner.eos_token_ids, inner.distribution
+        self.server_calls = inner.server_calls
         self.fail_at, self.calls = fail_at, 0
 
     def open(self, prompts):
@@ -68,6 +72,8 @@ class Poisoned:
 
     def __init__(self, inner, poison: int, how: str = "nan", after: int = 0, name: str = "poisoned"):
         self.inner, self.name, self.vocab_size = inner, name, inner.vocab_size
+        self.eos_token_ids, self.distribution = inner.eos_token_ids, inner.distribution
+        self.server_calls = inner.server_calls
         self.poison, self.how, self.after = poison, how, after
 
     def open(self, prompts):
@@ -122,6 +128,8 @@ class Scripted:
 
     def __init__(self, inner, script: list[int], push: float = 40.0, name: str = "scripted"):
         self.inner, self.name, self.vocab_size = inner, name, inner.vocab_size
+        self.eos_token_ids, self.distribution = inner.eos_token_ids, inner.distribution
+        self.server_calls = inner.server_calls
         self.script, self.push = script, push
 
     def open(self, prompts):

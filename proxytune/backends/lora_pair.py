@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 
 from .protocol import Capabilities
-from .transformers import TransformersSession, TransformersSource
+from .transformers import TransformersSession, TransformersSource, end_of_text_ids
 
 EXPERT, ANTI_EXPERT = 0, 1
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
@@ -45,17 +45,20 @@ class PairedRole(TransformersSource):
     def __init__(self, pair: "LoraPair", side: int, name: str):
         super().__init__(pair.model, name=name, adapter_disabled=side == ANTI_EXPERT)
         self.pair, self.side = pair, side
+        self.eos_token_ids = pair.eos_token_ids
 
     def open(self, prompts: Sequence[Sequence[int]]) -> "HalfSession":
         return self.pair.open_half(self, prompts)
 
 
 class LoraPair:
-    """A peft model serving as both expert (adapter on) and anti-expert (adapter off)."""
+    """A peft model serving as both expert (adapter on) and anti-expert (adapter off). `eos_token_ids`: the
+    ids ending either role's text (default: the model's generation config's)."""
 
-    def __init__(self, peft_model, adapter: str | None = None):
+    def __init__(self, peft_model, adapter: str | None = None, eos_token_ids: frozenset[int] | None = None):
         self.model = peft_model.eval()
         self.adapter = adapter or peft_model.active_adapter
+        self.eos_token_ids = end_of_text_ids(self.model) if eos_token_ids is None else frozenset(eos_token_ids)
         self.expert = PairedRole(self, EXPERT, "expert")
         self.anti_expert = PairedRole(self, ANTI_EXPERT, "anti_expert")
         self._last_opened: HalfSession | None = None
@@ -242,6 +245,6 @@ def pair_lora_roles(sources: dict[str, TransformersSource], pairs: Sequence[tupl
         if (type(expert) is TransformersSource and type(anti) is TransformersSource and expert.model is anti.model
                 and not expert.adapter_disabled and anti.adapter_disabled and not shared_elsewhere
                 and hasattr(expert.model, "peft_config")):
-            pair = LoraPair(expert.model)
+            pair = LoraPair(expert.model, eos_token_ids=expert.eos_token_ids | anti.eos_token_ids)
             sources[expert_role], sources[anti_role] = pair.expert, pair.anti_expert
     return sources

@@ -4,7 +4,9 @@ A *logit source* is a model (local transformers, llama.cpp, a remote server). It
 *session* over a batch of prompts and from then on only ever sees token ids. The decoder never
 knows which kind of source it is talking to; roles (base / expert / anti-expert) are data.
 
-What a session can do beyond plain stepping is *declared* in its `capabilities`, never probed:
+What a source is, it *declares*: its end-of-text ids, whether its logits cover the whole vocabulary
+(`distribution`), and whether a server computes them (`server_calls`); callers read these, never the
+source's type. What a session can do beyond plain stepping is *declared* in its `capabilities`, never probed:
 the engine reads them to decide whether rows may join a running batch (continuous batching) and
 whether a source can draft for speculative decoding, whether the base can draft its own continuation
 (chunked decoding of a remote base), and refuses up front what a session cannot do.
@@ -15,7 +17,7 @@ Logits are float32 tensors on the CPU or the source's device, with exactly `voca
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 
@@ -99,6 +101,19 @@ class Session(Protocol):
         max(widths), so `rewind` keeps what the caller accepted (the fed token counts as one)."""
 
 
+Distribution = Literal["full", "top_k"]
+
+
+class CallStats(Protocol):
+    """What the calls of a source behind a server have cost so far (backends/remote/stats.py: RemoteStats)."""
+
+    calls: int  # HTTP requests answered, retries included
+    tokens: int  # tokens decided from its distributions
+
+    def summary(self, role: str) -> str:
+        """One line for a person: calls, tokens per call, bytes, wall time, what the mapping dropped."""
+
+
 @runtime_checkable
 class LogitSource(Protocol):
     """A model that gives next-token logits."""
@@ -106,6 +121,11 @@ class LogitSource(Protocol):
     name: str
     vocab_size: int  # logit columns after cutting padded rows
     max_length: int | None  # context length in tokens, None when unknown
+    eos_token_ids: frozenset[int]  # the ids that end its text, as the model itself says (generation config, GGUF
+    #                                metadata, the tokenizer it was built with); a role's tokenizer may name more
+    distribution: Distribution  # "full": every column is the model's logit; "top_k": only the candidates a
+    #                             server returned are finite, the rest −inf (unknown, not impossible)
+    server_calls: CallStats | None  # a source computed by a server: its calls so far; None: computed here
 
     def open(self, prompts: Sequence[Sequence[int]]) -> Session:
         """Start a session over a batch of tokenized prompts (nothing is computed yet)."""

@@ -58,17 +58,33 @@ def _foldable(module, args):
     return None
 
 
+def end_of_text_ids(model, tokenizer=None) -> frozenset[int]:
+    """A causal LM's end-of-text ids: its generation config's (one id or a list: Llama 3 ends a turn with
+    <|eot_id|> and text with <|end_of_text|>) and, when given, its tokenizer's."""
+    config = model.generation_config  # a GenerationMixin's; None when the checkpoint names none
+    value = None if config is None else config.eos_token_id
+    ids = [value] if isinstance(value, int) else list(value or [])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return frozenset(int(i) for i in ids)
+
+
 class TransformersSource:
     """Wraps a loaded `PreTrainedModel` (or a peft model).
 
     `adapter_disabled=True` runs a peft model with its adapters switched off: the anti-expert
-    then shares the expert's base weights instead of holding a second copy.
+    then shares the expert's base weights instead of holding a second copy. `tokenizer` (optional) adds
+    its end-of-text id to the model's own.
     """
 
+    distribution = "full"
+    server_calls = None
+
     def __init__(self, model, vocab_size: int | None = None, name: str = "model",
-                 adapter_disabled: bool = False, max_batch_tokens: int = 8192):
+                 adapter_disabled: bool = False, max_batch_tokens: int = 8192, tokenizer=None):
         self.model = model.eval()
         self.name = name
+        self.eos_token_ids = end_of_text_ids(model, tokenizer)
         output_layer = model.get_output_embeddings()
         self.vocab_size = vocab_size or output_layer.weight.shape[0]
         if not getattr(output_layer, "_proxytune_foldable", False):  # sources sharing a model hook it once

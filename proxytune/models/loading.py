@@ -71,9 +71,9 @@ class Loader:
                                  f"pip install 'proxytune[{backend.extra}]'") from error
 
 
-def as_source(model, name: str = "model") -> TransformersSource:
-    """A loaded transformers (or peft) model as a logit source."""
-    return TransformersSource(model, name=name)
+def as_source(model, name: str = "model", tokenizer=None) -> TransformersSource:
+    """A loaded transformers (or peft) model as a logit source (its end-of-text ids with the tokenizer's)."""
+    return TransformersSource(model, name=name, tokenizer=tokenizer)
 
 
 def load_roles(specs: dict[str, str], pairs: Sequence[tuple[str, str]] = (), device=None, dtype=None,

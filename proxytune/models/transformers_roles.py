@@ -101,11 +101,12 @@ class TransformersRoles:
         base_spec = adapter_base(local_path(spec))
         if base_spec is not None:
             model, tokenizer = self._adapter(spec, base_spec, placement)
-            return TransformersSource(model, name=role), tokenizer
+            return TransformersSource(model, name=role, tokenizer=tokenizer), tokenizer
         if key in self.adapted:
-            return TransformersSource(self.adapted[key], name=role, adapter_disabled=True), self.plain[key][1]
+            tokenizer = self.plain[key][1]
+            return TransformersSource(self.adapted[key], name=role, adapter_disabled=True, tokenizer=tokenizer), tokenizer
         model, tokenizer = self._plain(spec, placement)
-        return TransformersSource(model, name=role), tokenizer
+        return TransformersSource(model, name=role, tokenizer=tokenizer), tokenizer
 
     def _load(self, spec: str, placement: Placement):
         device, dtype = torch_device(placement), torch_dtype(placement, local_path(spec))

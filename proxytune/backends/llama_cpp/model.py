@@ -122,10 +122,10 @@ class GGUFModel:
         return self.metadata("general.architecture") or "unknown"
 
     @property
-    def eos_token_ids(self) -> set[int]:
+    def eos_token_ids(self) -> frozenset[int]:
         """End-of-sequence and end-of-turn ids named in the GGUF metadata."""
         ids = {self.llama_cpp.llama_vocab_eos(self.vocab), self.llama_cpp.llama_vocab_eot(self.vocab)}
-        return {int(i) for i in ids if 0 <= i < self.n_vocab}
+        return frozenset(int(i) for i in ids if 0 <= i < self.n_vocab)
 
     def token_bytes(self, token_id: int) -> bytes:
         """What llama.cpp prints for this id (special tokens as their text)."""

@@ -33,6 +33,9 @@ class LlamaCppSource:
     tokens are grouped (batched == alone, speculative == plain, score == generate, bit for bit).
     """
 
+    distribution = "full"
+    server_calls = None
+
     def __init__(self, model: GGUFModel | str | Path, name: str = "model", adapter: str | Path | None = None,
                  adapter_scale: float = 1.0, threads: int | None = None, n_ctx: int | None = None,
                  max_rows: int = 64, n_batch: int = 512, uniform_batches: bool = False):

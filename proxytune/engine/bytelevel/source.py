@@ -81,6 +81,8 @@ class ByteSource:
     257 (bytes, then end of text). Prompts are still the inner model's token ids."""
 
     vocab_size = BYTE_VOCAB
+    eos_token_ids = frozenset({END_OF_TEXT})
+    distribution = "full"  # every byte's probability, exactly (the inner model's distribution must be full too)
 
     def __init__(self, inner: LogitSource, vocab: ByteVocab, name: str | None = None, prune: float = 1e-5,
                  max_hypotheses: int = 64):
@@ -88,8 +90,18 @@ class ByteSource:
             raise ProxyTuneError(f"prune must be in [0, 1) (a share of the text's probability), got {prune!r}")
         self.inner, self.vocab = inner, vocab
         self.name = name or inner.name
+        if inner.distribution != "full":  # a byte's probability sums over every token that begins with it
+            raise ProxyTuneError(f"byte-level proxy-tuning needs every role's whole next-token distribution, and the "
+                                 f"{self.name} model ({inner.name}) returns only its top-k logprobs: run that role "
+                                 f"locally (a transformers model or a GGUF file), or use models that share one "
+                                 f"vocabulary")
         self.prune, self.max_hypotheses = float(prune), max_hypotheses
         self.stats = ByteStats()
+
+    @property
+    def server_calls(self):
+        """The inner model's: reading bytes makes no calls of its own."""
+        return self.inner.server_calls
 
     @property
     def max_length(self) -> int | None:
