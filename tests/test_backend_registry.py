@@ -10,10 +10,7 @@ import sys
 
 import pytest
 from fake_source import FakeSource
-from openai_fake import FakeOpenAI
 
-from proxytune.backends.remote.source import RemoteSource
-from proxytune.backends.remote.spec import parse_spec
 from proxytune.cli import main
 from proxytune.errors import ProxyTuneError
 from proxytune.models import backend_registry
@@ -93,10 +90,3 @@ def test_the_registry_imports_no_backends_packages():
             "print([m for m in sys.modules if m.startswith(('llama_cpp', 'proxytune.backends.llama_cpp.', "
             "'proxytune.backends.remote.source', 'proxytune.backends.remote.http'))])")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
-
-
-def test_the_registry_says_which_sources_run_behind_a_server(fake_backend, trio, tok):
-    with FakeOpenAI(trio[0], tok) as server:
-        remote = RemoteSource(parse_spec(f"openai:{server.url}?tokenizer=tiny"), tok, name="base")
-        assert backend_registry.runs_remotely(remote)
-    assert not backend_registry.runs_remotely(load_roles({"base": "fake:local"})["base"][0])

@@ -184,4 +184,4 @@ def byte_usage(tuner) -> list[str]:
 
 def remote_usage(tuner) -> list[str]:
     """One line per role behind an OpenAI-compatible server: calls, tokens, bytes, wall time (RemoteStats)."""
-    return [source.stats.summary(role) for role, source in tuner.remote_sources().items()]
+    return [source.server_calls.summary(role) for role, source in tuner.remote_sources().items()]

@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         choice = choose(tuner, options, prompt=prompt)
     if choice.impossible:
         where = ("outside the remote base's top-k logprobs (raise top_k= in its openai: spec to score them)"
-                 if tuner.remote_sources().get("base") is not None else "impossible under the proxy")
+                 if tuner.sources["base"].distribution == "top_k" else "impossible under the proxy")
         print(f"warning: option(s) {', '.join(repr(options[i]) for i in choice.impossible)} scored -inf, {where}; "
               f"they cannot win and the percentages are over the other options only", file=sys.stderr)
     if args.json:

@@ -14,12 +14,13 @@ from ..engine.scoring import ScoreItem
 from ..errors import ProxyTuneError
 
 
-def byte_sources(sources: dict[str, LogitSource], tokenizers: dict, eos: dict[str, set[int]], prune: float,
-                 remote: dict) -> dict[str, ByteSource]:
+def byte_sources(sources: dict[str, LogitSource], tokenizers: dict, eos: dict[str, set[int]], prune: float
+                 ) -> dict[str, ByteSource]:
     """Role -> the byte view of its source (one per distinct source and tokenizer, so roles sharing a model
-    still share its sessions)."""
-    if remote:
-        role, source = next(iter(remote.items()))
+    still share its sessions). A source that declares only a top-k distribution is refused up front."""
+    partial = [(role, source) for role, source in sources.items() if source.distribution != "full"]
+    if partial:
+        role, source = partial[0]
         raise ProxyTuneError(f"byte-level proxy-tuning needs every role's whole next-token distribution, and the "
                              f"{role} model ({source.name}) is a server that returns only its top-k logprobs: run "
                              f"that role locally (a transformers model or a GGUF file), or use models that share "

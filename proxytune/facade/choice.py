@@ -81,9 +81,12 @@ class KnownRow:
     token): prefill gives them; it cannot go further, so options must be one token."""
 
     max_length = None
+    distribution = "top_k"  # a chat endpoint's top_logprobs
+    server_calls = None  # its one call is counted on the chat base it came from
 
-    def __init__(self, row: torch.Tensor, name: str = "base"):
+    def __init__(self, row: torch.Tensor, name: str = "base", eos_token_ids: frozenset[int] = frozenset()):
         self.row, self.name, self.vocab_size = row, name, row.shape[-1]
+        self.eos_token_ids = eos_token_ids
 
     def open(self, prompts):
         row = self.row
@@ -143,5 +146,6 @@ def choose(tuner, options: Sequence[str], prompt: str | None = None, messages=No
         if long:
             raise ProxyTuneError(f"options {long} are several tokens each; a chat-only base reveals only its first "
                                  f"reply token: give one-token options (e.g. 'A', 'B')")
-        base = KnownRow(chat_only.chat_next_logits(list(messages)), name="base")
+        base = KnownRow(chat_only.chat_next_logits(list(messages)), name="base",
+                        eos_token_ids=chat_only.eos_token_ids)
     return decide(options, option_scores(open_session(base, tuner.pairs, [request]), options_ids))

@@ -27,17 +27,9 @@ from ..errors import ProxyTuneError, SourceFailure
 from ..models.loading import as_source
 
 
-def eos_ids_of(model_or_source, tokenizer) -> set[int]:
-    ids: set[int] = set()
-    config = getattr(model_or_source, "generation_config", None) or getattr(
-        getattr(model_or_source, "model", None), "generation_config", None)
-    for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None),
-                  getattr(model_or_source, "eos_token_ids", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value:
-            ids.update(int(v) for v in value)
-    return ids
+def eos_ids_of(source: LogitSource, tokenizer) -> set[int]:
+    """The ids that end a role's text: its source's own (declared) and its role's tokenizer's."""
+    return set(source.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
 
 
 class ProxyTuner:
@@ -72,17 +64,17 @@ class ProxyTuner:
                 raise ProxyTuneError(f"no tokenizer for the {role} model: pass tokenizer=...")
         self.tokenizers = tokenizers
         self.tokenizer = tokenizers["base"]
-        self.sources = self._wrap(models)
+        self.sources = self._wrap(models, tokenizers)
         tables: dict[int, list[str]] = {}
         by_role = {}
         for role in self.roles:  # one table per distinct tokenizer object
             by_role[role] = tables.setdefault(id(tokenizers[role]), token_table(tokenizers[role]))
         # the most characters one token can stand for: a text longer than context x this cannot fit
         self.longest_token = {role: max(map(len, filter(None, table)), default=1) for role, table in by_role.items()}
-        eos = {role: eos_ids_of(models[role], tokenizers[role]) for role in self.roles}
+        eos = {role: eos_ids_of(self.sources[role], tokenizers[role]) for role in self.roles}
         self.byte_level = (not vocabularies_agree(by_role)) if byte_level is None else bool(byte_level)
         if self.byte_level:  # every role read byte by byte, combined per byte (engine/bytelevel)
-            self.sources = byte_sources(self.sources, tokenizers, eos, prune, self.remote_sources())
+            self.sources = byte_sources(self.sources, tokenizers, eos, prune)
             self.tokenizer, self.vocab_size, self.eos_token_ids = ByteTokenizer(), BYTE_VOCAB, {END_OF_TEXT}
         else:
             self.vocab_size = shared_vocab_size(by_role, {r: s.vocab_size for r, s in self.sources.items()})
@@ -93,12 +85,14 @@ class ProxyTuner:
         self.formats = Formats(self)  # output formats bound to the decoding's vocabulary
 
     @staticmethod
-    def _wrap(models: dict) -> dict[str, LogitSource]:
+    def _wrap(models: dict, tokenizers: dict) -> dict[str, LogitSource]:
+        """Role -> logit source: a source as it is, a loaded transformers model wrapped (once per model)."""
         wrapped: dict[int, LogitSource] = {}
         sources = {}
         for role, model in models.items():
             if id(model) not in wrapped:
-                wrapped[id(model)] = model if isinstance(model, LogitSource) else as_source(model, name=role)
+                wrapped[id(model)] = model if isinstance(model, LogitSource) else \
+                    as_source(model, name=role, tokenizer=tokenizers[role])
             sources[role] = wrapped[id(model)]
         return sources
 
@@ -129,18 +123,13 @@ class ProxyTuner:
         return load_config(cls, config, device=device, dtype=dtype, placement=placement, **options)
 
     def remote_sources(self) -> dict:
-        """Role -> source for the roles behind an OpenAI-compatible server (each source once, by its first role)."""
-        if "proxytune.backends.remote.source" not in sys.modules:  # no openai: spec was loaded
-            return {}
-        from ..backends.remote.source import RemoteSource
-
+        """Role -> source for the roles a server computes, as the sources declare (`server_calls`); each source
+        once, by its first role."""
         found: dict = {}
         for role, source in self.sources.items():
-            if isinstance(source, RemoteSource) and source not in found.values():
+            if source.server_calls is not None and source not in found.values():
                 found[role] = source
         return found
-
-    # --- building requests -------------------------------------------------------------------------
 
     @property
     def alphas(self) -> list[float]:

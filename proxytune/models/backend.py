@@ -60,9 +60,7 @@ class Backend:
     #                           before it
     aliases: tuple[str, ...] = ()  # other spellings `backend=` accepts ("llama-cpp")
     loads_first: Callable[[str], bool] = never  # specs loaded before all others (a peft adapter: its base is shared)
-    remote: bool = False  # its models live behind a server: their calls are worth reporting (runs_remotely)
     extra: str | None = None  # pip extra holding what it imports: pip install 'proxytune[EXTRA]' when one is missing
-    owns: Callable[[object], bool] = never  # whether a logit source is one of this backend's (a remote role's calls)
 
     def claims(self, spec: str) -> bool:
         return spec.startswith(self.prefix)

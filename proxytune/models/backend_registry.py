@@ -50,8 +50,3 @@ def with_backend(spec: str, name: str | None) -> str:
         return spec
     backend = named(name)
     return spec if backend_of(spec).prefix else backend.prefix + spec
-
-
-def runs_remotely(source) -> bool:
-    """Whether a logit source lives behind a server (its calls and bytes are worth reporting)."""
-    return any(backend.remote and backend.owns(source) for backend in BACKENDS)

@@ -2,14 +2,11 @@
 (backends/remote/spec.py says what the spec holds). httpx is imported only when such a role loads."""
 from __future__ import annotations
 
-import sys
-
 from ..backends.remote.spec import PREFIX, parse_spec
 from .backend import Backend, LoadOptions, RolePlan
 from .placement import Placement
 from .tokenizers import load_tokenizer
 
-SOURCE_MODULE = "proxytune.backends.remote.source"
 
 
 class RemoteRoles:
@@ -27,17 +24,8 @@ def plan(role: str, raw_spec: str, spec: str, placement: Placement, counted: set
     return RolePlan(role, raw_spec, "server", spec.split("?")[0][len(PREFIX):], "-", 0, None)
 
 
-def owns(source) -> bool:
-    """Whether a logit source is a RemoteSource, without importing httpx: until an openai: role loaded, none is."""
-    if SOURCE_MODULE not in sys.modules:
-        return False
-    from ..backends.remote.source import RemoteSource
-
-    return isinstance(source, RemoteSource)
-
-
 def _loader(options: LoadOptions) -> RemoteRoles:
     return RemoteRoles()
 
 
-BACKEND = Backend("remote", prefix=PREFIX, loader=_loader, plan=plan, remote=True, extra="remote", owns=owns)
+BACKEND = Backend("remote", prefix=PREFIX, loader=_loader, plan=plan, extra="remote")
