@@ -7,9 +7,9 @@ speculative decoding, one server, each request naming its mode (the `decoding` f
 Both modes run in the same server process, so they meet the same caches, threads and machine load; in each
 round every (clients, mode) pair runs once, the order of modes alternating between rounds, and the ratio
 speculative / plain tokens/s is taken inside each round (median and range reported). First, every prompt is
-decoded greedily in both modes and the texts compared: speculative decoding must give plain's text. No
+decoded greedily in both modes and the texts compared (identical in fp32; in bf16 near-ties may round apart). No
 asserts on speed: it prints measurements. Last line, for machines:
-RESULT speculative_over_plain_1=X speculative_over_plain_8=Y identical=True
+RESULT speculative_over_plain_1=X speculative_over_plain_8=Y identical=K/8
 """
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ from serve_load import PROMPTS, free_port, run_level, start_server, wait_ready  
 MODES = ("plain", "speculative")
 
 
-def same_text(url: str, max_tokens: int) -> bool:
-    """Greedy text of every prompt, decoded plainly and speculatively: the same?"""
-    same = True
+def same_text(url: str, max_tokens: int) -> int:
+    """How many prompts' greedy texts are the same decoded plainly and speculatively (all of them in fp32; in
+    bf16 a verification forward over several positions may round a near-tie the other way: README, speed)."""
+    same = 0
     for prompt in PROMPTS:
         texts = [httpx.post(url + "/v1/completions", timeout=600, json={
             "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "decoding": mode}).json()["choices"][0]["text"]
             for mode in MODES]
-        same &= texts[0] == texts[1]
+        same += texts[0] == texts[1]
     return same
 
 
@@ -51,19 +52,20 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="OMP threads of the server")
+    parser.add_argument("--dtype", default=None, help="the server's --dtype (default: each checkpoint's own)")
     args = parser.parse_args()
     if args.base:
         args.model = None
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process = start_server(args, port)
+    process = start_server(args, port, *(["--dtype", args.dtype] if args.dtype else []))
     try:
         wait_ready(url, process, timeout=1200)
         for mode in MODES:  # warm-up: first forwards, allocator, tokenizer caches
             asyncio.run(run_level(url, 2, 1, 8, {"decoding": mode}))
         identical = same_text(url, args.max_tokens)
-        print(f"greedy text identical in both modes: {identical}", flush=True)
+        print(f"greedy text identical in both modes: {identical} of {len(PROMPTS)} prompts", flush=True)
         measured = {(level, mode): [] for level in args.levels for mode in MODES}
         ratios = {level: [] for level in args.levels}
         for round_index in range(args.rounds):
@@ -92,7 +94,7 @@ def main() -> None:
         print(f"| {level} | {plain:.2f} | {spec:.2f} | {statistics.median(ratios[level]):.2f}x "
               f"({min(ratios[level]):.2f}-{max(ratios[level]):.2f}) |")
     print("RESULT " + " ".join(f"speculative_over_plain_{level}={statistics.median(ratios[level]):.2f}"
-                               for level in args.levels) + f" identical={identical}")
+                               for level in args.levels) + f" identical={identical}/{len(PROMPTS)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from typing import Iterator
 
 import torch
 
-from .decoding import Event, RowState
+from .rows import Event, RowState
 from .drafted import DraftedDecoding, DraftLength, PositionRandomness, RowDrafts, linear_cost
 
 SEED_RANGE = 2 ** 31  # servers take 32-bit seeds (llama.cpp), some signed

@@ -18,7 +18,8 @@ import torch
 from ..backends.protocol import LogitSource
 from ..errors import ProxyTuneError
 from .context import room_left
-from .decoding import Decoding, Event, RowState, unusable_rows
+from .decoding import Decoding
+from .rows import Event, RowState, unusable_rows
 from .roles import ExpertPair
 from .sampling import SamplingParams, choose, next_token_probs
 from .session import RoleLogits

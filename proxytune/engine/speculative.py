@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from .decoding import Event, RowState, unsampleable
+from .rows import Event, RowState, unsampleable
 from .drafted import (DRAFT, DraftedDecoding, DraftLength, PositionRandomness, RowDrafts, linear_cost, verify_row,
                       refuse_schedules)
 from .sampling import next_token_probs
