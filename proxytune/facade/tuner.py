@@ -201,8 +201,10 @@ class ProxyTuner:
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ProxyTuneError("give at least one prompt (a string or a non-empty list of strings)")
-        seeded = [settings if settings.seed is None else settings.but(seed=settings.seed + i) for i in range(len(prompts))]
-        requests = [self.request(p, settings=row, label=f"prompt {i}") for i, (p, row) in enumerate(zip(prompts, seeded))]
+        seeded = [settings if settings.seed is None else settings.but(seed=settings.seed + i)
+                  for i in range(len(prompts))]
+        requests = [self.request(prompt, settings=row, label=f"prompt {i}")
+                    for i, (prompt, row) in enumerate(zip(prompts, seeded))]
         return self.run(requests, batch_size)
 
     def stream(self, prompt: str, settings: Settings | None = None, **options) -> Iterator[str]:

@@ -104,7 +104,8 @@ class TransformersRoles:
             return TransformersSource(model, name=role, tokenizer=tokenizer), tokenizer
         if key in self.adapted:
             tokenizer = self.plain[key][1]
-            return TransformersSource(self.adapted[key], name=role, adapter_disabled=True, tokenizer=tokenizer), tokenizer
+            source = TransformersSource(self.adapted[key], name=role, adapter_disabled=True, tokenizer=tokenizer)
+            return source, tokenizer
         model, tokenizer = self._plain(spec, placement)
         return TransformersSource(model, name=role, tokenizer=tokenizer), tokenizer
 
